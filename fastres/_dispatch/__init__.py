@@ -1,0 +1,62 @@
+"""The one place that decides where an op runs.
+
+- CUDA tensors run the Triton kernels in ``fastres.kernels``.
+- CPU tensors run the eager PyTorch reference, except when ``TRITON_INTERPRET=1``
+  is set: then they run the same Triton kernels through Triton's interpreter,
+  which is how the kernel code is exercised without a GPU.
+
+Triton is imported lazily, so ``import fastres`` works where it is absent.
+"""
+
+import functools
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET=1`` (read at each call, like Triton does)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the op on ``t`` runs the Triton kernel (else the eager reference)."""
+    if t.device.type == "cuda":
+        if triton_available():
+            return True
+        _warn_no_triton()
+        return False
+    if t.device.type == "cpu" and interpreting():
+        if not triton_available():
+            raise RuntimeError(
+                "TRITON_INTERPRET=1 is set but triton is not installed; "
+                "install it (pip install triton) or unset TRITON_INTERPRET"
+            )
+        return True
+    return False
+
+
+def kernels(name: str) -> ModuleType:
+    """The Triton kernel module ``fastres.kernels.<name>``, imported on first use."""
+    return importlib.import_module(f"fastres.kernels.{name}")
+
+
+@functools.cache
+def _warn_no_triton() -> None:
+    warnings.warn(
+        "triton is not installed: fastres runs its eager reference on CUDA tensors",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,155 @@
+"""Fused residual merge: ``z = relu(x + r)``, with a 1-bit ReLU mask for backward.
+
+Forward reads x and r once and writes z once (3 passes; eager needs 2 kernels
+and 5 passes). When gradients are needed it also writes the sign of z as a
+bit-packed mask, 1 bit per element (1/32 of an fp32 pass), which is all that
+backward needs:
+
+    g = dz * [z > 0]        dx = dr = g
+
+Every tensor is handled as a 4-D view in one shared logical order (the caller
+orders dims as the output is laid out in memory). A view that is contiguous in
+that order is addressed by its linear index; any other (channels_last next to
+NCHW, slices, expanded gradients) goes through its own strides. Bit i of the
+mask belongs to logical element i: byte i // 8, bit i % 8.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import as_4d, elementwise_settings, strided_offsets
+
+
+@triton.jit
+def _add_relu_fwd_kernel(
+    x_ptr,  # first summand (the block's output), any strides
+    r_ptr,  # second summand (the identity), any strides
+    z_ptr,  # output relu(x + r); may alias x_ptr for the in-place merge
+    mask_ptr,  # uint8[ceil(n / 8)]: bit i set where z_i > 0 (unused unless WRITE_MASK)
+    n_elements,  # number of elements of the 4-D logical view
+    size1, size2, size3,  # logical sizes of dims 1..3 (dim 0 is implied)
+    x_s0, x_s1, x_s2, x_s3,  # strides of x, in elements
+    r_s0, r_s1, r_s2, r_s3,  # strides of r
+    z_s0, z_s1, z_s2, z_s3,  # strides of z
+    X_DENSE: tl.constexpr,  # x is contiguous in the logical order
+    R_DENSE: tl.constexpr,  # r is contiguous in the logical order
+    Z_DENSE: tl.constexpr,  # z is contiguous in the logical order
+    WRITE_MASK: tl.constexpr,  # store the ReLU mask for backward
+    FP64: tl.constexpr,  # compute in float64 (float64 inputs); else in float32
+    BLOCK: tl.constexpr,  # elements per program, a multiple of 8
+):
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    in_range = idx < n_elements
+
+    if X_DENSE:
+        x_off = idx
+    else:
+        x_off = strided_offsets(idx, size1, size2, size3, x_s0, x_s1, x_s2, x_s3)
+    if R_DENSE:
+        r_off = idx
+    else:
+        r_off = strided_offsets(idx, size1, size2, size3, r_s0, r_s1, r_s2, r_s3)
+    if Z_DENSE:
+        z_off = idx
+    else:
+        z_off = strided_offsets(idx, size1, size2, size3, z_s0, z_s1, z_s2, z_s3)
+
+    x = tl.load(x_ptr + x_off, mask=in_range, other=0.0)
+    r = tl.load(r_ptr + r_off, mask=in_range, other=0.0)
+    if FP64:
+        y = x + r
+    else:
+        y = x.to(tl.float32) + r.to(tl.float32)
+    # `y < 0` rather than `y > 0` keeps NaN as NaN, as torch.relu does.
+    z = tl.where(y < 0, 0.0, y)
+    tl.store(z_ptr + z_off, z.to(z_ptr.dtype.element_ty), mask=in_range)
+
+    if WRITE_MASK:
+        # Rounding to the storage dtype never flips the sign of a sum of two
+        # values of that dtype, so the fp32 sign is the stored sign.
+        bits = tl.reshape((y > 0).to(tl.int32), [BLOCK // 8, 8])
+        packed = tl.sum(bits << tl.arange(0, 8)[None, :], axis=1)
+        byte = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+        tl.store(mask_ptr + byte, packed.to(tl.uint8), mask=byte < (n_elements + 7) // 8)
+
+
+@triton.jit
+def _add_relu_bwd_kernel(
+    dz_ptr,  # upstream gradient, any strides (e.g. stride 0 after .sum())
+    mask_ptr,  # uint8 ReLU mask written by the forward kernel
+    dx_ptr,  # output gradient, contiguous in the logical order
+    n_elements,  # number of elements of the 4-D logical view
+    size1, size2, size3,  # logical sizes of dims 1..3
+    dz_s0, dz_s1, dz_s2, dz_s3,  # strides of dz, in elements
+    DZ_DENSE: tl.constexpr,  # dz is contiguous in the logical order
+    BLOCK: tl.constexpr,  # elements per program, a multiple of 8
+):
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    in_range = idx < n_elements
+    if DZ_DENSE:
+        dz_off = idx
+    else:
+        dz_off = strided_offsets(idx, size1, size2, size3, dz_s0, dz_s1, dz_s2, dz_s3)
+
+    # One byte load per 8 elements, then each byte is fanned out to its 8 bits.
+    byte = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    packed = tl.load(mask_ptr + byte, mask=byte < (n_elements + 7) // 8, other=0)
+    bits = (packed.to(tl.int32)[:, None] >> tl.arange(0, 8)[None, :]) & 1
+    keep = tl.reshape(bits, [BLOCK]) != 0
+
+    dz = tl.load(dz_ptr + dz_off, mask=in_range, other=0.0)
+    # A select, not a product: NaN/Inf in dz where z <= 0 give 0, as in eager.
+    dx = tl.where(keep, dz, tl.zeros_like(dz))
+    tl.store(dx_ptr + idx, dx, mask=in_range)
+
+
+def _layout_args(t: torch.Tensor) -> tuple:
+    return (*t.stride(), t.is_contiguous())
+
+
+def add_relu_forward(
+    x: torch.Tensor, r: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None
+) -> None:
+    """Launch ``z = relu(x + r)`` (and the mask, if given) over same-shape views.
+
+    ``x``, ``r`` and ``z`` share one logical dim order of rank <= 4; ``z`` may be
+    ``x`` itself. ``mask`` is uint8 with ``ceil(numel / 8)`` elements.
+    """
+    n = z.numel()
+    if n == 0:
+        return
+    x, r, z = as_4d(x), as_4d(r), as_4d(z)
+    x_s0, x_s1, x_s2, x_s3, x_dense = _layout_args(x)
+    r_s0, r_s1, r_s2, r_s3, r_dense = _layout_args(r)
+    z_s0, z_s1, z_s2, z_s3, z_dense = _layout_args(z)
+    block, num_warps = elementwise_settings(n)
+    _add_relu_fwd_kernel[(triton.cdiv(n, block),)](
+        x, r, z, z if mask is None else mask, n,
+        z.shape[1], z.shape[2], z.shape[3],
+        x_s0, x_s1, x_s2, x_s3,
+        r_s0, r_s1, r_s2, r_s3,
+        z_s0, z_s1, z_s2, z_s3,
+        X_DENSE=x_dense, R_DENSE=r_dense, Z_DENSE=z_dense,
+        WRITE_MASK=mask is not None, FP64=z.dtype == torch.float64,
+        BLOCK=block, num_warps=num_warps,
+    )
+
+
+def add_relu_backward(dz: torch.Tensor, mask: torch.Tensor, dx: torch.Tensor) -> None:
+    """Launch ``dx = dz * [z > 0]``; ``dx`` is contiguous in the logical order of ``dz``."""
+    n = dx.numel()
+    if n == 0:
+        return
+    dz, dx = as_4d(dz), as_4d(dx)
+    dz_s0, dz_s1, dz_s2, dz_s3, dz_dense = _layout_args(dz)
+    block, num_warps = elementwise_settings(n)
+    _add_relu_bwd_kernel[(triton.cdiv(n, block),)](
+        dz, mask, dx, n,
+        dx.shape[1], dx.shape[2], dx.shape[3],
+        dz_s0, dz_s1, dz_s2, dz_s3,
+        DZ_DENSE=dz_dense,
+        BLOCK=block, num_warps=num_warps,
+    )
