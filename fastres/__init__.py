@@ -1,7 +1,8 @@
 """fastres: fused GPU kernels for residual and dense convolutional networks."""
 
-from . import functional
+from . import functional, models, nn
+from .convert import convert
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "__version__"]
+__all__ = ["convert", "functional", "models", "nn", "__version__"]

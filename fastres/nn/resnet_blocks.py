@@ -1,0 +1,140 @@
+"""Residual blocks with torchvision's names, signatures and state_dict keys.
+
+The only change from torchvision's blocks is the merge at the end:
+``out += identity; out = relu(out)`` becomes one fused ``add_relu`` that writes
+into ``out`` in place and saves a 1-bit mask for backward.
+"""
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from ..functional import add_relu
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding."""
+    return nn.Conv2d(
+        in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
+        groups=groups, bias=False, dilation=dilation,
+    )
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class _FusedBlock(nn.Module):
+    """What the two blocks share: building one from an existing eager block."""
+
+    # Submodules a torchvision-style block of this kind must have.
+    _submodules: tuple[str, ...] = ()
+
+    @classmethod
+    def is_convertible(cls, module: nn.Module) -> bool:
+        """True for a torchvision-style eager block of the same kind (not already fused)."""
+        return (
+            type(module).__name__ == cls.__name__
+            and not isinstance(module, _FusedBlock)
+            and all(hasattr(module, name) for name in (*cls._submodules, "relu", "downsample", "stride"))
+        )
+
+    @classmethod
+    def from_module(cls, block: nn.Module):
+        """A fused block that shares ``block``'s submodules, parameters, buffers and hooks."""
+        if not cls.is_convertible(block):
+            raise TypeError(f"block must be a torchvision-style {cls.__name__}, got {type(block).__name__}")
+        fused = cls.__new__(cls)
+        fused.__dict__.update(block.__dict__)  # the same dicts of children, params and hooks
+        return fused
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got {shape}")
+        if x.shape[1] != self.conv1.in_channels:
+            raise ValueError(
+                f"x has {x.shape[1]} channels but {type(self).__name__} expects "
+                f"{self.conv1.in_channels} (inplanes)"
+            )
+
+
+class BasicBlock(_FusedBlock):
+    """torchvision's ``BasicBlock`` (ResNet-18/34) with the fused residual merge."""
+
+    expansion: int = 1
+    _submodules = ("conv1", "bn1", "conv2", "bn2")
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Callable[..., nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return add_relu(out, identity, inplace=True)
+
+
+class Bottleneck(_FusedBlock):
+    """torchvision's ``Bottleneck`` (ResNet-50 and up, v1.5: stride on the 3x3)."""
+
+    expansion: int = 4
+    _submodules = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Callable[..., nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return add_relu(out, identity, inplace=True)
