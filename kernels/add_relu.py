@@ -5,7 +5,7 @@ and 5 passes). When gradients are needed it also writes the sign of z as a
 bit-packed mask, 1 bit per element (1/32 of an fp32 pass), which is all that
 backward needs:
 
-    g = dz * [z > 0]        dx = dr = g
+    g = dz * [not z <= 0]   dx = dr = g     (NaN outputs pass dz, as in eager)
 
 Every tensor is handled as a 4-D view in one shared logical order (the caller
 orders dims as the output is laid out in memory). A view that is contiguous in
@@ -26,7 +26,7 @@ def _add_relu_fwd_kernel(
     x_ptr,  # first summand (the block's output), any strides
     r_ptr,  # second summand (the identity), any strides
     z_ptr,  # output relu(x + r); may alias x_ptr for the in-place merge
-    mask_ptr,  # uint8[ceil(n / 8)]: bit i set where z_i > 0 (unused unless WRITE_MASK)
+    mask_ptr,  # uint8[ceil(n / 8)]: bit i set unless z_i <= 0 (unused unless WRITE_MASK)
     n_elements,  # number of elements of the 4-D logical view
     size1, size2, size3,  # logical sizes of dims 1..3 (dim 0 is implied)
     x_s0, x_s1, x_s2, x_s3,  # strides of x, in elements
@@ -67,9 +67,10 @@ def _add_relu_fwd_kernel(
     tl.store(z_ptr + z_off, z.to(z_ptr.dtype.element_ty), mask=in_range)
 
     if WRITE_MASK:
+        # Eager's relu backward is where(z <= 0, 0, dz): NaN outputs pass dz on.
         # Rounding to the storage dtype never flips the sign of a sum of two
         # values of that dtype, so the fp32 sign is the stored sign.
-        bits = tl.reshape((y > 0).to(tl.int32), [BLOCK // 8, 8])
+        bits = tl.reshape(tl.where(y <= 0, 0, 1), [BLOCK // 8, 8])
         packed = tl.sum(bits << tl.arange(0, 8)[None, :], axis=1)
         byte = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
         tl.store(mask_ptr + byte, packed.to(tl.uint8), mask=byte < (n_elements + 7) // 8)
@@ -139,7 +140,7 @@ def add_relu_forward(
 
 
 def add_relu_backward(dz: torch.Tensor, mask: torch.Tensor, dx: torch.Tensor) -> None:
-    """Launch ``dx = dz * [z > 0]``; ``dx`` is contiguous in the logical order of ``dz``."""
+    """Launch ``dx = where(z <= 0, 0, dz)``; ``dx`` is contiguous in the logical order of ``dz``."""
     n = dx.numel()
     if n == 0:
         return

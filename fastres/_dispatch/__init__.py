@@ -48,6 +48,16 @@ def use_triton(t: torch.Tensor) -> bool:
     return False
 
 
+def require_triton(t: torch.Tensor, op: str) -> None:
+    """Raise unless ``t`` runs Triton kernels (what fastres's custom ops run)."""
+    if not use_triton(t):
+        raise RuntimeError(
+            f"{op} runs Triton kernels: it takes CUDA tensors, or CPU tensors with "
+            f"TRITON_INTERPRET=1, got a {t.device.type} tensor; "
+            "the functions in fastres.functional run eager PyTorch there"
+        )
+
+
 def kernels(name: str) -> ModuleType:
     """The Triton kernel module ``fastres.kernels.<name>``, imported on first use."""
     return importlib.import_module(f"fastres.kernels.{name}")

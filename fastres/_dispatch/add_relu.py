@@ -5,36 +5,33 @@ with fake implementations): ``fastres::add_relu`` (new output),
 ``fastres::add_relu_`` (writes into x, like ``out += identity; relu_(out)``) and
 ``fastres::add_relu_backward``. ``AddReLU`` ties them together for autograd and
 saves only the 1-bit ReLU mask: eager keeps the full output for relu's backward.
+
+Tensors that do not run Triton (CPU without the interpreter) take plain eager
+ops instead: there the mask would cost time and save nothing that matters.
 """
 
 import torch
 from torch import Tensor
 
-from . import kernels, use_triton
-from .bitmask import new_mask, pack_bits, unpack_bits
+from . import kernels, require_triton, use_triton
+from .bitmask import new_mask
 from .layout import elementwise_output, memory_order
 
 
 def _forward(x: Tensor, identity: Tensor, out: Tensor, mask: Tensor | None) -> None:
     """relu(x + identity) into ``out`` (which may be x), mask in ``out``'s memory order."""
+    require_triton(out, "fastres::add_relu")
     order = memory_order(out)
     xv, rv, ov = x.permute(order), identity.permute(order), out.permute(order)
-    if use_triton(out):
-        if ov.dim() > 4:  # the kernel walks <= 4-D views: run >4-D ones flat
-            flat = ov if ov.is_contiguous() else torch.empty_like(ov, memory_format=torch.contiguous_format)
-            _launch_forward(xv.reshape(-1), rv.reshape(-1), flat.view(-1), mask)
-            if flat is not ov:
-                ov.copy_(flat)
-        else:
-            _launch_forward(xv, rv, ov, mask)
-    else:
-        torch.add(x, identity, out=out).relu_()
-        if mask is not None:
-            pack_bits(ov > 0, out=mask)
-
-
-def _launch_forward(x: Tensor, r: Tensor, out: Tensor, mask: Tensor | None) -> None:
-    kernels("add_relu").add_relu_forward(x, r, out, mask)
+    launch = kernels("add_relu").add_relu_forward
+    if ov.dim() <= 4:
+        launch(xv, rv, ov, mask)
+        return
+    # The kernel walks <= 4-D views: run >4-D ones flat.
+    flat = ov if ov.is_contiguous() else torch.empty_like(ov, memory_format=torch.contiguous_format)
+    launch(xv.reshape(-1), rv.reshape(-1), flat.view(-1), mask)
+    if flat is not ov:
+        ov.copy_(flat)
 
 
 @torch.library.custom_op("fastres::add_relu", mutates_args=())
@@ -65,16 +62,13 @@ def _(x: Tensor, identity: Tensor, save_mask: bool) -> Tensor:
 
 @torch.library.custom_op("fastres::add_relu_backward", mutates_args=())
 def add_relu_backward_op(grad: Tensor, mask: Tensor, order: list[int]) -> Tensor:
-    """``grad * [z > 0]``, laid out densely in ``order`` (the forward output's)."""
+    """``where(z <= 0, 0, grad)``, laid out densely in ``order`` (the forward output's)."""
+    require_triton(grad, "fastres::add_relu_backward")
     dx = torch.empty_permuted(grad.shape, order, dtype=grad.dtype, device=grad.device)
     gv, dv = grad.permute(order), dx.permute(order)
-    if use_triton(grad):
-        if dv.dim() > 4:
-            gv, dv = gv.reshape(-1), dv.view(-1)
-        kernels("add_relu").add_relu_backward(gv, mask, dv)
-    else:
-        keep = unpack_bits(mask, gv.shape)
-        torch.where(keep, gv, torch.zeros((), dtype=gv.dtype, device=gv.device), out=dv)
+    if dv.dim() > 4:
+        gv, dv = gv.reshape(-1), dv.view(-1)
+    kernels("add_relu").add_relu_backward(gv, mask, dv)
     return dx
 
 
@@ -112,6 +106,8 @@ class AddReLU(torch.autograd.Function):
 
 def add_relu(x: Tensor, identity: Tensor, inplace: bool) -> Tensor:
     """Arguments already checked; builds a graph only when a gradient can flow."""
+    if not use_triton(x):
+        return x.add_(identity).relu_() if inplace else torch.relu(x + identity)
     if torch.is_grad_enabled() and (x.requires_grad or identity.requires_grad):
         return AddReLU.apply(x, identity, inplace)
     if inplace:

@@ -1,0 +1,55 @@
+"""Shared fixtures. Without a GPU, Triton kernels run through the interpreter.
+
+``TRITON_INTERPRET`` must be set before any ``@triton.jit`` runs; fastres imports
+its kernels lazily, so setting it here, first, is enough.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastres._torchvision import import_torchvision  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Where fastres's ops run. On CUDA always Triton; on CPU both the Triton
+# kernels (interpreter) and the eager reference path are tested.
+PATHS = ["triton"] if DEVICE.type == "cuda" else ["triton", "reference"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    # fp32 equality is checked to ~1e-6: TF32 convolutions would hide real errors.
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch) -> str:
+    """Run the test with fastres's ops on the given path."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "triton" else "0")
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tv():
+    """torchvision, the eager reference for blocks and models."""
+    return import_torchvision()

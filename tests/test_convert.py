@@ -1,0 +1,58 @@
+"""fastres.convert on torchvision models and blocks."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastres
+from helpers import assert_modules_match, train_steps
+
+
+@pytest.mark.parametrize("builder", ["resnet18", "resnet50"])
+def test_convert_swaps_blocks_in_place_and_keeps_weights(path, device, tv, builder):
+    model = getattr(tv.models, builder)(num_classes=10).to(device)
+    reference = copy.deepcopy(model)
+    params_before = [id(p) for p in model.parameters()]
+    keys_before = list(model.state_dict())
+    calls = []
+    model.layer1[0].register_forward_hook(lambda *args: calls.append(1))
+
+    assert fastres.convert(model) is model
+    blocks = [m for m in model.modules() if type(m).__name__ in ("BasicBlock", "Bottleneck")]
+    assert blocks and all(isinstance(m, (fastres.nn.BasicBlock, fastres.nn.Bottleneck)) for m in blocks)
+    assert [id(p) for p in model.parameters()] == params_before  # optimizers keep working
+    assert list(model.state_dict()) == keys_before
+
+    x = [torch.randn(2, 3, 32, 32, device=device) for _ in range(2)]
+    for got, want in zip(train_steps(model, x), train_steps(reference, x)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_modules_match(model, reference, rtol=1e-5, atol=1e-5)
+    assert calls, "the block's forward hook survives conversion"
+
+
+def test_convert_a_single_block_shares_its_parameters(tv):
+    block = tv.models.resnet.Bottleneck(16, 4)
+    fused = fastres.convert(block)
+    assert isinstance(fused, fastres.nn.Bottleneck)
+    assert fused.conv1 is block.conv1 and fused.bn3.running_mean is block.bn3.running_mean
+
+
+def test_convert_is_idempotent_and_leaves_other_models_alone(tv):
+    model = fastres.convert(tv.models.resnet18())
+    blocks = [id(m) for m in model.modules()]
+    assert [id(m) for m in fastres.convert(model).modules()] == blocks
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    assert fastres.convert(plain) is plain and isinstance(plain[0], nn.Conv2d)
+
+
+def test_convert_skips_lookalikes_without_the_block_structure():
+    class BasicBlock(nn.Module):  # same name, different structure
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+    model = nn.Sequential(BasicBlock())
+    fastres.convert(model)
+    assert not isinstance(model[0], fastres.nn.BasicBlock)
