@@ -22,9 +22,11 @@ setup(
     package_dir={"fastres": "fastres", "fastres.kernels": "kernels"},
     # Lower bounds only: an installed torch that satisfies them is never replaced.
     install_requires=["torch>=2.4"],
+    # Exact pins for a CPU machine (torchvision included) are in .ci/requirements.txt.
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "numpy<2.4"],
+        "test": ["pytest>=8"],
+        "demo": ["scikit-learn"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
     },
 )

@@ -16,9 +16,11 @@ def check_float_tensor(name: str, t: object) -> None:
         raise TypeError(f"{name} must have a floating dtype ({supported}), got {t.dtype}")
 
 
-def check_same_tensor_meta(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
-    """Same dtype, device and shape: no implicit casts, moves or broadcasting."""
-    if a.dtype != b.dtype:
+def check_same_tensor_meta(
+    name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, same_dtype: bool = True
+) -> None:
+    """Same dtype (unless ``same_dtype=False``), device and shape: no moves or broadcasting."""
+    if same_dtype and a.dtype != b.dtype:
         raise TypeError(
             f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}"
         )

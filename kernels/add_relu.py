@@ -36,7 +36,7 @@ def _add_relu_fwd_kernel(
     R_DENSE: tl.constexpr,  # r is contiguous in the logical order
     Z_DENSE: tl.constexpr,  # z is contiguous in the logical order
     WRITE_MASK: tl.constexpr,  # store the ReLU mask for backward
-    FP64: tl.constexpr,  # compute in float64 (float64 inputs); else in float32
+    FP64: tl.constexpr,  # compute in float64 (a float64 input); else in float32
     BLOCK: tl.constexpr,  # elements per program, a multiple of 8
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -59,7 +59,7 @@ def _add_relu_fwd_kernel(
     x = tl.load(x_ptr + x_off, mask=in_range, other=0.0)
     r = tl.load(r_ptr + r_off, mask=in_range, other=0.0)
     if FP64:
-        y = x + r
+        y = x.to(tl.float64) + r.to(tl.float64)
     else:
         y = x.to(tl.float32) + r.to(tl.float32)
     # `y < 0` rather than `y > 0` keeps NaN as NaN, as torch.relu does.
@@ -117,7 +117,8 @@ def add_relu_forward(
     """Launch ``z = relu(x + r)`` (and the mask, if given) over same-shape views.
 
     ``x``, ``r`` and ``z`` share one logical dim order of rank <= 4; ``z`` may be
-    ``x`` itself. ``mask`` is uint8 with ``ceil(numel / 8)`` elements.
+    ``x`` itself. ``r`` may have another floating dtype (the sum is stored in
+    z's). ``mask`` is uint8 with ``ceil(numel / 8)`` elements.
     """
     n = z.numel()
     if n == 0:
@@ -134,7 +135,7 @@ def add_relu_forward(
         r_s0, r_s1, r_s2, r_s3,
         z_s0, z_s1, z_s2, z_s3,
         X_DENSE=x_dense, R_DENSE=r_dense, Z_DENSE=z_dense,
-        WRITE_MASK=mask is not None, FP64=z.dtype == torch.float64,
+        WRITE_MASK=mask is not None, FP64=torch.float64 in (x.dtype, r.dtype),
         BLOCK=block, num_warps=num_warps,
     )
 

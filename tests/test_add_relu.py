@@ -223,3 +223,24 @@ def test_backward_saves_one_bit_per_element(path, device, inplace):
     assert saved["eager"] == numel * 4  # relu keeps its fp32 output
     # The Triton path keeps 1 bit per element; the CPU path is eager itself.
     assert saved["fastres"] == ((numel + 7) // 8 if path == "triton" else saved["eager"])
+
+
+@pytest.mark.parametrize(
+    "x_dtype, r_dtype",
+    [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float64)],
+    ids=str,
+)
+def test_inplace_casts_identity_like_eager(path, device, x_dtype, r_dtype):
+    """In place, identity may have another dtype, as with ``x += identity`` (autocast)."""
+    x = torch.randn(2, 3, 5, 5, device=device).to(x_dtype)
+    r = torch.randn(2, 3, 5, 5, device=device).to(r_dtype)
+    grad = torch.randn(2, 3, 5, 5, device=device).to(x_dtype)
+    out, dx, dr = _run(add_relu, x, r, True, grad)
+    ref_out, ref_dx, ref_dr = _run(_eager, x, r, True, grad)
+    assert out.dtype == x_dtype and dx.dtype == x_dtype and dr.dtype == r_dtype
+    if x_dtype == torch.float32:
+        assert_equal(out, ref_out)
+    else:
+        assert_low_precision_close(out, ref_out, torch.relu(x.double() + r.double()).float())
+    assert_equal(dx, ref_dx)
+    assert_equal(dr, ref_dr)

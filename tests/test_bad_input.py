@@ -42,6 +42,20 @@ def test_add_relu_rejects(x, identity, error, match):
         add_relu(x, identity)
 
 
+def test_mixed_dtypes_are_refused_unless_in_place():
+    x, r = torch.randn(4), torch.randn(4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="x and identity must have the same dtype"):
+        add_relu(x, r)
+    with pytest.raises(TypeError, match="identity must have a floating dtype"):
+        add_relu(x, torch.ones(4, dtype=torch.int64), inplace=True)
+
+
+def test_block_names_a_missing_downsample():
+    block = fastres.nn.BasicBlock(8, 16, stride=2)  # no downsample: shapes cannot match
+    with pytest.raises(ValueError, match="BasicBlock: the residual branch gives .* needs a matching downsample"):
+        block(torch.randn(2, 8, 6, 6))
+
+
 def test_inplace_into_expanded_view_is_refused():
     x = torch.randn(1, 3, 1, 1).expand(2, 3, 4, 4)
     with pytest.raises(ValueError, match="x has elements that share memory"):

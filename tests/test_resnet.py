@@ -60,6 +60,30 @@ def test_block_matches_torchvision(path, device, tv, name, cls_name, args, kwarg
         torch.testing.assert_close(fused(inputs[0]), eager(inputs[0]), rtol=1.3e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("name, cls_name, args, kwargs, channels", BLOCKS[:3], ids=[b[0] for b in BLOCKS[:3]])
+def test_block_under_autocast_matches_torchvision(path, device, tv, name, cls_name, args, kwargs, channels):
+    """Under autocast a block sees an fp32 input and a bf16 branch: merged as ``+=`` does."""
+    eager, fused = _block_pair(tv, cls_name, args, kwargs)
+    eager, fused = eager.to(device), fused.to(device)
+    x = torch.randn(2, channels, 6, 6, device=device)
+    size = 6 // (args[2] if len(args) > 2 else 1)
+    grad = torch.randn(2, args[1] * eager.expansion, size, size, device=device)
+    results = []
+    for model in (fused, eager):
+        xl = x.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model(xl)
+        out.backward(grad.to(out.dtype))
+        results.append((out, xl.grad))
+    (out, dx), (ref_out, ref_dx) = results
+    assert out.dtype == ref_out.dtype == torch.bfloat16 and dx.dtype == torch.float32
+    # Same bf16 branch, same fp32 sum: within one bf16 rounding (interpreter truncation).
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=2 ** -7, atol=0)
+    # Backward selects the same gradients (same signs), then runs the same ops.
+    torch.testing.assert_close(dx, ref_dx)
+    assert_modules_match(fused, eager)
+
+
 @pytest.mark.parametrize("builder", BUILDERS)
 def test_builder_loads_torchvision_state_dict(path, device, tv, builder):
     eager = getattr(tv.models, builder)(num_classes=10).eval().to(device)

@@ -49,6 +49,16 @@ class _FusedBlock(nn.Module):
         fused.__dict__.update(block.__dict__)  # the same dicts of children, params and hooks
         return fused
 
+    def _merge(self, out: Tensor, identity: Tensor) -> Tensor:
+        """``out += identity; relu_(out)``, fused; identity may differ in dtype (autocast)."""
+        if out.shape != identity.shape:
+            raise ValueError(
+                f"{type(self).__name__}: the residual branch gives {tuple(out.shape)} but the "
+                f"identity gives {tuple(identity.shape)}; a block that changes stride or "
+                "channels needs a matching downsample"
+            )
+        return add_relu(out, identity, inplace=True)
+
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -97,7 +107,7 @@ class BasicBlock(_FusedBlock):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return add_relu(out, identity, inplace=True)
+        return self._merge(out, identity)
 
 
 class Bottleneck(_FusedBlock):
@@ -137,4 +147,4 @@ class Bottleneck(_FusedBlock):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return add_relu(out, identity, inplace=True)
+        return self._merge(out, identity)
