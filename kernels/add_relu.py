@@ -127,7 +127,7 @@ def add_relu_forward(
     x_s0, x_s1, x_s2, x_s3, x_dense = _layout_args(x)
     r_s0, r_s1, r_s2, r_s3, r_dense = _layout_args(r)
     z_s0, z_s1, z_s2, z_s3, z_dense = _layout_args(z)
-    block, num_warps = elementwise_settings(n)
+    block, num_warps = elementwise_settings(n, z.device)
     _add_relu_fwd_kernel[(triton.cdiv(n, block),)](
         x, r, z, z if mask is None else mask, n,
         z.shape[1], z.shape[2], z.shape[3],
@@ -147,7 +147,7 @@ def add_relu_backward(dz: torch.Tensor, mask: torch.Tensor, dx: torch.Tensor) ->
         return
     dz, dx = as_4d(dz), as_4d(dx)
     dz_s0, dz_s1, dz_s2, dz_s3, dz_dense = _layout_args(dz)
-    block, num_warps = elementwise_settings(n)
+    block, num_warps = elementwise_settings(n, dx.device)
     _add_relu_bwd_kernel[(triton.cdiv(n, block),)](
         dz, mask, dx, n,
         dx.shape[1], dx.shape[2], dx.shape[3],

@@ -1,25 +1,19 @@
 """Launch settings and index helpers shared by the elementwise kernels."""
 
-import os
-
 import torch
 import triton
-import triton.language as tl
+import triton.language as tl  # noqa: F401  (Triton requires it in scope of @triton.jit code)
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def elementwise_settings(numel: int) -> tuple[int, int]:
+def elementwise_settings(numel: int, device: torch.device) -> tuple[int, int]:
     """Block size and warp count for a memory-bound elementwise kernel.
 
     On a GPU each program moves 2048 elements with 8 warps (8 elements, i.e. one
     or two 16-byte vectors, per thread and tensor). Under the interpreter the
-    cost is per program, so one program takes as much as it can.
+    cost is per program, so one program takes as much as it can. (Kernels only
+    ever see CPU tensors under the interpreter.)
     """
-    if interpreting():
+    if device.type == "cpu":
         return max(8, min(triton.next_power_of_2(numel), 1 << 16)), 1
     return 2048, 8
 
