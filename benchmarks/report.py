@@ -82,7 +82,7 @@ def markdown(data: dict, table: list[dict], source: str) -> str:
         lines += ["", "\\* q1-q3 (the JSON has no p20/p80 for this row)."]
     lines += [
         "",
-        "GB/s: algorithmic bytes (each input read once, each output written once) over the median.",
+        "GB/s: algorithmic bytes over the median (the passes each suite counts: benchmarks/README.md).",
         "Peak MB: CUDA memory allocated at the peak of one call, inputs included (absent on CPU).",
     ]
     return "\n".join(lines) + "\n"

@@ -10,6 +10,8 @@ import torch
 
 import fastres.functional as F
 
+from .common import DTYPES, LAYOUTS, memory_format
+
 STAGES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
 # Batch 2 is the CPU smoke size; 64 and 256 are training sizes for a GPU.
 BATCHES = [
@@ -17,7 +19,6 @@ BATCHES = [
     pytest.param(64, marks=pytest.mark.cuda_only),
     pytest.param(256, marks=pytest.mark.cuda_only),
 ]
-DTYPES = ["float32", pytest.param("bfloat16", marks=pytest.mark.cuda_only)]
 CASES = [(p, m) for p in ("fastres", "eager", "compile") for m in ("forward", "backward", "full")]
 CASES.append(("copy", "copy"))
 
@@ -39,17 +40,17 @@ def fastres_add_relu(x, identity):
 # The top decorator varies fastest: the cases of one shape group run together
 # and share one torch.compile cache.
 @pytest.mark.parametrize("provider, mode", CASES, ids=[f"{p}-{m}" if p != m else p for p, m in CASES])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chw", STAGES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda n: f"N{n}")
 def test_add_relu(bench, compile_once, device, batch, chw, dtype, layout, provider, mode):
     shape = (batch, *chw)
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    fmt = memory_format(layout)
 
     def new():
         t = torch.randn(shape, dtype=getattr(torch, dtype), device=device)
-        return t.contiguous(memory_format=memory_format)
+        return t.contiguous(memory_format=fmt)
 
     x, identity = new(), new()
     setup = None

@@ -1,12 +1,15 @@
 """Public functional API of fastres."""
 
+import torch.distributed as dist
 from torch import Tensor
 
 from ._checks import check_float_tensor, check_same_tensor_meta
 from ._dispatch import add_relu as _add_relu
+from ._dispatch import batch_norm as _batch_norm
+from ._dispatch import sync_batch_norm as _sync_batch_norm
 from ._dispatch.layout import has_internal_overlap
 
-__all__ = ["add_relu"]
+__all__ = ["add_relu", "batch_norm_relu", "sync_batch_norm_relu"]
 
 
 def add_relu(x: Tensor, identity: Tensor, inplace: bool = False) -> Tensor:
@@ -35,3 +38,97 @@ def add_relu(x: Tensor, identity: Tensor, inplace: bool = False) -> Tensor:
             "written in place; pass inplace=False"
         )
     return _add_relu.add_relu(x, identity, inplace)
+
+
+def batch_norm_relu(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``relu(F.batch_norm(x, ...) [+ residual])`` in one fused pass (two in training).
+
+    The arguments are ``F.batch_norm``'s, in its order, and mean the same:
+    training mode normalises with the batch statistics and updates
+    ``running_mean``/``running_var`` in place (unbiased variance, factor
+    ``momentum``); eval mode uses the running statistics, folded into one
+    per-channel scale and shift.
+
+    Args:
+        x: (N, C, H, W), float32/float16/bfloat16 (statistics in float32) or
+            float64; NCHW, channels_last or any strided view. The output has
+            x's dtype and the layout eager's batch norm would give it.
+        running_mean, running_var: (C,) buffers, or None (then training must
+            be True). Any floating dtype; updated in their own.
+        weight, bias: (C,) affine parameters, or None.
+        residual: added after the affine, before the ReLU (the tail of a
+            residual block); x's shape and device, any floating dtype, like
+            ``out += identity``.
+
+    Backward saves x, two per-channel vectors and a 1-bit-per-element ReLU
+    mask; eager batch norm + ReLU saves x and the whole output.
+    """
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual)
+    if not training and running_mean is None:
+        raise ValueError("training=False normalises with running_mean and running_var: both are required")
+    channels = x.shape[1]
+    if training and x.numel() == channels and channels:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    return _batch_norm.batch_norm_relu(x, running_mean, running_var, weight, bias, training, momentum, eps, residual)
+
+
+def _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual) -> None:
+    check_float_tensor("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
+    channels = x.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        check_float_tensor(name, t)
+        if t.shape != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},), one value per channel of x, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together, or both be None")
+    if residual is not None:
+        check_float_tensor("residual", residual)
+        check_same_tensor_meta("x", x, "residual", residual, same_dtype=False)
+
+
+def sync_batch_norm_relu(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+    process_group=None,
+) -> Tensor:
+    """``batch_norm_relu`` in training mode with statistics over all processes of ``process_group``.
+
+    What ``torch.nn.SyncBatchNorm`` followed by ReLU computes: mean and
+    variance per channel over the concatenated batches of every process
+    (batch sizes may differ), the same running-statistic update on each, and
+    a backward whose input gradient accounts for every process's batch (weight
+    and bias gradients are local). Every process of the group must call it.
+    CPU tensors work too (gloo). The default group is the whole world; with a
+    single process it is ``batch_norm_relu(..., training=True)``.
+    """
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("sync_batch_norm_relu needs an initialised torch.distributed process group")
+    group = process_group or dist.group.WORLD
+    if dist.get_world_size(group) == 1:
+        return batch_norm_relu(x, running_mean, running_var, weight, bias, True, momentum, eps, residual)
+    return _sync_batch_norm.sync_batch_norm_relu(
+        x, running_mean, running_var, weight, bias, momentum, eps, residual, group
+    )

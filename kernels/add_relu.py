@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import as_4d, elementwise_settings, strided_offsets
+from .utils import as_4d, elementwise_settings, pack_mask, strided_offsets, unpack_mask
 
 
 @triton.jit
@@ -70,10 +70,7 @@ def _add_relu_fwd_kernel(
         # Eager's relu backward is where(z <= 0, 0, dz): NaN outputs pass dz on.
         # Rounding to the storage dtype never flips the sign of a sum of two
         # values of that dtype, so the fp32 sign is the stored sign.
-        bits = tl.reshape(tl.where(y <= 0, 0, 1), [BLOCK // 8, 8])
-        packed = tl.sum(bits << tl.arange(0, 8)[None, :], axis=1)
-        byte = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
-        tl.store(mask_ptr + byte, packed.to(tl.uint8), mask=byte < (n_elements + 7) // 8)
+        pack_mask(mask_ptr, tl.where(y <= 0, 0, 1), pid, n_elements, BLOCK)
 
 
 @triton.jit
@@ -95,11 +92,7 @@ def _add_relu_bwd_kernel(
     else:
         dz_off = strided_offsets(idx, size1, size2, size3, dz_s0, dz_s1, dz_s2, dz_s3)
 
-    # One byte load per 8 elements, then each byte is fanned out to its 8 bits.
-    byte = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
-    packed = tl.load(mask_ptr + byte, mask=byte < (n_elements + 7) // 8, other=0)
-    bits = (packed.to(tl.int32)[:, None] >> tl.arange(0, 8)[None, :]) & 1
-    keep = tl.reshape(bits, [BLOCK]) != 0
+    keep = unpack_mask(mask_ptr, pid, n_elements, BLOCK)
 
     dz = tl.load(dz_ptr + dz_off, mask=in_range, other=0.0)
     # A select, not a product: NaN/Inf in dz where z <= 0 give 0, as in eager.

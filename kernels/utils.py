@@ -1,4 +1,6 @@
-"""Launch settings and index helpers shared by the elementwise kernels."""
+"""Launch settings, index helpers and the ReLU-mask bit format shared by the kernels."""
+
+import functools
 
 import torch
 import triton
@@ -18,6 +20,16 @@ def elementwise_settings(numel: int, device: torch.device) -> tuple[int, int]:
     return 2048, 8
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What a kernel computes in: float64 for float64 data, float32 for the rest."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The ``tl`` dtype of a torch float32/float64 (for constexpr accumulator types)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def as_4d(t: torch.Tensor) -> torch.Tensor:
     """View ``t`` as 4-D by prepending size-1 dims (rank <= 4 only)."""
     if t.dim() > 4:
@@ -35,3 +47,118 @@ def strided_offsets(idx, size1, size2, size3, stride0, stride1, stride2, stride3
     i1 = rest % size1
     i0 = rest // size1
     return i0 * stride0 + i1 * stride1 + i2 * stride2 + i3 * stride3
+
+
+@triton.jit
+def pack_mask(mask_ptr, keep, pid, n_elements, BLOCK: tl.constexpr):
+    """Store ``keep`` (BLOCK int32 0/1, block ``pid`` of the logical order) as BLOCK // 8 bytes.
+
+    Bit i of the mask is logical element i: byte i // 8, bit i % 8.
+    """
+    bits = tl.reshape(keep, [BLOCK // 8, 8])
+    packed = tl.sum(bits << tl.arange(0, 8)[None, :], axis=1)
+    byte = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    tl.store(mask_ptr + byte, packed.to(tl.uint8), mask=byte < (n_elements + 7) // 8)
+
+
+@triton.jit
+def unpack_mask(mask_ptr, pid, n_elements, BLOCK: tl.constexpr):
+    """The BLOCK bits of block ``pid`` as booleans: one byte load per 8 elements."""
+    byte = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    packed = tl.load(mask_ptr + byte, mask=byte < (n_elements + 7) // 8, other=0)
+    bits = (packed.to(tl.int32)[:, None] >> tl.arange(0, 8)[None, :]) & 1
+    return tl.reshape(bits, [BLOCK]) != 0
+
+
+@triton.jit
+def mask_bits_at(mask_ptr, offsets, valid):
+    """The mask bits of arbitrary logical elements ``offsets`` (a gather, for 2-D tiles)."""
+    packed = tl.load(mask_ptr + (offsets >> 3), mask=valid, other=0)
+    return ((packed.to(tl.int32) >> (offsets & 7).to(tl.int32)) & 1) != 0
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# --- N x C x HW views (batch norm) ------------------------------------------
+# Batch-norm kernels see every tensor as a 3-D view [N, C, HW] with its own
+# strides (H and W merged; the dispatcher makes sure that is a view). Outputs
+# are dense in NCHW or in channels_last ("C_LAST") order.
+
+
+@triton.jit
+def nchw_split(o, C, HW, C_LAST: tl.constexpr):
+    """(n, c, hw) of the linear indices ``o`` of a dense NCHW / channels_last tensor."""
+    if C_LAST:
+        c = o % C
+        m = o // C
+        n = m // HW
+        hw = m % HW
+    else:
+        hw = o % HW
+        nc = o // HW
+        c = nc % C
+        n = nc // C
+    return n, c, hw
+
+
+@triton.jit
+def tile_rows(t, N, HW, s_n, s_hw, PER_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows (n, hw pairs) of reduction tile ``t``: (row offsets, row valid, row count).
+
+    PER_N tiles stay inside one sample, so consecutive rows are consecutive hw
+    (NCHW-like layouts, where hw is the fast dim). Otherwise rows run over the
+    flattened n * HW + hw (channels_last-like layouts, where c is the fast dim
+    and a tile should not waste rows at sample boundaries).
+    """
+    r = tl.arange(0, BLOCK_R)
+    if PER_N:
+        per_n = tl.cdiv(HW, BLOCK_R)
+        n = t // per_n
+        hw0 = (t % per_n) * BLOCK_R
+        hw = hw0 + r
+        valid = hw < HW
+        offs = n.to(tl.int64) * s_n + hw * s_hw
+        count = tl.minimum(HW - hw0, BLOCK_R)
+    else:
+        m0 = t * tl.full([], BLOCK_R, tl.int64)  # int64: n * HW may pass 2**31
+        m = m0 + r
+        valid = m < N * HW
+        offs = (m // HW) * s_n + (m % HW) * s_hw
+        count = tl.minimum(N * HW - m0, BLOCK_R)
+    return offs, valid, count
+
+
+def reduction_settings(n: int, c: int, hw: int, per_n: bool, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_R, BLOCK_C, splits, tiles per split, num_warps) of a per-channel reduction.
+
+    Tiles hold about 2048 elements (4096 under the interpreter), longest along
+    the dim that is contiguous in memory. The rows are cut into ``splits``
+    ranges so that about 4 programs per SM run on a GPU; each writes a partial
+    result per channel, combined by a second small kernel.
+    """
+    tile = 4096 if device.type == "cpu" else 2048
+    if per_n:
+        block_r = min(triton.next_power_of_2(hw), 512)
+        block_c = min(triton.next_power_of_2(c), max(1, tile // block_r))
+        n_tiles = n * triton.cdiv(hw, block_r)
+    else:
+        block_c = min(triton.next_power_of_2(c), 256)
+        block_r = min(triton.next_power_of_2(n * hw), max(1, tile // block_c))
+        n_tiles = triton.cdiv(n * hw, block_r)
+    c_blocks = triton.cdiv(c, block_c)
+    target = 2 if device.type == "cpu" else 4 * sm_count(device)
+    splits = max(1, min(triton.cdiv(target, c_blocks), n_tiles))
+    per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, per_split)
+    return block_r, block_c, splits, per_split, 1 if device.type == "cpu" else 4
+
+
+@triton.jit
+def rsqrt_rn(x):
+    """1 / sqrt(x), the square root correctly rounded (as eager's) in fp32 and fp64."""
+    if x.dtype == tl.float64:
+        return 1.0 / tl.sqrt(x)
+    return 1.0 / tl.sqrt_rn(x)

@@ -1,0 +1,201 @@
+"""Synchronized fused BatchNorm (+ residual add) + ReLU across processes.
+
+Statistics are computed per process, gathered with one ``all_gather`` of
+(mean, M2, count) per channel and merged exactly as the partial results of
+one process are (so batches of different sizes, even empty ones, are fine).
+Backward all-reduces the two per-channel sums that dx depends on; the weight
+and bias gradients stay local, as in ``torch.nn.SyncBatchNorm`` (DDP averages
+them).
+
+Tensors that do not run Triton take an eager reference built from
+differentiable all-reduces.
+"""
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import kernels, use_triton
+from .batch_norm import _apply, _backward, _check_device, _empty_out, _nchw, _reduce, channels_last
+from .bitmask import new_mask
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastres::bn_local_stats", mutates_args=())
+def bn_local_stats_op(x: Tensor) -> Tensor:
+    """This process's [mean (C), M2 (C), count (1)] in one tensor, ready to gather."""
+    _check_device(x, "bn_local_stats")
+    c = x.shape[1]
+    if x.numel() == 0:
+        return x.new_zeros(2 * c + 1, dtype=_acc(x))
+    k = kernels("batch_norm")
+    mean, m2, count, _ = k.combine_stats(*k.partial_stats(_nchw(x)), None, None, 0.0, 0.0)
+    return torch.cat([mean, m2, count])
+
+
+@bn_local_stats_op.register_fake
+def _(x):
+    return x.new_empty(2 * x.shape[1] + 1, dtype=_acc(x))
+
+
+@torch.library.custom_op("fastres::bn_gather_stats", mutates_args=("running_mean", "running_var"))
+def bn_gather_stats_op(
+    gathered: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, rstd, count[1]) over all processes from their [W, 2C+1] local stats."""
+    c = (gathered.shape[1] - 1) // 2
+    mean, _, count, rstd = kernels("batch_norm").combine_stats(
+        gathered[:, :c].contiguous(), gathered[:, c:2 * c].contiguous(), gathered[:, 2 * c].contiguous(),
+        None, running_mean, running_var, momentum, eps,
+    )
+    return mean, rstd, count
+
+
+@bn_gather_stats_op.register_fake
+def _(gathered, running_mean, running_var, momentum, eps):
+    c = (gathered.shape[1] - 1) // 2
+    stat = gathered.new_empty(c)
+    return stat, torch.empty_like(stat), gathered.new_empty(1)
+
+
+@torch.library.custom_op("fastres::bn_relu_apply", mutates_args=())
+def bn_relu_apply_op(
+    x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+    residual: Tensor | None, save_mask: bool,
+) -> tuple[Tensor, Tensor]:
+    """(out, mask) normalised with the given statistics."""
+    _check_device(x, "bn_relu_apply")
+    return _apply(x, _nchw(x), mean, rstd, weight, bias, residual, 0.0, False, channels_last(x), save_mask)
+
+
+@bn_relu_apply_op.register_fake
+def _(x, mean, rstd, weight, bias, residual, save_mask):
+    return _empty_out(x, channels_last(x)), new_mask(x.numel(), x.device, save_mask)
+
+
+@torch.library.custom_op("fastres::bn_relu_backward_reduce", mutates_args=())
+def bn_relu_backward_reduce_op(
+    grad: Tensor, x: Tensor, mask: Tensor, mean: Tensor, rstd: Tensor,
+    weight: Tensor | None, bias: Tensor | None, need_dw: bool, need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """([sum(g) (C), sum(g * (x - mean)) (C)], dweight, dbias) of this process."""
+    _check_device(x, "bn_relu_backward_reduce")
+    if x.numel() == 0:
+        empty = x.new_empty(0)
+        return (
+            mean.new_zeros(2 * x.shape[1]),
+            torch.zeros_like(weight) if need_dw else empty,
+            torch.zeros_like(bias) if need_db else empty,
+        )
+    (sum_g, sum_gx), dw, db = _reduce(grad, x, mask, mean, rstd, weight, bias, channels_last(x), need_dw, need_db)
+    empty = x.new_empty(0)
+    return torch.cat([sum_g, sum_gx]), dw if need_dw else empty, db if need_db else empty
+
+
+@bn_relu_backward_reduce_op.register_fake
+def _(grad, x, mask, mean, rstd, weight, bias, need_dw, need_db):
+    empty = x.new_empty(0)
+    return (
+        mean.new_empty(2 * x.shape[1]),
+        torch.empty_like(weight) if need_dw else empty,
+        torch.empty_like(bias) if need_db else empty,
+    )
+
+
+@torch.library.custom_op("fastres::bn_relu_backward_elemt", mutates_args=())
+def bn_relu_backward_elemt_op(
+    grad: Tensor, x: Tensor, mask: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
+    sums: Tensor, count: Tensor, need_dx: bool, dr_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor]:
+    """(dx, dresidual) from the all-reduced sums; those not needed are empty."""
+    _check_device(x, "bn_relu_backward_elemt")
+    c = x.shape[1]
+    dx, dr = _backward(
+        grad, x, mask, mean, rstd, weight, (sums[:c], sums[c:]), count, channels_last(x), need_dx, dr_dtype
+    )
+    empty = x.new_empty(0)
+    return dx if dx is not None else empty, dr if dr is not None else empty
+
+
+@bn_relu_backward_elemt_op.register_fake
+def _(grad, x, mask, mean, rstd, weight, sums, count, need_dx, dr_dtype):
+    c_last = channels_last(x)
+    empty = x.new_empty(0)
+    return (
+        _empty_out(x, c_last) if need_dx else empty,
+        _empty_out(x, c_last, dr_dtype) if dr_dtype is not None else empty,
+    )
+
+
+def _all_gather(t: Tensor, group) -> Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t, group=group)
+    return torch.stack(parts)
+
+
+class SyncBatchNormReLU(torch.autograd.Function):
+    """Autograd for the synchronized op; saves what ``BatchNormReLU`` saves."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, residual, momentum, eps, group, save):
+        gathered = _all_gather(torch.ops.fastres.bn_local_stats(x), group)
+        mean, rstd, count = torch.ops.fastres.bn_gather_stats(gathered, running_mean, running_var, momentum, eps)
+        out, mask = torch.ops.fastres.bn_relu_apply(x, mean, rstd, weight, bias, residual, save)
+        ctx.save_for_backward(x, weight, bias, mean, rstd, count, mask)
+        ctx.group = group
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, rstd, count, mask = ctx.saved_tensors
+        need_dx, need_dw, need_db, need_dr = (ctx.needs_input_grad[i] for i in (0, 1, 2, 5))
+        sums, dw, db = torch.ops.fastres.bn_relu_backward_reduce(grad, x, mask, mean, rstd, weight, bias, need_dw, need_db)
+        if need_dx:
+            dist.all_reduce(sums, group=ctx.group)
+        dx, dr = torch.ops.fastres.bn_relu_backward_elemt(
+            grad, x, mask, mean, rstd, weight, sums, count, need_dx, ctx.residual_dtype if need_dr else None
+        )
+        return (
+            dx if need_dx else None, dw if need_dw else None, db if need_db else None,
+            None, None, dr if need_dr else None, None, None, None, None,
+        )
+
+
+def _reference(x, running_mean, running_var, weight, bias, momentum, eps, residual, group):
+    """Eager PyTorch: differentiable all-reduces of the per-channel sums."""
+    from torch.distributed.nn.functional import all_reduce
+
+    c = x.shape[1]
+    xf = x.to(_acc(x))
+    shape = (1, c, 1, 1)
+    count = xf.new_full((1,), x.numel() // c if c else 0)
+    totals = all_reduce(torch.cat([xf.sum((0, 2, 3)), count]), group=group)
+    n = totals[c]
+    mean = totals[:c] / n
+    xmu = xf - mean.view(shape)
+    m2 = all_reduce((xmu * xmu).sum((0, 2, 3)), group=group)
+    y = xmu * torch.rsqrt(m2 / n + eps).view(shape)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    y = y.to(x.dtype)
+    if residual is not None:
+        y = y.add_(residual)
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.detach() * momentum)
+            running_var.mul_(1 - momentum).add_(m2.detach() / (n - 1) * momentum)
+    return torch.relu_(y).contiguous(memory_format=torch.channels_last if channels_last(x) else torch.contiguous_format)
+
+
+def sync_batch_norm_relu(x, running_mean, running_var, weight, bias, momentum, eps, residual, group):
+    """Arguments already checked; ``group`` has more than one process."""
+    if not use_triton(x):
+        return _reference(x, running_mean, running_var, weight, bias, momentum, eps, residual, group)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    return SyncBatchNormReLU.apply(x, weight, bias, running_mean, running_var, residual, momentum, eps, group, save)

@@ -1,0 +1,180 @@
+"""BatchNorm2d + ReLU (and + residual add) as one module, single-process and synchronized.
+
+``BatchNormReLU2d`` is a ``torch.nn.BatchNorm2d`` and ``SyncBatchNormReLU2d`` a
+``torch.nn.SyncBatchNorm``: same constructor, parameters, buffers and
+state_dict, so checkpoints load unchanged. Only ``forward`` differs: it
+returns ``relu(bn(x) [+ residual])`` through the fused kernels.
+
+``bn_relu(bn, x, residual)`` runs that computation for any plain BatchNorm2d or
+SyncBatchNorm instance; the residual blocks call it on their ``bn1``/``bn2``.
+"""
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+
+from ..functional import add_relu, batch_norm_relu, sync_batch_norm_relu
+
+
+def _running_stats_args(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
+    """(running_mean, running_var, bn_training, momentum factor): ``_BatchNorm.forward``'s logic.
+
+    Counts the batch in ``num_batches_tracked`` when training with running stats.
+    """
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_buffers = not bn.training or bn.track_running_stats
+    return (
+        bn.running_mean if use_buffers else None,
+        bn.running_var if use_buffers else None,
+        bn_training,
+        factor,
+    )
+
+
+def _check_input(bn: nn.Module, x: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got {shape}")
+    if x.shape[1] != bn.num_features:
+        raise ValueError(f"x has {x.shape[1]} channels but {type(bn).__name__} expects {bn.num_features} (num_features)")
+
+
+def _sync_world(bn: nn.SyncBatchNorm, bn_training: bool):
+    """(process group, world size) when statistics must be synchronized, else None."""
+    dist = torch.distributed
+    if not (bn_training and bn.training and dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    world = dist.get_world_size(group)
+    return (group, world) if world > 1 else None
+
+
+def bn_relu(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    """``relu(bn(x) [+ residual])`` with ``bn``'s parameters and buffers, fused.
+
+    Exactly what calling the module, adding and applying ReLU does, including
+    the running-statistic update and ``num_batches_tracked``; a SyncBatchNorm
+    synchronizes its statistics when a process group of more than one is up.
+    """
+    _check_input(bn, x)
+    running_mean, running_var, bn_training, factor = _running_stats_args(bn)
+    if isinstance(bn, nn.SyncBatchNorm):
+        sync = _sync_world(bn, bn_training)
+        if sync is not None:
+            return sync_batch_norm_relu(
+                x, running_mean, running_var, bn.weight, bias=bn.bias, momentum=factor,
+                eps=bn.eps, residual=residual, process_group=sync[0],
+            )
+    return batch_norm_relu(
+        x, running_mean, running_var, bn.weight, bn.bias, bn_training, factor, bn.eps, residual
+    )
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(
+        m._forward_hooks or m._forward_pre_hooks
+        or _module._global_forward_hooks or _module._global_forward_pre_hooks
+    )
+
+
+_FUSABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def norm_relu(norm: nn.Module, relu: nn.Module, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    """``relu(norm(x) [+ residual])``: fused when ``norm`` is a plain BatchNorm2d/SyncBatchNorm.
+
+    Any other norm layer (a ``norm_layer`` of the user's, a frozen BN), or
+    modules with forward hooks (which a fused call would skip), run as
+    written: the module, then the add, then ``relu``.
+    """
+    if isinstance(norm, (BatchNormReLU2d, SyncBatchNormReLU2d)):
+        return norm(x, residual)  # a module call, so its hooks run
+    if type(norm) in _FUSABLE_NORMS and not (_has_hooks(norm) or _has_hooks(relu)):
+        return bn_relu(norm, x, residual)
+    out = norm(x)
+    if residual is None:
+        return relu(out)
+    if type(relu) is nn.ReLU and not _has_hooks(relu):
+        return add_relu(out, residual, inplace=True)
+    out += residual
+    return relu(out)
+
+
+class _FromBatchNorm:
+    """Building the fused module from an existing one, sharing its state."""
+
+    _base: type = nn.Module
+
+    @classmethod
+    def from_module(cls, bn: nn.Module):
+        """A fused module sharing ``bn``'s parameters, buffers and hooks (``bn`` must be exactly ``_base``)."""
+        if type(bn) is not cls._base:
+            raise TypeError(f"bn must be a {cls._base.__name__}, got {type(bn).__name__}")
+        fused = cls.__new__(cls)
+        fused.__dict__.update(bn.__dict__)
+        return fused
+
+
+class BatchNormReLU2d(_FromBatchNorm, nn.BatchNorm2d):
+    """``relu(BatchNorm2d(x) [+ residual])`` in one fused pass (two when training).
+
+    A ``torch.nn.BatchNorm2d`` in every other respect: constructor, ``momentum=None``
+    (cumulative average), ``affine``, ``track_running_stats``, unbiased running
+    variance, ``num_batches_tracked``, state_dict.
+    """
+
+    _base = nn.BatchNorm2d
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return bn_relu(self, x, residual)
+
+
+class SyncBatchNormReLU2d(_FromBatchNorm, nn.SyncBatchNorm):
+    """``relu(SyncBatchNorm(x) [+ residual])``: statistics reduced across ``process_group``.
+
+    Matches ``torch.nn.SyncBatchNorm`` followed by ReLU: per-channel statistics
+    over the batches of all processes (which may differ in size), the backward
+    reductions all-reduced likewise, weight and bias gradients local (DDP
+    averages them). Works on CPU tensors (gloo) as well as CUDA ones. Without
+    an initialised process group of more than one, or in eval mode, it is
+    ``BatchNormReLU2d``.
+    """
+
+    _base = nn.SyncBatchNorm
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return bn_relu(self, x, residual)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` that keeps the fused ReLU.
+
+    ``BatchNormReLU2d`` becomes ``SyncBatchNormReLU2d``; any other batch norm
+    becomes ``torch.nn.SyncBatchNorm``, as torch's helper does (which would
+    turn a ``BatchNormReLU2d`` into a plain SyncBatchNorm and drop its ReLU).
+    Parameters and buffers are shared with the old modules.
+    """
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+        cls = SyncBatchNormReLU2d if isinstance(module, BatchNormReLU2d) else nn.SyncBatchNorm
+        out = cls(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats, process_group,
+        )
+        if module.affine:
+            with torch.no_grad():
+                out.weight = module.weight
+                out.bias = module.bias
+        out.running_mean = module.running_mean
+        out.running_var = module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.training = module.training
+        if hasattr(module, "qconfig"):
+            out.qconfig = module.qconfig
+        return out
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, process_group))
+    return module
