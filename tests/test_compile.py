@@ -42,3 +42,28 @@ def test_compiled_block_matches_eager_block(path, device, tv):
     compiled(x).backward(grad)
     eager(x).backward(grad)
     assert_modules_match(fused, eager)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_batch_norm_relu_compiles_without_graph_breaks(path, device, backend):
+    """Running statistics are mutated inside the op: functionalization must keep the update."""
+    torch._dynamo.reset()
+    from fastres.functional import batch_norm_relu
+
+    def fn(x, rm, rv, w, b, r):
+        return batch_norm_relu(x, rm, rv, w, b, True, 0.1, 1e-5, r)
+
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    x = torch.randn(2, 3, 5, 5, device=device, requires_grad=True)
+    r = torch.randn(2, 3, 5, 5, device=device)
+    w = torch.rand(3, device=device, requires_grad=True)
+    b = torch.randn(3, device=device, requires_grad=True)
+    stats = [(torch.zeros(3, device=device), torch.ones(3, device=device)) for _ in range(2)]
+    out = compiled(x, *stats[0], w, b, r)
+    ref = fn(x, *stats[1], w, b, r)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(stats[0], stats[1])
+    grads = torch.autograd.grad(out.sum(), (x, w, b))
+    ref_grads = torch.autograd.grad(ref.sum(), (x, w, b))
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg)

@@ -55,6 +55,7 @@ def _worker(rank, world, port, interpret, channels_last, out_dir):
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
+        dist.barrier()  # neither process tears gloo down while the other still talks to it
         dist.destroy_process_group()
 
 
