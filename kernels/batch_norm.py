@@ -75,6 +75,17 @@ def _partial_stats_kernel(
 
 
 @triton.jit
+def _partial_rows(p_count_ptr, p_mean_ptr, p0, P, C, cols, col_ok, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    """Partials p0 .. p0 + BLOCK_P: (counts, means, valid, [P, C] offsets)."""
+    rows = p0 + tl.arange(0, BLOCK_P)
+    row_ok = rows < P
+    n_p = tl.load(p_count_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    ok = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None] * C + cols[None, :]
+    return n_p, tl.load(p_mean_ptr + offs, mask=ok, other=0.0).to(ACC), ok, offs
+
+
+@triton.jit
 def _combine_stats_kernel(
     p_mean_ptr, p_m2_ptr, p_count_ptr,  # [P, C], [P, C], [P] partial results
     shift_ptr,  # [C] what the partial means are relative to (HAS_SHIFT)
@@ -92,23 +103,15 @@ def _combine_stats_kernel(
     count = tl.zeros([], dtype=ACC)
     acc = tl.zeros([BLOCK_C], dtype=ACC)
     for p0 in range(0, P, BLOCK_P):
-        rows = p0 + tl.arange(0, BLOCK_P)
-        row_ok = rows < P
-        n_p = tl.load(p_count_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-        ok = row_ok[:, None] & col_ok[None, :]
-        mean_p = tl.load(p_mean_ptr + rows[:, None] * C + cols[None, :], mask=ok, other=0.0).to(ACC)
+        n_p, mean_p, ok, offs = _partial_rows(p_count_ptr, p_mean_ptr, p0, P, C, cols, col_ok, BLOCK_P, ACC)
         count += tl.sum(n_p, axis=0)
         acc += tl.sum(n_p[:, None] * mean_p, axis=0)
     mean = acc / count
     # Pass 2: M2 = sum of the partial M2 plus each partial's offset from the mean.
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     for p0 in range(0, P, BLOCK_P):
-        rows = p0 + tl.arange(0, BLOCK_P)
-        row_ok = rows < P
-        n_p = tl.load(p_count_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-        ok = row_ok[:, None] & col_ok[None, :]
-        mean_p = tl.load(p_mean_ptr + rows[:, None] * C + cols[None, :], mask=ok, other=0.0).to(ACC)
-        m2_p = tl.load(p_m2_ptr + rows[:, None] * C + cols[None, :], mask=ok, other=0.0).to(ACC)
+        n_p, mean_p, ok, offs = _partial_rows(p_count_ptr, p_mean_ptr, p0, P, C, cols, col_ok, BLOCK_P, ACC)
+        m2_p = tl.load(p_m2_ptr + offs, mask=ok, other=0.0).to(ACC)
         d = mean_p - mean[None, :]
         m2 += tl.sum(tl.where(ok, m2_p + n_p[:, None] * d * d, 0.0), axis=0)
     rstd = rsqrt_rn(m2 / count + eps)

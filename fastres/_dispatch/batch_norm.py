@@ -164,6 +164,16 @@ def _(grad, x, mask, mean, rstd, count, weight, bias, training, need_dx, need_dw
     )
 
 
+def input_grads(ctx, n_inputs: int, dx, dw, db, dr) -> tuple:
+    """Backward's return value: the gradients of x, weight, bias (inputs 0-2) and the
+    residual (input 5) where they are needed, None for every other input."""
+    grads = [None] * n_inputs
+    for i, g in zip((0, 1, 2, 5), (dx, dw, db, dr)):
+        if ctx.needs_input_grad[i]:
+            grads[i] = g
+    return tuple(grads)
+
+
 class BatchNormReLU(torch.autograd.Function):
     """Autograd for the fused op: saves x, mean, 1/std and the 1-bit ReLU mask."""
 
@@ -185,10 +195,7 @@ class BatchNormReLU(torch.autograd.Function):
             grad, x, mask, mean, rstd, count, weight, bias, ctx.training,
             need_dx, need_dw, need_db, ctx.residual_dtype if need_dr else None,
         )
-        return (
-            dx if need_dx else None, dw if need_dw else None, db if need_db else None,
-            None, None, dr if need_dr else None, None, None, None,
-        )
+        return input_grads(ctx, 9, dx, dw, db, dr)
 
 
 # --- entry point ------------------------------------------------------------

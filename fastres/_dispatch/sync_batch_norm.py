@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import kernels, use_triton
-from .batch_norm import _apply, _backward, _check_device, _empty_out, _nchw, _reduce, channels_last
+from .batch_norm import _apply, _backward, _check_device, _empty_out, _nchw, _reduce, channels_last, input_grads
 from .bitmask import new_mask
 
 
@@ -159,10 +159,7 @@ class SyncBatchNormReLU(torch.autograd.Function):
         dx, dr = torch.ops.fastres.bn_relu_backward_elemt(
             grad, x, mask, mean, rstd, weight, sums, count, need_dx, ctx.residual_dtype if need_dr else None
         )
-        return (
-            dx if need_dx else None, dw if need_dw else None, db if need_db else None,
-            None, None, dr if need_dr else None, None, None, None, None,
-        )
+        return input_grads(ctx, 10, dx, dw, db, dr)
 
 
 def _reference(x, running_mean, running_var, weight, bias, momentum, eps, residual, group):
