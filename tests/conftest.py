@@ -15,6 +15,33 @@ import pytest  # noqa: E402
 
 from fastres._torchvision import import_torchvision  # noqa: E402
 
+def _round_bfloat16_to_nearest_in_interpreter() -> None:
+    """Make Triton's interpreter round float32 -> bfloat16 to nearest even, as GPUs do.
+
+    Triton 3.6's interpreter truncates that cast, a bias that errors of
+    bf16 results then accumulate, which no GPU run has. Tests only.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    cast_impl = interpreter.InterpreterBuilder.cast_impl
+
+    def rounding_cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.cast_impl = rounding_cast_impl
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        _round_bfloat16_to_nearest_in_interpreter()
+    except ImportError:  # no Triton: only the eager paths run
+        pass
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # Where fastres's ops run. On CUDA always Triton; on CPU both the Triton

@@ -54,22 +54,104 @@ def twin(eager: torch.nn.Module, fused: torch.nn.Module) -> torch.nn.Module:
     return fused.train(eager.training)
 
 
-def train_steps(model: torch.nn.Module, inputs: list[torch.Tensor], grad_seed: int = 1) -> list[torch.Tensor]:
-    """SGD steps on ``inputs`` with fixed upstream gradients; returns each step's output.
+def train_steps(
+    model: torch.nn.Module, inputs: list[torch.Tensor], grad_seed: int = 1, lr: float = 0.1, momentum: float = 0.9
+) -> list[torch.Tensor]:
+    """SGD steps on ``inputs`` with fixed upstream gradients; returns each step's output and input gradient.
 
-    Gradients of the last step are left in ``.grad`` for comparison.
+    Inputs are cast to the model's dtype. Gradients of the last step are left in
+    ``.grad`` for comparison.
     """
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     gen = torch.Generator(device=inputs[0].device).manual_seed(grad_seed)
     outputs = []
     for step, x in enumerate(inputs):
         opt.zero_grad(set_to_none=True)
-        x = x.detach().clone().requires_grad_(True)
+        x = x.detach().clone().to(next(model.parameters()).dtype).requires_grad_(True)
         out = model(x)
-        grad = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
+        # Drawn in float32 whatever the model's dtype: every model gets the same numbers.
+        grad = torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype)
         out.backward(grad)
         outputs.append(out.detach())
         outputs.append(x.grad)
         if step < len(inputs) - 1:
             opt.step()
     return outputs
+
+
+# Normwise relative tolerance for results that pass through batch-norm
+# reductions, which fastres sums in another order than eager. An element can
+# cancel to near zero (a bias gradient, a channel's mean), so the error is
+# measured against the whole tensor's norm, not element by element. float64:
+# a gradient that is itself a cancellation (the stem's BN weight gradient of a
+# small DenseNet has norm 7e-5 from O(1) terms) loses five digits, so 1e-9,
+# still seven orders above float64 rounding; any wiring mistake is O(1).
+NORMWISE_RTOL = {torch.float32: 1e-5, torch.float64: 1e-9}
+
+
+def assert_normwise_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
+    """``||actual - expected|| <= rtol * ||expected||``, same NaN/Inf positions, dtype, shape and layout."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
+    assert layout_strides(actual) == layout_strides(expected), (name, actual.stride(), expected.stride())
+    a, e = actual.detach().double(), expected.detach().double()
+    finite = e.isfinite()
+    assert torch.equal(a.isfinite(), finite) and torch.equal(a[~finite].isnan(), e[~finite].isnan()), name
+    err, scale = (a[finite] - e[finite]).norm().item(), e[finite].norm().item()
+    bound = NORMWISE_RTOL[actual.dtype] * scale + torch.finfo(actual.dtype).tiny
+    assert err <= bound, f"{name}: normwise error {err:.3g} > {bound:.3g} (||expected|| = {scale:.3g})"
+
+
+def assert_modules_normwise_close(fused: torch.nn.Module, eager: torch.nn.Module) -> None:
+    """``assert_normwise_close`` for every parameter, gradient and float buffer; counters exactly."""
+    fp, ep = dict(fused.named_parameters()), dict(eager.named_parameters())
+    assert fp.keys() == ep.keys()
+    for name in fp:
+        assert_normwise_close(fp[name], ep[name], name)
+        assert (fp[name].grad is None) == (ep[name].grad is None), name
+        if ep[name].grad is not None:
+            assert_normwise_close(fp[name].grad, ep[name].grad, f"{name}.grad")
+    fb, eb = dict(fused.named_buffers()), dict(eager.named_buffers())
+    assert fb.keys() == eb.keys()
+    for name in fb:
+        if fb[name].is_floating_point():
+            assert_normwise_close(fb[name], eb[name], name)
+        else:
+            assert torch.equal(fb[name], eb[name]), name
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward while ``fn()`` runs (each storage once, parameters excluded)."""
+    storages = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def assert_as_accurate_as_eager(actual: torch.Tensor, expected: torch.Tensor, reference: torch.Tensor, name: str = "") -> None:
+    """float32 ``actual`` is within 1e-5 (normwise) of the float64 ``reference``, or at most twice as far as eager.
+
+    For results a deep network computes ill-conditioned (a 50-layer forward in
+    train mode amplifies rounding to ~4e-5 even in eager): agreement is then
+    measured in accuracy against float64, not against eager's own rounding.
+    """
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
+    ref = reference.detach().double()
+    fused_err = (actual.detach().double() - ref).norm().item()
+    eager_err = (expected.detach().double() - ref).norm().item()
+    bound = max(2 * eager_err, NORMWISE_RTOL[torch.float32] * ref.norm().item())
+    assert fused_err <= bound, f"{name}: error vs float64 {fused_err:.3g}, eager's {eager_err:.3g}"
+
+
+def assert_buffers_as_accurate_as_eager(fused: torch.nn.Module, eager: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """``assert_as_accurate_as_eager`` for every float buffer (running stats); counters exactly."""
+    for (name, a), (_, b), (_, r) in zip(fused.named_buffers(), eager.named_buffers(), reference.named_buffers()):
+        if a.is_floating_point():
+            assert_as_accurate_as_eager(a, b, r, name)
+        else:
+            assert torch.equal(a, b), name

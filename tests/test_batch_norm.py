@@ -7,7 +7,7 @@ from torch import nn
 
 import fastres
 from fastres.functional import batch_norm_relu
-from helpers import layout_strides
+from helpers import layout_strides, saved_bytes
 
 SHAPES = [(1, 3, 7, 7), (2, 3, 7, 7), (3, 5, 1, 1), (1, 17, 3, 5), (2, 8, 1, 9), (4, 40, 10, 10)]
 
@@ -212,20 +212,6 @@ def test_no_mask_and_no_graph_without_grad(path, device):
 # --- memory -----------------------------------------------------------------
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes autograd keeps for backward (each storage once, parameters excluded)."""
-    storages = {}
-
-    def pack(t):
-        if not isinstance(t, nn.Parameter):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("residual", [False, True], ids=["bn_relu", "bn_add_relu"])
 def test_backward_saves_a_bit_mask_instead_of_the_output(device, residual, monkeypatch):
     if device.type == "cpu":
@@ -236,8 +222,8 @@ def test_backward_saves_a_bit_mask_instead_of_the_output(device, residual, monke
     bn = nn.BatchNorm2d(c).to(device)
     numel = n * c * h * w
 
-    fused = _saved_bytes(lambda: batch_norm_relu(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.1, 1e-5, r))
-    eager = _saved_bytes(lambda: _eager(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.1, 1e-5, r))
+    fused = saved_bytes(lambda: batch_norm_relu(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.1, 1e-5, r))
+    eager = saved_bytes(lambda: _eager(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.1, 1e-5, r))
     # Fused: x, the 1-bit mask, mean, rstd and the element count. Eager: x,
     # the whole fp32 ReLU output, and per-channel vectors.
     assert fused == numel * 4 + (numel + 7) // 8 + 2 * c * 4 + 4

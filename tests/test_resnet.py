@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastres
-from helpers import assert_modules_match, train_steps, twin
+from helpers import assert_as_accurate_as_eager, assert_buffers_as_accurate_as_eager, assert_modules_match, assert_modules_normwise_close, assert_normwise_close, train_steps, twin
 
 BUILDERS = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -38,50 +38,71 @@ def _block_pair(tv, cls_name, args, kwargs):
     return eager, twin(eager, fused)
 
 
+# Per dtype, the SGD step size of the block tests. In float32 a small step
+# keeps SGD from amplifying one step's rounding into the next step's inputs;
+# in float64 rounding is far below the tolerance even at torchvision's usual
+# lr=0.1, momentum=0.9.
+STEP = {torch.float32: {"lr": 0.01, "momentum": 0.0}, torch.float64: {"lr": 0.1, "momentum": 0.9}}
+
+
 @pytest.mark.parametrize("name, cls_name, args, kwargs, channels", BLOCKS, ids=[b[0] for b in BLOCKS])
 @pytest.mark.parametrize("batch, size", [(1, 7), (3, 5)], ids=["N1_7x7", "N3_5x5"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_block_matches_torchvision(path, device, tv, name, cls_name, args, kwargs, channels, batch, size, channels_last):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_block_matches_torchvision(path, device, tv, name, cls_name, args, kwargs, channels, batch, size, channels_last, dtype):
     eager, fused = _block_pair(tv, cls_name, args, kwargs)
-    eager, fused = eager.to(device), fused.to(device)
+    eager, fused = eager.to(device, dtype), fused.to(device, dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     inputs = [torch.randn(batch, channels, size, size, device=device).contiguous(memory_format=fmt) for _ in range(3)]
 
     # Training: outputs, input gradients, and after three SGD steps every
-    # parameter, gradient and BatchNorm buffer.
-    for got, want in zip(train_steps(fused, inputs), train_steps(eager, inputs)):
-        torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5)
-        assert got.is_contiguous(memory_format=fmt) == want.is_contiguous(memory_format=fmt)
-    assert_modules_match(fused, eager)
+    # parameter, gradient and BatchNorm buffer (num_batches_tracked exactly).
+    for got, want in zip(train_steps(fused, inputs, **STEP[dtype]), train_steps(eager, inputs, **STEP[dtype])):
+        assert_normwise_close(got, want)
+    assert_modules_normwise_close(fused, eager)
 
-    # Evaluation with the running statistics the steps produced.
+    # Evaluation with the running statistics the steps produced: no batch
+    # reduction left, so element by element.
     fused.eval(), eager.eval()
     with torch.no_grad():
-        torch.testing.assert_close(fused(inputs[0]), eager(inputs[0]), rtol=1.3e-6, atol=1e-5)
+        x = inputs[0].to(dtype)
+        assert_normwise_close(fused(x), eager(x))
 
 
 @pytest.mark.parametrize("name, cls_name, args, kwargs, channels", BLOCKS[:3], ids=[b[0] for b in BLOCKS[:3]])
-def test_block_under_autocast_matches_torchvision(path, device, tv, name, cls_name, args, kwargs, channels):
-    """Under autocast a block sees an fp32 input and a bf16 branch: merged as ``+=`` does."""
+def test_block_under_autocast_as_close_as_eager(path, device, tv, name, cls_name, args, kwargs, channels):
+    """Under bf16 autocast: eager's dtypes, an output as accurate as eager's, gradients pointing the same way.
+
+    A bf16 ReLU input near zero lands on either side of it depending on the
+    order of summation (eager's own oneDNN convolutions differ run to run in
+    where they land), and each flip moves the gradients by percents. So the
+    gradients are compared by direction (cosine similarity, as
+    torch._dynamo's accuracy checks do for low precision); their values are
+    held to eager's error op by op in test_batch_norm.py and test_add_relu.py.
+    """
     eager, fused = _block_pair(tv, cls_name, args, kwargs)
     eager, fused = eager.to(device), fused.to(device)
-    x = torch.randn(2, channels, 6, 6, device=device)
-    size = 6 // (args[2] if len(args) > 2 else 1)
-    grad = torch.randn(2, args[1] * eager.expansion, size, size, device=device)
+    reference = copy.deepcopy(eager)
+    x = torch.randn(4, channels, 8, 8, device=device)
+    size = 8 // (args[2] if len(args) > 2 else 1)
+    grad = torch.randn(4, args[1] * eager.expansion, size, size, device=device)
     results = []
-    for model in (fused, eager):
+    for model, autocast in ((fused, True), (eager, True), (reference, False)):
         xl = x.clone().requires_grad_()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(xl)
         out.backward(grad.to(out.dtype))
-        results.append((out, xl.grad))
-    (out, dx), (ref_out, ref_dx) = results
-    assert out.dtype == ref_out.dtype == torch.bfloat16 and dx.dtype == torch.float32
-    # Same bf16 branch, same fp32 sum: within one bf16 rounding (interpreter truncation).
-    torch.testing.assert_close(out.float(), ref_out.float(), rtol=2 ** -7, atol=0)
-    # Backward selects the same gradients (same signs), then runs the same ops.
-    torch.testing.assert_close(dx, ref_dx)
-    assert_modules_match(fused, eager)
+        results.append([out, xl.grad] + [p.grad for p in model.parameters()])
+    (out, *grads), (ref_out, *ref_grads), (fp32_out, _, *_) = results
+    assert out.dtype == ref_out.dtype == torch.bfloat16
+    fused_err, eager_err = (out.float() - fp32_out).norm(), (ref_out.float() - fp32_out).norm()
+    assert fused_err <= 2 * eager_err, (fused_err.item(), eager_err.item())
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype == torch.float32
+        cosine = torch.nn.functional.cosine_similarity(got.flatten().double(), want.flatten().double(), dim=0)
+        assert cosine > 0.99, cosine.item()
+    for (n, a), (_, b) in zip(fused.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=2 ** -7, atol=1e-3, msg=n)  # running stats: bf16 inputs
 
 
 @pytest.mark.parametrize("builder", BUILDERS)
@@ -95,16 +116,42 @@ def test_builder_loads_torchvision_state_dict(path, device, tv, builder):
         torch.testing.assert_close(fused(x), eager(x), rtol=1.3e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("builder", ["resnet18", "resnet50", "resnext50_32x4d"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+# Whole models are compared in float64. In float32 two correct orders of
+# summation can put a batch-norm output a few ulps either side of zero; the
+# ReLU then passes the gradient in one model and not in the other, and every
+# gradient upstream differs by far more than rounding (one such flip in
+# resnet18's layer4 moves all earlier gradients by 0.4%). float64 rounding is
+# too small to flip a ReLU, so the models must agree to 1e-10 after SGD steps:
+# that checks the wiring, the buffers and the step. float32 arithmetic is
+# checked op by op and block by block, and by the forward test below.
+MODELS = [("resnet18", False), ("resnet18", True), ("resnet50", True), ("resnext50_32x4d", False)]
+
+
+@pytest.mark.parametrize("builder, channels_last", MODELS, ids=[f"{b}-{'cl' if c else 'nchw'}" for b, c in MODELS])
 def test_model_training_matches_torchvision(path, device, tv, builder, channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    eager = getattr(tv.models, builder)(num_classes=10).to(device, memory_format=fmt)
-    fused = twin(eager, getattr(fastres.models, builder)(num_classes=10)).to(device, memory_format=fmt)
-    inputs = [torch.randn(2, 3, 32, 32, device=device).contiguous(memory_format=fmt) for _ in range(2)]
+    eager = getattr(tv.models, builder)(num_classes=10).to(device, torch.float64, memory_format=fmt)
+    fused = twin(eager, getattr(fastres.models, builder)(num_classes=10)).to(device, torch.float64, memory_format=fmt)
+    # Batch 4 at 64x64: layer4 still normalises 16 values per channel (at
+    # 32x32 and batch 2 it normalises 2, and the gradient is noise).
+    inputs = [torch.randn(4, 3, 64, 64, device=device).contiguous(memory_format=fmt) for _ in range(2)]
     for got, want in zip(train_steps(fused, inputs), train_steps(eager, inputs)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert_modules_match(fused, eager, rtol=1e-5, atol=1e-5)
+        assert_normwise_close(got, want)
+    assert_modules_normwise_close(fused, eager)
+
+
+@pytest.mark.parametrize("builder", ["resnet18", "resnet50"])
+def test_model_forward_fp32_matches_torchvision(path, device, tv, builder):
+    """float32 forward in train mode (continuous in its inputs: no ReLU flip issue), then eval."""
+    eager = getattr(tv.models, builder)(num_classes=10).to(device)
+    fused = twin(eager, getattr(fastres.models, builder)(num_classes=10)).to(device)
+    x = torch.randn(4, 3, 64, 64, device=device)
+    reference = copy.deepcopy(eager).double()
+    with torch.no_grad():
+        assert_as_accurate_as_eager(fused(x), eager(x), reference(x.double()))
+        assert_buffers_as_accurate_as_eager(fused, eager, reference)  # running stats, num_batches_tracked
+        fused.eval(), eager.eval(), reference.eval()
+        assert_as_accurate_as_eager(fused(x), eager(x), reference(x.double()))
 
 
 @pytest.mark.parametrize(
@@ -127,10 +174,11 @@ def test_builder_keyword_arguments_follow_torchvision(path, device, tv, builder,
     # Same construction order: the same seed gives the same weights.
     for (name, a), (_, b) in zip(fused.state_dict().items(), eager.state_dict().items()):
         assert torch.equal(a, b), name
-    x = torch.randn(2, 3, 32, 32, device=device)
+    eager, fused = eager.double(), fused.double()  # float64, as for whole models above
+    x = torch.randn(2, 3, 64, 64, device=device)
     for got, want in zip(train_steps(fused, [x]), train_steps(eager, [x])):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert_modules_match(fused, eager, rtol=1e-5, atol=1e-5)
+        assert_normwise_close(got, want)
+    assert_modules_normwise_close(fused, eager)
 
 
 def test_state_dict_round_trips_with_torchvision_keys(tv):

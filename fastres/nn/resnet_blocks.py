@@ -1,15 +1,17 @@
 """Residual blocks with torchvision's names, signatures and state_dict keys.
 
-The only change from torchvision's blocks is the merge at the end:
-``out += identity; out = relu(out)`` becomes one fused ``add_relu`` that writes
-into ``out`` in place and saves a 1-bit mask for backward.
+The modules are torchvision's; the forward fuses what follows each
+convolution: ``relu(bn1(conv1(x)))`` is one fused BN-ReLU, and the tail
+``relu(bn(conv(out)) + identity)`` one fused BN-add-ReLU, each saving a
+1-bit ReLU mask for backward. With a ``norm_layer`` other than BatchNorm2d /
+SyncBatchNorm the norm runs as written and only the merge is fused.
 """
 
 from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from ..functional import add_relu
+from .batch_norm import norm_relu
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -49,15 +51,15 @@ class _FusedBlock(nn.Module):
         fused.__dict__.update(block.__dict__)  # the same dicts of children, params and hooks
         return fused
 
-    def _merge(self, out: Tensor, identity: Tensor) -> Tensor:
-        """``out += identity; relu_(out)``, fused; identity may differ in dtype (autocast)."""
+    def _tail(self, bn: nn.Module, out: Tensor, identity: Tensor) -> Tensor:
+        """``relu(bn(out) + identity)``, fused; identity may differ in dtype (autocast)."""
         if out.shape != identity.shape:
             raise ValueError(
                 f"{type(self).__name__}: the residual branch gives {tuple(out.shape)} but the "
                 f"identity gives {tuple(identity.shape)}; a block that changes stride or "
                 "channels needs a matching downsample"
             )
-        return add_relu(out, identity, inplace=True)
+        return norm_relu(bn, self.relu, out, identity)
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 4:
@@ -104,10 +106,9 @@ class BasicBlock(_FusedBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = norm_relu(self.bn1, self.relu, self.conv1(x))
         identity = x if self.downsample is None else self.downsample(x)
-        return self._merge(out, identity)
+        return self._tail(self.bn2, self.conv2(out), identity)
 
 
 class Bottleneck(_FusedBlock):
@@ -143,8 +144,7 @@ class Bottleneck(_FusedBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = norm_relu(self.bn1, self.relu, self.conv1(x))
+        out = norm_relu(self.bn2, self.relu, self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return self._merge(out, identity)
+        return self._tail(self.bn3, self.conv3(out), identity)
