@@ -1,15 +1,19 @@
 """Public functional API of fastres."""
 
+from collections.abc import Sequence
+
 import torch.distributed as dist
 from torch import Tensor
 
 from ._checks import check_float_tensor, check_same_tensor_meta
 from ._dispatch import add_relu as _add_relu
 from ._dispatch import batch_norm as _batch_norm
+from ._dispatch import dense_block as _dense_block
+from ._dispatch.dense_block import BatchNormArgs, DenseLayerArgs
 from ._dispatch import sync_batch_norm as _sync_batch_norm
 from ._dispatch.layout import has_internal_overlap
 
-__all__ = ["add_relu", "batch_norm_relu", "sync_batch_norm_relu"]
+__all__ = ["BatchNormArgs", "DenseLayerArgs", "add_relu", "batch_norm_relu", "dense_block", "sync_batch_norm_relu"]
 
 
 def add_relu(x: Tensor, identity: Tensor, inplace: bool = False) -> Tensor:
@@ -132,3 +136,58 @@ def sync_batch_norm_relu(
     return _sync_batch_norm.sync_batch_norm_relu(
         x, running_mean, running_var, weight, bias, momentum, eps, residual, group
     )
+
+
+def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
+    """A DenseNet dense block through shared storage: ``cat([x, new_1, ..., new_L], 1)``.
+
+    Layer ``i`` computes ``new_i = dropout(conv2(relu(bn2(conv1(relu(bn1(cat_i)))))))``
+    on the concatenation ``cat_i`` of ``x`` and the earlier new features, with
+    a 1x1 ``conv1`` and a 3x3 ``conv2`` (padding 1, no bias). Every layer reads
+    and writes one shared buffer, which is returned; the BN-ReLU outputs are
+    recomputed in backward instead of kept, so autograd keeps per layer only
+    the bottleneck output. Running statistics are updated once, in forward.
+
+    Args:
+        x: the block input ``(N, C0, H, W)``: float32 or float64 (on CUDA also
+            float16 and bfloat16), NCHW or channels_last.
+        layers: one ``DenseLayerArgs`` per layer; layer ``i``'s ``conv1_weight``
+            takes ``C0 + i*k`` channels, where ``k`` is every ``conv2_weight``'s
+            output channel count.
+
+    Runs in ``fastres._C`` (C++ on CPU, CUDA kernels on GPU).
+    """
+    check_float_tensor("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
+    if not layers:
+        raise ValueError("layers must hold at least one DenseLayerArgs")
+    k = layers[0].conv2_weight.shape[0]
+    bottleneck = layers[0].conv1_weight.shape[0]
+    for i, layer in enumerate(layers):
+        c = x.shape[1] + i * k
+        if tuple(layer.conv1_weight.shape) != (bottleneck, c, 1, 1):
+            raise ValueError(
+                f"layers[{i}].conv1_weight must have shape {(bottleneck, c, 1, 1)} (a 1x1 convolution of the "
+                f"{c} channels the layer reads), got {tuple(layer.conv1_weight.shape)}"
+            )
+        if tuple(layer.conv2_weight.shape) != (k, bottleneck, 3, 3):
+            raise ValueError(
+                f"layers[{i}].conv2_weight must have shape {(k, bottleneck, 3, 3)}, got {tuple(layer.conv2_weight.shape)}"
+            )
+        for name, norm, channels in (("norm1", layer.norm1, c), ("norm2", layer.norm2, bottleneck)):
+            for field in BatchNormArgs._fields[:4]:
+                t = getattr(norm, field)
+                if t is None:
+                    continue
+                if t.shape != (channels,):
+                    raise ValueError(f"layers[{i}].{name}.{field} must have shape ({channels},), got {tuple(t.shape)}")
+                if t.device != x.device:
+                    raise ValueError(f"layers[{i}].{name}.{field} is on {t.device} but x is on {x.device}")
+            if not norm.training and norm.running_mean is None:
+                raise ValueError(f"layers[{i}].{name}: running statistics are needed when not training")
+        for name in ("conv1_weight", "conv2_weight"):
+            t = getattr(layer, name)
+            if t.device != x.device:
+                raise ValueError(f"layers[{i}].{name} is on {t.device} but x is on {x.device}")
+    return _dense_block.dense_block(x, layers)

@@ -1,0 +1,256 @@
+// fastres._C: BatchNorm+ReLU ops for DenseNet's shared feature buffers.
+//
+// Checks every argument, then runs the CPU implementation (dense_cpu.cpp) or
+// the CUDA launchers (dense_cuda.cu) on the stream passed from Python.
+//
+// Supported dtypes:
+//
+//   tensor                                 CPU               CUDA
+//   -------------------------------------  ----------------  ----------------------------------
+//   x, grad_out, out, grad_in              float32, float64  float32, float64, float16, bfloat16
+//   mean, var, invstd, weight, bias,       float64 for float64 x, float32 otherwise
+//   sum_dy, sum_dy_xmu ([C])
+//
+// Math runs in double for float64 x and in float otherwise; the CPU sums its
+// reductions in double for float32 too, as eager CPU batch norm does.
+//
+// x and the tensors shaped like it are [N, C, H, W] with any strides under
+// which H and W merge into one axis: channel slices buf[:, a:b] of NCHW and of
+// channels_last buffers qualify.
+
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+#include "dense_cpu.h"
+#include "dense_cuda.h"
+
+namespace {
+
+constexpr const char* kRebuildHint =
+    "rebuild it with nvcc on PATH (or CUDA_HOME set): pip install --no-build-isolation -e .";
+
+// Per-channel tensors are float64 for float64 x, float32 otherwise.
+at::ScalarType param_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_x(const char* op, const at::Tensor& x) {
+  FASTRES_CHECK_DIM(op, "x", x, 4);
+  const at::ScalarType dtype = x.scalar_type();
+  if (x.is_cpu()) {
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
+                     ": x must have dtype float32 or float64 on CPU, got ",
+                     fastres::dtype_name(dtype));
+  } else if (x.is_cuda()) {
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                         dtype == at::kBFloat16,
+                     op, ": x must have dtype float32, float64, float16 or bfloat16, got ",
+                     fastres::dtype_name(dtype));
+    TORCH_CHECK(fastres_cuda_kernels_compiled(), op,
+                ": x is a CUDA tensor but fastres._C was built without its CUDA kernels "
+                "(nvcc not found, or FASTRES_CUDA=0); ",
+                kRebuildHint);
+  } else {
+    TORCH_CHECK_VALUE(false, op, ": x must be a CPU or CUDA tensor, got ", x.device());
+  }
+  FASTRES_CHECK_MERGEABLE(op, "x", x);
+}
+
+// grad_out, out, grad_in: x's shape, dtype and device, mergeable strides.
+void check_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                  bool written) {
+  FASTRES_CHECK_SAME_DEVICE(op, name, t, "x", x);
+  FASTRES_CHECK_DTYPE(op, name, t, x.scalar_type());
+  FASTRES_CHECK_SHAPE(op, name, t, x.sizes(), "like x");
+  FASTRES_CHECK_MERGEABLE(op, name, t);
+  if (written) FASTRES_CHECK_NO_OVERLAP(op, name, t);
+}
+
+// A per-channel [C] tensor, made contiguous (C elements: a copy costs nothing).
+at::Tensor channel_vector(const char* op, const char* name, const at::Tensor& t,
+                          const at::Tensor& x) {
+  FASTRES_CHECK_SAME_DEVICE(op, name, t, "x", x);
+  FASTRES_CHECK_DTYPE(op, name, t, param_dtype(x));
+  const int64_t channels = x.size(1);
+  FASTRES_CHECK_SHAPE(op, name, t, at::IntArrayRef(channels), "[C], C = x.size(1)");
+  return t.contiguous();
+}
+
+at::Tensor optional_channel_vector(const char* op, const char* name,
+                                   const std::optional<at::Tensor>& t, const at::Tensor& x) {
+  return t.has_value() ? channel_vector(op, name, *t, x) : at::Tensor();
+}
+
+struct BnParams {
+  at::Tensor mean, invstd, weight, bias;  // contiguous [C]; weight, bias undefined for None
+};
+
+BnParams bn_params(const char* op, const at::Tensor& x, const at::Tensor& mean,
+                   const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+                   const std::optional<at::Tensor>& bias) {
+  return {channel_vector(op, "mean", mean, x), channel_vector(op, "invstd", invstd, x),
+          optional_channel_vector(op, "weight", weight, x),
+          optional_channel_vector(op, "bias", bias, x)};
+}
+
+// ---- the CUDA launchers' arguments ----
+
+FastresShape shape_of(const at::Tensor& x) {
+  return {x.size(0), x.size(1), x.size(2) * x.size(3)};
+}
+
+FastresStrides strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), fastres::merged_hw_stride(t)};
+}
+
+int dtype_code(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return FASTRES_FLOAT32;
+    case at::kDouble: return FASTRES_FLOAT64;
+    case at::kHalf: return FASTRES_FLOAT16;
+    default: return FASTRES_BFLOAT16;  // check_x admits no other dtype
+  }
+}
+
+// The stream as Python passes it: torch.cuda.current_stream(device).cuda_stream.
+cudaStream_t stream_of(int64_t stream) {
+  return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream));
+}
+
+const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+at::Tensor reduce_workspace(const at::Tensor& x) {
+  const int64_t bytes =
+      fastres_cuda_reduce_workspace_bytes(dtype_code(x), shape_of(x), strides_of(x));
+  return at::empty({bytes}, x.options().dtype(at::kByte));
+}
+
+void check_cuda_call(const char* op, int error) {
+  TORCH_CHECK(error == 0, op, ": CUDA error ", error, ": ", fastres_cuda_error_string(error));
+}
+
+// ---- the ops ----
+
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x, int64_t stream) {
+  constexpr const char* op = "batch_stats";
+  check_x(op, x);
+  if (x.is_cpu()) return fastres::cpu::batch_stats(x);
+  const at::Tensor mean = at::empty({x.size(1)}, x.options().dtype(param_dtype(x)));
+  const at::Tensor var = at::empty_like(mean);
+  const at::Tensor workspace = reduce_workspace(x);
+  check_cuda_call(op, fastres_cuda_batch_stats(x.get_device(), stream_of(stream), dtype_code(x),
+                                               shape_of(x), x.data_ptr(), strides_of(x),
+                                               mean.data_ptr(), var.data_ptr(),
+                                               workspace.data_ptr()));
+  return {mean, var};
+}
+
+void bn_relu_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                     const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, const at::Tensor& out,
+                     int64_t stream) {
+  constexpr const char* op = "bn_relu_forward";
+  check_x(op, x);
+  const BnParams bn = bn_params(op, x, mean, invstd, weight, bias);
+  check_like_x(op, "out", out, x, /*written=*/true);
+  if (x.is_cpu()) {
+    fastres::cpu::bn_relu_forward(x, bn.mean, bn.invstd, bn.weight, bn.bias, out);
+    return;
+  }
+  check_cuda_call(op, fastres_cuda_bn_relu_forward(
+                          x.get_device(), stream_of(stream), dtype_code(x), shape_of(x),
+                          x.data_ptr(), strides_of(x), bn.mean.data_ptr(), bn.invstd.data_ptr(),
+                          data_or_null(bn.weight), data_or_null(bn.bias), out.data_ptr(),
+                          strides_of(out)));
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, int64_t stream) {
+  constexpr const char* op = "bn_relu_backward_reduce";
+  check_x(op, x);
+  check_like_x(op, "grad_out", grad_out, x, /*written=*/false);
+  const BnParams bn = bn_params(op, x, mean, invstd, weight, bias);
+  if (x.is_cpu()) {
+    return fastres::cpu::bn_relu_backward_reduce(grad_out, x, bn.mean, bn.invstd, bn.weight,
+                                                 bn.bias);
+  }
+  const at::Tensor sum_dy = at::empty({x.size(1)}, x.options().dtype(param_dtype(x)));
+  const at::Tensor sum_dy_xmu = at::empty_like(sum_dy);
+  const at::Tensor workspace = reduce_workspace(x);
+  check_cuda_call(op, fastres_cuda_bn_relu_backward_reduce(
+                          x.get_device(), stream_of(stream), dtype_code(x), shape_of(x),
+                          grad_out.data_ptr(), strides_of(grad_out), x.data_ptr(), strides_of(x),
+                          bn.mean.data_ptr(), bn.invstd.data_ptr(), data_or_null(bn.weight),
+                          data_or_null(bn.bias), sum_dy.data_ptr(), sum_dy_xmu.data_ptr(),
+                          workspace.data_ptr()));
+  return {sum_dy, sum_dy_xmu};
+}
+
+void bn_relu_backward_input(const at::Tensor& grad_out, const at::Tensor& x,
+                            const at::Tensor& mean, const at::Tensor& invstd,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& sum_dy,
+                            const at::Tensor& sum_dy_xmu, const at::Tensor& grad_in,
+                            bool training, int64_t stream) {
+  constexpr const char* op = "bn_relu_backward_input";
+  check_x(op, x);
+  check_like_x(op, "grad_out", grad_out, x, /*written=*/false);
+  const BnParams bn = bn_params(op, x, mean, invstd, weight, bias);
+  const at::Tensor dy_sums = channel_vector(op, "sum_dy", sum_dy, x);
+  const at::Tensor dy_xmu_sums = channel_vector(op, "sum_dy_xmu", sum_dy_xmu, x);
+  check_like_x(op, "grad_in", grad_in, x, /*written=*/true);
+  if (x.is_cpu()) {
+    fastres::cpu::bn_relu_backward_input(grad_out, x, bn.mean, bn.invstd, bn.weight, bn.bias,
+                                         dy_sums, dy_xmu_sums, grad_in, training);
+    return;
+  }
+  check_cuda_call(op, fastres_cuda_bn_relu_backward_input(
+                          x.get_device(), stream_of(stream), dtype_code(x), shape_of(x),
+                          grad_out.data_ptr(), strides_of(grad_out), x.data_ptr(), strides_of(x),
+                          bn.mean.data_ptr(), bn.invstd.data_ptr(), data_or_null(bn.weight),
+                          data_or_null(bn.bias), dy_sums.data_ptr(), dy_xmu_sums.data_ptr(),
+                          grad_in.data_ptr(), strides_of(grad_in), training ? 1 : 0));
+}
+
+// The CUDA runtime's device count; raises (instead of crashing) without a driver.
+int cuda_device_count() {
+  constexpr const char* op = "cuda_device_count";
+  TORCH_CHECK(fastres_cuda_kernels_compiled(), op,
+              ": fastres._C was built without its CUDA kernels; ", kRebuildHint);
+  int count = 0;
+  check_cuda_call(op, fastres_cuda_device_count(&count));
+  return count;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "fastres C++/CUDA ops for DenseNet's shared feature buffers (see fastres._dispatch.dense_ops)";
+  // The ops release the GIL: CPU work runs on ATen's thread pool.
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("batch_stats", &batch_stats, no_gil, "Per-channel mean and biased variance of x.",
+        py::arg("x"), py::arg("stream") = 0);
+  m.def("bn_relu_forward", &bn_relu_forward, no_gil,
+        "out = relu((x - mean) * invstd * weight + bias).", py::arg("x"), py::arg("mean"),
+        py::arg("invstd"), py::arg("weight"), py::arg("bias"), py::arg("out"),
+        py::arg("stream") = 0);
+  m.def("bn_relu_backward_reduce", &bn_relu_backward_reduce, no_gil,
+        "(sum_dy, sum_dy_xmu) per channel, dy = grad_out where not (y <= 0).",
+        py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("invstd"),
+        py::arg("weight"), py::arg("bias"), py::arg("stream") = 0);
+  m.def("bn_relu_backward_input", &bn_relu_backward_input, no_gil,
+        "grad_in += dx, through the batch statistics when training.", py::arg("grad_out"),
+        py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("bias"),
+        py::arg("sum_dy"), py::arg("sum_dy_xmu"), py::arg("grad_in"), py::arg("training"),
+        py::arg("stream") = 0);
+  m.def("cuda_kernels_compiled", [] { return fastres_cuda_kernels_compiled() != 0; },
+        "Whether the CUDA kernels were compiled and linked in.");
+  m.def("cuda_device_count", &cuda_device_count,
+        "cudaGetDeviceCount of the linked CUDA runtime; raises RuntimeError without a driver.");
+}

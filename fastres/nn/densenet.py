@@ -1,0 +1,157 @@
+"""DenseNet layers, blocks and transitions with torchvision's names and state_dict keys.
+
+``memory_efficient=True`` runs a block through shared storage
+(``fastres.functional.dense_block``): activation memory linear in depth, no
+convolution run twice, running statistics updated once. ``False`` runs the
+plain concatenating computation, with the BN-ReLUs fused. A layer whose
+modules were swapped for something else (another norm, a hook, a convolution
+with other settings) runs as written.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch._prims_common import suggest_memory_format
+
+from ..functional import BatchNormArgs, DenseLayerArgs, dense_block
+from .batch_norm import BatchNormReLU2d, _has_hooks, _running_stats_args, norm_relu
+
+
+def _check_features(module: nn.Module, x: Tensor, expected: int, name: str = "x") -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{type(module).__name__}: {name} must be a 4-D tensor (N, C, H, W), got {shape}")
+    if x.shape[1] != expected:
+        raise ValueError(
+            f"{type(module).__name__}: {name} has {x.shape[1]} channels but the module expects "
+            f"{expected} (num_input_features)"
+        )
+
+
+def _norm_args(bn: nn.BatchNorm2d, x_shape: tuple) -> BatchNormArgs:
+    running_mean, running_var, training, momentum = _running_stats_args(bn)
+    if training and x_shape[0] * x_shape[2] * x_shape[3] <= 1:
+        # As F.batch_norm: a batch statistic needs more than one value.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(x_shape)}")
+    return BatchNormArgs(running_mean, running_var, bn.weight, bn.bias, training, momentum, bn.eps)
+
+
+def _autocast_allows_sharing(x: Tensor) -> bool:
+    """The C++ CPU ops take float32/float64: under CPU autocast the bottleneck is bf16, so run as written."""
+    return not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
+
+
+def _is_plain_conv(conv: nn.Module, kernel: int, padding: int) -> bool:
+    return (
+        type(conv) is nn.Conv2d and conv.kernel_size == (kernel, kernel) and conv.stride == (1, 1)
+        and conv.padding == (padding, padding) and conv.dilation == (1, 1) and conv.groups == 1
+        and conv.bias is None and conv.padding_mode == "zeros"
+    )
+
+
+class DenseLayer(nn.Module):
+    """torchvision's ``_DenseLayer``: BN-ReLU-conv1x1-BN-ReLU-conv3x3, then dropout.
+
+    ``forward`` takes the block's earlier features (a tensor or a list of
+    tensors, concatenated along channels) and returns the ``growth_rate`` new
+    channels.
+    """
+
+    def __init__(
+        self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float,
+        memory_efficient: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        self.drop_rate = float(drop_rate)
+        self.memory_efficient = memory_efficient
+
+    def extra_repr(self) -> str:
+        return f"drop_rate={self.drop_rate}, memory_efficient={self.memory_efficient}"
+
+    def shares_storage(self) -> bool:
+        """Whether this layer can run in a shared-storage block (else it runs as written)."""
+        return (
+            all(type(n) in (nn.BatchNorm2d, BatchNormReLU2d) for n in (self.norm1, self.norm2))
+            and all(type(r) is nn.ReLU for r in (self.relu1, self.relu2))
+            and _is_plain_conv(self.conv1, 1, 0) and _is_plain_conv(self.conv2, 3, 1)
+            and not any(_has_hooks(m) for m in self.modules())
+        )
+
+    def dense_args(self, x_shape: tuple) -> DenseLayerArgs:
+        """This layer's tensors and settings for ``dense_block`` (counts the batch in the BNs)."""
+        bottleneck_shape = (x_shape[0], self.conv1.out_channels, *x_shape[2:])
+        return DenseLayerArgs(
+            _norm_args(self.norm1, x_shape), self.conv1.weight,
+            _norm_args(self.norm2, bottleneck_shape), self.conv2.weight,
+            self.drop_rate, self.training,
+        )
+
+    def forward(self, input: Tensor | list[Tensor]) -> Tensor:
+        prev = [input] if isinstance(input, Tensor) else list(input)
+        if not prev or not all(isinstance(t, Tensor) and t.dim() == 4 for t in prev):
+            raise ValueError(f"{type(self).__name__}: input must be a 4-D tensor or a list of 4-D tensors")
+        x = prev[0] if len(prev) == 1 else torch.cat(prev, 1)
+        _check_features(self, x, self.conv1.in_channels, "input")
+        if self.memory_efficient and self.shares_storage() and _autocast_allows_sharing(x):
+            new = dense_block(x, [self.dense_args(tuple(x.shape))])[:, x.shape[1]:]
+            return new.contiguous(memory_format=suggest_memory_format(x))  # eager's layout, not a view
+        out = self.conv1(norm_relu(self.norm1, self.relu1, x))
+        out = self.conv2(norm_relu(self.norm2, self.relu2, out))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return out
+
+
+class DenseBlock(nn.ModuleDict):
+    """torchvision's ``_DenseBlock``: ``num_layers`` layers; returns the concatenation of all features."""
+
+    _version = 2
+
+    def __init__(
+        self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
+        drop_rate: float = 0.0, memory_efficient: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        self.num_input_features = num_input_features
+        self.memory_efficient = memory_efficient
+        for i in range(num_layers):
+            layer = DenseLayer(
+                num_input_features + i * growth_rate, growth_rate=growth_rate, bn_size=bn_size,
+                drop_rate=drop_rate, memory_efficient=memory_efficient,
+            )
+            self.add_module(f"denselayer{i + 1}", layer)
+
+    def forward(self, init_features: Tensor) -> Tensor:
+        _check_features(self, init_features, self.num_input_features, "init_features")
+        layers = list(self.values())
+        shared = all(isinstance(layer, DenseLayer) and layer.shares_storage() for layer in layers)
+        if self.memory_efficient and shared and not _has_hooks(self) and _autocast_allows_sharing(init_features):
+            n, _, h, w = init_features.shape
+            return dense_block(init_features, [layer.dense_args((n, layer.conv1.in_channels, h, w)) for layer in layers])
+        features = [init_features]
+        for layer in layers:
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class Transition(nn.Sequential):
+    """torchvision's ``_Transition``: BN-ReLU (fused), 1x1 convolution, 2x2 average pool."""
+
+    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_features(self, x, self.norm.num_features)
+        return self.pool(self.conv(norm_relu(self.norm, self.relu, x)))

@@ -1,0 +1,314 @@
+"""Memory-efficient DenseNet (shared storage, fastres._C) against torchvision's eager one."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import fastres
+from fastres import _ext
+from helpers import assert_as_accurate_as_eager, assert_buffers_as_accurate_as_eager, assert_modules_normwise_close, assert_normwise_close, saved_bytes, train_steps, twin
+
+# As for the ResNet blocks: float32 with a small SGD step, float64 at lr=0.1.
+STEP = {torch.float32: {"lr": 0.01, "momentum": 0.0}, torch.float64: {"lr": 0.1, "momentum": 0.9}}
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+LAYOUTS = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+
+
+def _fmt(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _seeded_steps(model, inputs, dtype, seed=0):
+    """``train_steps`` with the global RNG reset first, so dropout draws the same masks."""
+    torch.manual_seed(seed)
+    return train_steps(model, inputs, **STEP[dtype])
+
+
+def _compare_training(fused, eager, inputs, dtype):
+    """Outputs, input gradients, then every parameter, gradient and buffer after the steps; then eval."""
+    for got, want in zip(_seeded_steps(fused, inputs, dtype), _seeded_steps(eager, inputs, dtype)):
+        assert_normwise_close(got, want)
+    assert_modules_normwise_close(fused, eager)
+    fused.eval(), eager.eval()
+    with torch.no_grad():
+        x = inputs[0].to(dtype)
+        assert_normwise_close(fused(x), eager(x))
+
+
+@pytest.fixture
+def needs_ext():
+    """The shared-storage path runs in fastres._C, which every install builds: a missing one fails."""
+    _ext.load()
+
+
+# --- layers and blocks ------------------------------------------------------
+
+
+@DTYPES
+@LAYOUTS
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3], ids=["no_dropout", "dropout"])
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["shared", "naive"])
+def test_dense_layer_matches_torchvision(path, device, tv, needs_ext, dtype, channels_last, drop_rate, memory_efficient):
+    eager = tv.models.densenet._DenseLayer(7, growth_rate=3, bn_size=2, drop_rate=drop_rate, memory_efficient=False)
+    fused = twin(eager, fastres.nn.DenseLayer(7, 3, 2, drop_rate, memory_efficient=memory_efficient))
+    eager, fused = eager.to(device, dtype), fused.to(device, dtype)
+    fmt = _fmt(channels_last)
+    inputs = [torch.randn(3, 7, 5, 5, device=device).contiguous(memory_format=fmt) for _ in range(3)]
+    _compare_training(fused, eager, inputs, dtype)
+
+
+def test_dense_layer_takes_a_list_of_features(path, device, tv, needs_ext):
+    eager = tv.models.densenet._DenseLayer(7, growth_rate=3, bn_size=2, drop_rate=0.0)
+    fused = twin(eager, fastres.nn.DenseLayer(7, 3, 2, 0.0)).to(device)
+    parts = [torch.randn(2, 4, 5, 5, device=device), torch.randn(2, 3, 5, 5, device=device)]
+    assert_normwise_close(fused(parts), eager.to(device)(parts))
+
+
+BLOCKS = [
+    # (num_layers, num_input_features, bn_size, growth_rate, batch, size)
+    (3, 5, 2, 3, 2, 5),
+    (4, 3, 1, 4, 1, 7),  # N=1, C0=3
+    (2, 6, 2, 2, 3, 1),  # H=W=1
+]
+
+
+@DTYPES
+@LAYOUTS
+@pytest.mark.parametrize("config", BLOCKS, ids=[f"L{b[0]}_C{b[1]}_k{b[3]}_N{b[4]}_{b[5]}x{b[5]}" for b in BLOCKS])
+def test_dense_block_matches_torchvision(path, device, tv, needs_ext, dtype, channels_last, config):
+    num_layers, c0, bn_size, k, batch, size = config
+    eager = tv.models.densenet._DenseBlock(num_layers, c0, bn_size, k, drop_rate=0.0)
+    fused = twin(eager, fastres.nn.DenseBlock(num_layers, c0, bn_size, k))
+    eager, fused = eager.to(device, dtype), fused.to(device, dtype)
+    fmt = _fmt(channels_last)
+    inputs = [torch.randn(batch, c0, size, size, device=device).contiguous(memory_format=fmt) for _ in range(3)]
+    _compare_training(fused, eager, inputs, dtype)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["shared", "naive"])
+def test_dense_block_with_dropout_matches_torchvision(path, device, tv, needs_ext, memory_efficient):
+    eager = tv.models.densenet._DenseBlock(3, 4, 2, 3, drop_rate=0.25)
+    fused = twin(eager, fastres.nn.DenseBlock(3, 4, 2, 3, drop_rate=0.25, memory_efficient=memory_efficient))
+    eager, fused = eager.to(device, torch.float64), fused.to(device, torch.float64)
+    inputs = [torch.randn(2, 4, 6, 6, device=device) for _ in range(2)]
+    _compare_training(fused, eager, inputs, torch.float64)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"momentum": None}, {"affine": False}, {"track_running_stats": False}, {"eps": 1e-3, "momentum": 0.3}],
+    ids=["momentum_none", "affine_false", "no_running_stats", "eps_momentum"],
+)
+def test_dense_block_follows_batch_norm_options(path, device, tv, needs_ext, options):
+    """Every BatchNorm2d option the block's norms may carry, as eager BatchNorm2d applies it."""
+    eager = tv.models.densenet._DenseBlock(3, 5, 2, 3, drop_rate=0.0)
+    for layer in eager.values():
+        for name in ("norm1", "norm2"):
+            setattr(layer, name, nn.BatchNorm2d(getattr(layer, name).num_features, **options))
+    fused = fastres.nn.DenseBlock(3, 5, 2, 3)
+    for f_layer, e_layer in zip(fused.values(), eager.values()):
+        f_layer.norm1, f_layer.norm2 = copy.deepcopy(e_layer.norm1), copy.deepcopy(e_layer.norm2)
+    fused = twin(eager, fused)
+    eager, fused = eager.to(device, torch.float64), fused.to(device, torch.float64)
+    assert all(layer.shares_storage() for layer in fused.values())
+    inputs = [torch.randn(2, 5, 4, 4, device=device) for _ in range(3)]
+    _compare_training(fused, eager, inputs, torch.float64)
+
+
+def test_running_statistics_are_updated_once_per_step(device, needs_ext):
+    """Backward recomputes the BN-ReLUs from saved statistics and leaves the buffers alone."""
+    block = fastres.nn.DenseBlock(3, 4, 2, 3).to(device)
+    x = torch.randn(2, 4, 5, 5, device=device, requires_grad=True)
+    out = block(x)
+    before = {name: b.clone() for name, b in block.named_buffers()}
+    out.sum().backward()
+    for name, b in block.named_buffers():
+        assert torch.equal(b, before[name]), name
+    assert all(layer.norm1.num_batches_tracked.item() == 1 for layer in block.values())
+
+
+def test_transition_matches_torchvision(path, device, tv):
+    eager = tv.models.densenet._Transition(6, 3)
+    fused = twin(eager, fastres.nn.Transition(6, 3))
+    eager, fused = eager.to(device, torch.float64), fused.to(device, torch.float64)
+    inputs = [torch.randn(2, 6, 6, 6, device=device) for _ in range(2)]
+    _compare_training(fused, eager, inputs, torch.float64)
+
+
+# --- models -----------------------------------------------------------------
+
+# Whole models in float64, for the reason given in test_resnet.py (a ReLU flip
+# in float32 moves every gradient upstream).
+TINY = {"growth_rate": 4, "block_config": (2, 3, 2), "num_init_features": 8, "bn_size": 2, "num_classes": 5}
+
+
+@LAYOUTS
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["shared", "naive"])
+def test_model_matches_torchvision(path, device, tv, needs_ext, channels_last, memory_efficient):
+    eager = tv.models.DenseNet(**TINY, drop_rate=0.1)
+    fused = twin(eager, fastres.models.DenseNet(**TINY, drop_rate=0.1, memory_efficient=memory_efficient))
+    fmt = _fmt(channels_last)
+    eager, fused = (m.to(device, torch.float64, memory_format=fmt) for m in (eager, fused))
+    inputs = [torch.randn(3, 3, 32, 32, device=device).contiguous(memory_format=fmt) for _ in range(2)]
+    _compare_training(fused, eager, inputs, torch.float64)
+
+
+def test_densenet_bc_shared_matches_naive(path, device, needs_ext):
+    """The CIFAR-style stem has no torchvision counterpart: shared storage against fastres's naive path."""
+    torch.manual_seed(0)
+    shared = fastres.models.densenet_bc(depth=16, growth_rate=4, drop_rate=0.2)
+    naive = twin(shared, fastres.models.densenet_bc(depth=16, growth_rate=4, drop_rate=0.2, memory_efficient=False))
+    assert [n for n, _ in shared.named_modules()] == [n for n, _ in naive.named_modules()]
+    shared, naive = shared.to(device, torch.float64), naive.to(device, torch.float64)
+    inputs = [torch.randn(2, 3, 16, 16, device=device) for _ in range(2)]
+    _compare_training(shared, naive, inputs, torch.float64)
+
+
+def test_densenet121_float32_forward_matches_torchvision(path, device, tv, needs_ext):
+    eager = tv.models.densenet121(num_classes=10).to(device)
+    fused = twin(eager, fastres.models.densenet121(num_classes=10)).to(device)
+    x = torch.randn(2, 3, 64, 64, device=device)
+    reference = copy.deepcopy(eager).double()
+    with torch.no_grad():
+        assert_as_accurate_as_eager(fused(x), eager(x), reference(x.double()))
+        assert_buffers_as_accurate_as_eager(fused, eager, reference)  # running stats, num_batches_tracked
+        fused.eval(), eager.eval(), reference.eval()
+        assert_as_accurate_as_eager(fused(x), eager(x), reference(x.double()))
+
+
+@pytest.mark.parametrize("builder", ["densenet121", "densenet161", "densenet169", "densenet201"])
+def test_builder_has_torchvision_keys_and_loads_its_state_dict(tv, builder):
+    eager = getattr(tv.models, builder)()
+    fused = getattr(fastres.models, builder)()
+    assert list(fused.state_dict()) == list(eager.state_dict())
+    fused.load_state_dict(eager.state_dict())  # strict
+
+
+def test_old_checkpoint_keys_are_remapped(tv):
+    """Keys saved as ``denselayer1.norm.1.weight`` load, as torchvision's loader remaps them."""
+    eager = tv.models.DenseNet(**TINY)
+    old = {}
+    for key, value in eager.state_dict().items():
+        for name in ("norm1", "norm2", "conv1", "conv2", "relu1", "relu2"):
+            key = key.replace(f".{name}.", f".{name[:-1]}.{name[-1]}.")
+        old[key] = value
+    assert any(".norm.1." in key for key in old)
+    fused = fastres.models.DenseNet(**TINY)
+    fused.load_state_dict(old)  # strict
+    for (name, a), (_, b) in zip(fused.state_dict().items(), eager.state_dict().items()):
+        assert torch.equal(a, b), name
+    buffer = io.BytesIO()
+    torch.save(fused.state_dict(), buffer)
+    buffer.seek(0)
+    eager.load_state_dict(torch.load(buffer))
+
+
+def test_builders_take_torchvision_arguments():
+    model = fastres.models.densenet121(drop_rate=0.2, num_classes=7, memory_efficient=False)
+    assert model.classifier.out_features == 7
+    assert all(not block.memory_efficient for name, block in model.features.named_children() if "block" in name)
+    bc = fastres.models.densenet_bc(depth=100, growth_rate=12)
+    assert [len(b) for n, b in bc.features.named_children() if "block" in n] == [16, 16, 16]
+    assert bc.features.conv0.kernel_size == (3, 3) and not hasattr(bc.features, "pool0")
+    assert len([m for m in fastres.models.densenet264().modules() if isinstance(m, fastres.nn.DenseLayer)]) == 130
+
+
+# --- memory -----------------------------------------------------------------
+
+
+def _block_saved_bytes(num_layers: int, memory_efficient: bool, device) -> int:
+    block = fastres.nn.DenseBlock(num_layers, 8, 2, 4, memory_efficient=memory_efficient).to(device)
+    x = torch.randn(2, 8, 6, 6, device=device, requires_grad=True)
+    return saved_bytes(lambda: block(x))
+
+
+def test_saved_bytes_grow_linearly_with_depth(device, needs_ext, monkeypatch):
+    """Per extra layer the shared block keeps a constant number of bytes; the naive one, more each time."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the naive block's eager ops (what torchvision keeps)
+    depths = [2, 3, 4, 5, 6]
+    n, hw, k, bottleneck, c0 = 2, 36, 4, 8, 8
+    shared = [_block_saved_bytes(d, True, device) for d in depths]
+    naive = [_block_saved_bytes(d, False, device) for d in depths]
+    shared_steps = [b - a for a, b in zip(shared, shared[1:])]
+    naive_steps = [b - a for a, b in zip(naive, naive[1:])]
+    # One more layer: k feature channels in the shared buffer and its
+    # bottleneck output, plus its four per-channel statistics (norm1's grow by
+    # k channels each layer: 2 * k * 4 bytes, independent of N, H and W).
+    for depth, step in zip(depths, shared_steps):
+        c = c0 + depth * k  # channels norm1 of the added layer reads
+        assert step == 4 * (n * hw * (k + bottleneck) + 2 * c + 2 * bottleneck)
+    # The naive layer keeps its concatenation and BN-ReLU output, each growing by k channels per layer.
+    growth = [b - a for a, b in zip(naive_steps, naive_steps[1:])]
+    assert all(g >= 2 * 4 * n * hw * k for g in growth), growth
+    assert shared[-1] < naive[-1] / 2
+
+
+# --- bad input and a missing extension --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, x, match",
+    [
+        (lambda: fastres.nn.DenseBlock(2, 5, 2, 3), torch.randn(2, 4, 5, 5), "init_features has 4 channels .* expects 5"),
+        (lambda: fastres.nn.DenseBlock(2, 5, 2, 3), torch.randn(5, 5, 5), "init_features must be a 4-D tensor"),
+        (lambda: fastres.nn.DenseLayer(5, 3, 2, 0.0), torch.randn(2, 6, 5, 5), "input has 6 channels .* expects 5"),
+        (lambda: fastres.nn.DenseLayer(5, 3, 2, 0.0), torch.randn(2, 5, 5), "input must be a 4-D tensor"),
+        (lambda: fastres.nn.Transition(6, 3), torch.randn(2, 5, 4, 4), "x has 5 channels .* expects 6"),
+        (lambda: fastres.models.DenseNet(**TINY), torch.randn(2, 1, 32, 32), "x has 1 channels but conv0 expects 3"),
+        (lambda: fastres.models.DenseNet(**TINY), torch.randn(3, 32, 32), "x must be a 4-D tensor"),
+    ],
+    ids=["block_channels", "block_3d", "layer_channels", "layer_3d", "transition_channels", "model_channels", "model_3d"],
+)
+def test_bad_input_names_the_argument(make, x, match):
+    module = make()
+    with pytest.raises(ValueError, match=match):
+        module(x)
+    assert all(b.item() == 0 for n, b in module.named_buffers() if n.endswith("num_batches_tracked"))
+
+
+def test_training_on_one_value_per_channel_raises_like_eager(needs_ext):
+    block = fastres.nn.DenseBlock(2, 3, 2, 2)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        block(torch.randn(1, 3, 1, 1))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        nn.BatchNorm2d(3)(torch.randn(1, 3, 1, 1))
+
+
+def test_functional_dense_block_checks_weights(needs_ext):
+    block = fastres.nn.DenseBlock(2, 5, 2, 3)
+    args = [layer.dense_args((2, layer.conv1.in_channels, 4, 4)) for layer in block.values()]
+    args[1] = args[1]._replace(conv1_weight=torch.randn(6, 7, 1, 1))
+    with pytest.raises(ValueError, match=r"layers\[1\].conv1_weight must have shape \(6, 8, 1, 1\)"):
+        fastres.functional.dense_block(torch.randn(2, 5, 4, 4), args)
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        fastres.functional.dense_block(torch.ones(2, 5, 4, 4, dtype=torch.int64), args[:1])
+
+
+def test_missing_extension_is_reported_on_the_path_that_needs_it(monkeypatch):
+    """``import fastres`` works without fastres._C; the shared-storage block says what is missing."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['fastres._C'] = None; import fastres; m = fastres.models.densenet121(memory_efficient=False); print('ok')"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "ok"
+
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setitem(__import__("sys").modules, "fastres._C", None)  # import fails as for a missing build
+    with pytest.raises(RuntimeError, match="fastres._C .* could not be imported.*--no-build-isolation"):
+        fastres.nn.DenseBlock(2, 3, 2, 2)(torch.randn(2, 3, 4, 4))
+    # The naive path needs no extension.
+    fastres.nn.DenseBlock(2, 3, 2, 2, memory_efficient=False)(torch.randn(2, 3, 4, 4))
+
+
+def test_block_under_cpu_autocast_runs_as_eager_does(tv, needs_ext):
+    """The C++ CPU ops take float32/float64: under CPU autocast the block runs its naive path, as eager."""
+    eager = tv.models.densenet._DenseBlock(2, 4, 2, 3, drop_rate=0.0)
+    fused = twin(eager, fastres.nn.DenseBlock(2, 4, 2, 3))
+    x = torch.randn(2, 4, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = fused(x), eager(x)
+    assert out.dtype == ref.dtype
+    assert_modules_normwise_close(fused, eager)

@@ -1,0 +1,474 @@
+"""fastres._C, the dense-block ops, against a float64 eager reference.
+
+x is a channel slice of a shared feature buffer (NCHW or channels_last), as a
+memory-efficient DenseNet layer reads it. Every op runs through the CPU
+implementation, and through the CUDA kernels when a GPU is present.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastres import _ext
+
+if os.environ.get("FASTRES_NO_EXT") == "1":
+    pytest.skip("fastres._C is not built (FASTRES_NO_EXT=1)", allow_module_level=True)
+
+from fastres._dispatch import dense_ops as ops  # noqa: E402
+
+_C = _ext.load()
+CUDA = torch.cuda.is_available() and _C.cuda_kernels_compiled()
+DEVICES = ["cpu", "cuda"] if CUDA else ["cpu"]
+LAYOUTS = ["nchw", "channels_last"]
+# Odd channel counts, 7x7, N=1, 1x1, H=1 or W=1 (merged H*W strides), and more
+# than 16 channels (the CPU's channel tiles when channels are innermost).
+SHAPES = [(2, 3, 7, 7), (1, 3, 7, 7), (3, 5, 1, 1), (1, 1, 1, 1), (2, 4, 1, 6), (2, 4, 6, 1), (4, 40, 5, 3)]
+# (rtol, atol) against float64 math on the same inputs: a few ulps of the dtype.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-6, 1e-6),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+EPS = 1e-5
+BUFFER_EXTRA = 5  # channels of the shared buffer outside x
+OFFSET = 2  # x = buf[:, OFFSET:OFFSET + C]
+
+
+def cases():
+    """(device, dtype): float32/float64 everywhere, float16/bfloat16 on CUDA only."""
+    out = []
+    for device in DEVICES:
+        dtypes = [torch.float32, torch.float64]
+        if device == "cuda":
+            dtypes += [torch.float16, torch.bfloat16]
+        out += [pytest.param(device, dtype, id=f"{device}-{str(dtype)[6:]}") for dtype in dtypes]
+    return out
+
+
+def memory_format(layout: str) -> torch.memory_format:
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+
+def shared_buffer(shape, layout, dtype, device, fill=None) -> torch.Tensor:
+    n, c, h, w = shape
+    buf = torch.randn(n, c + BUFFER_EXTRA, h, w, dtype=torch.float64) if fill is None else fill
+    return buf.to(device=device, dtype=dtype).contiguous(memory_format=memory_format(layout))
+
+
+def channel_slice(buf: torch.Tensor, c: int) -> torch.Tensor:
+    """buf[:, OFFSET:OFFSET + c]: a strided view, like a dense layer's input."""
+    return buf[:, OFFSET : OFFSET + c]
+
+
+def features(shape, layout, dtype, device) -> torch.Tensor:
+    return channel_slice(shared_buffer(shape, layout, dtype, device), shape[1])
+
+
+def scratch(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return torch.full(x.shape, 7.0, dtype=x.dtype, device=x.device).contiguous(
+        memory_format=memory_format(layout)
+    )
+
+
+def param_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def bn_params(c, dtype, device, affine=True):
+    """(mean, invstd, weight, bias) of a BatchNorm over c channels; weight, bias None without affine."""
+    p = dict(dtype=param_dtype(dtype), device=device)
+    mean = torch.randn(c, **p) * 0.5
+    invstd = torch.rand(c, **p) + 0.5
+    if not affine:
+        return mean, invstd, None, None
+    return mean, invstd, torch.randn(c, **p), torch.randn(c, **p)
+
+
+def per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v.double()[:, None, None]
+
+
+def ref_y(x, mean, invstd, weight, bias) -> torch.Tensor:
+    y = (x.double() - per_channel(mean)) * per_channel(invstd)
+    if weight is not None:
+        y = y * per_channel(weight)
+    if bias is not None:
+        y = y + per_channel(bias)
+    return y
+
+
+def ref_dy(grad_out, y) -> torch.Tensor:
+    return torch.ops.aten.threshold_backward(grad_out.double(), y, 0)
+
+
+def ref_sums(grad_out, x, mean, invstd, weight, bias):
+    dy = ref_dy(grad_out, ref_y(x, mean, invstd, weight, bias))
+    xmu = x.double() - per_channel(mean)
+    return dy.sum((0, 2, 3)), (dy * xmu).sum((0, 2, 3))
+
+
+def ref_dx(grad_out, x, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, training):
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    dy = ref_dy(grad_out, ref_y(x, mean, invstd, weight, bias))
+    scale = per_channel(invstd) * (per_channel(weight) if weight is not None else 1.0)
+    if not training:
+        return dy * scale
+    xmu = x.double() - per_channel(mean)
+    proj = per_channel(invstd) ** 2 * per_channel(sum_dy_xmu) / m
+    return scale * (dy - per_channel(sum_dy) / m - xmu * proj)
+
+
+def assert_close(got, expected, dtype, scale=1.0, **kw):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(got.double(), expected.double(), rtol=rtol, atol=atol * scale, **kw)
+
+
+# ---- batch_stats ----
+
+
+@pytest.mark.parametrize("device, dtype", cases())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_batch_stats(device, dtype, layout, shape):
+    x = features(shape, layout, dtype, device)
+    mean, var = ops.batch_stats(x)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    assert mean.dtype == var.dtype == param_dtype(dtype)
+    assert mean.shape == var.shape == (shape[1],)
+    assert_close(mean, ref_mean, param_dtype(dtype))
+    assert_close(var, ref_var, param_dtype(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_batch_stats_large_mean_small_std(device, layout):
+    # E[x^2] - E[x]^2 in float32 would lose every digit of this variance.
+    shape = (8, 40, 33, 33) if device == "cuda" else (4, 6, 9, 9)
+    n, c, h, w = shape
+    fill = 1e3 + 1e-2 * torch.randn(n, c + BUFFER_EXTRA, h, w, dtype=torch.float64)
+    x = channel_slice(shared_buffer(shape, layout, torch.float32, device, fill=fill), c)
+    mean, var = ops.batch_stats(x)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5 if device == "cpu" else 1e-4, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reductions_are_deterministic(device):
+    x = features((4, 40, 17, 17), "channels_last", torch.float32, device)
+    g = torch.randn_like(x)
+    mean, invstd, weight, bias = bn_params(40, torch.float32, device)
+    for first, second in [
+        (ops.batch_stats(x), ops.batch_stats(x)),
+        (
+            ops.bn_relu_backward_reduce(g, x, mean, invstd, weight, bias),
+            ops.bn_relu_backward_reduce(g, x, mean, invstd, weight, bias),
+        ),
+    ]:
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ---- bn_relu_forward ----
+
+
+@pytest.mark.parametrize("device, dtype", cases())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_bn_relu_forward(device, dtype, layout, shape, affine):
+    buf = shared_buffer(shape, layout, dtype, device)
+    buf_before = buf.clone()
+    x = channel_slice(buf, shape[1])
+    params = bn_params(shape[1], dtype, device, affine)
+    out = scratch(x, layout)
+    ops.bn_relu_forward(x, *params, out)
+    assert_close(out, torch.relu(ref_y(x, *params)), dtype)
+    assert out.is_contiguous(memory_format=memory_format(layout))
+    assert torch.equal(buf, buf_before)
+
+
+@pytest.mark.parametrize("device, dtype", cases())
+@pytest.mark.parametrize("x_layout, out_layout", [("nchw", "channels_last"), ("channels_last", "nchw")])
+def test_bn_relu_forward_into_a_channel_slice(device, dtype, x_layout, out_layout):
+    shape = (2, 6, 5, 4)
+    x = features(shape, x_layout, dtype, device)
+    params = bn_params(shape[1], dtype, device)
+    out_buf = shared_buffer(shape, out_layout, dtype, device)
+    out_buf_before = out_buf.clone()
+    out = channel_slice(out_buf, shape[1])
+    ops.bn_relu_forward(x, *params, out)
+    assert_close(out, torch.relu(ref_y(x, *params)), dtype)
+    untouched = torch.ones(out_buf.shape[1], dtype=torch.bool)
+    untouched[OFFSET : OFFSET + shape[1]] = False
+    assert torch.equal(out_buf[:, untouched], out_buf_before[:, untouched])
+
+
+# ---- bn_relu_backward_reduce ----
+
+
+@pytest.mark.parametrize("device, dtype", cases())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_bn_relu_backward_reduce(device, dtype, layout, shape, affine):
+    x = features(shape, layout, dtype, device)
+    grad_out = torch.randn(x.shape, device=device).to(dtype).contiguous(memory_format=memory_format(layout))
+    params = bn_params(shape[1], dtype, device, affine)
+    sum_dy, sum_dy_xmu = ops.bn_relu_backward_reduce(grad_out, x, *params)
+    ref_sum_dy, ref_sum_dy_xmu = ref_sums(grad_out, x, *params)
+    m = shape[0] * shape[2] * shape[3]
+    assert sum_dy.dtype == sum_dy_xmu.dtype == param_dtype(dtype)
+    # A sum of m terms, each rounded in the dtype's math: allow m times the atol.
+    assert_close(sum_dy, ref_sum_dy, param_dtype(dtype), scale=m)
+    assert_close(sum_dy_xmu, ref_sum_dy_xmu, param_dtype(dtype), scale=m)
+
+
+# ---- bn_relu_backward_input ----
+
+
+@pytest.mark.parametrize("device, dtype", cases())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bn_relu_backward_input_accumulates(device, dtype, layout, shape, affine, training):
+    c = shape[1]
+    x = features(shape, layout, dtype, device)
+    grad_out = torch.randn(x.shape, device=device).to(dtype).contiguous(memory_format=memory_format(layout))
+    params = bn_params(c, dtype, device, affine)
+    sums = [torch.randn(c, dtype=param_dtype(dtype), device=device) * 3 for _ in range(2)]
+    grad_buf = shared_buffer(shape, layout, dtype, device)  # pre-filled: the op must add
+    grad_buf_before = grad_buf.clone()
+    ops.bn_relu_backward_input(grad_out, x, *params, *sums, channel_slice(grad_buf, c), training)
+    expected = channel_slice(grad_buf_before, c).double() + ref_dx(grad_out, x, *params, *sums, training)
+    assert_close(channel_slice(grad_buf, c), expected, dtype, scale=4)
+    untouched = torch.ones(grad_buf.shape[1], dtype=torch.bool)
+    untouched[OFFSET : OFFSET + c] = False
+    assert torch.equal(grad_buf[:, untouched], grad_buf_before[:, untouched])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_ops_compose_to_autograd_of_batch_norm_relu(device, layout, affine, training):
+    """batch_stats -> forward -> backward_reduce -> backward_input == relu(F.batch_norm) and autograd."""
+    shape = (3, 5, 6, 7)
+    c = shape[1]
+    x = features(shape, layout, torch.float64, device)
+    p = dict(dtype=torch.float64, device=device)
+    weight, bias = (torch.randn(c, **p), torch.randn(c, **p)) if affine else (None, None)
+    running_mean, running_var = torch.randn(c, **p), torch.rand(c, **p) + 0.5
+
+    if training:
+        mean, var = ops.batch_stats(x)
+    else:
+        mean, var = running_mean, running_var
+    invstd = torch.rsqrt(var + EPS)
+    out = scratch(x, layout)
+    ops.bn_relu_forward(x, mean, invstd, weight, bias, out)
+    grad_out = torch.randn_like(out)
+    sum_dy, sum_dy_xmu = ops.bn_relu_backward_reduce(grad_out, x, mean, invstd, weight, bias)
+    grad_in = channel_slice(shared_buffer(shape, layout, torch.float64, device).zero_(), c)
+    ops.bn_relu_backward_input(grad_out, x, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, grad_in, training)
+
+    leaf = x.detach().clone().requires_grad_()
+    eager_weight = weight.clone().requires_grad_() if affine else None
+    eager_bias = bias.clone().requires_grad_() if affine else None
+    y = torch.relu(
+        F.batch_norm(leaf, running_mean.clone(), running_var.clone(), eager_weight, eager_bias, training, 0.1, EPS)
+    )
+    y.backward(grad_out)
+    torch.testing.assert_close(out, y.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad_in, leaf.grad, rtol=1e-10, atol=1e-10)
+    if affine:  # what BatchNorm's parameter gradients are made of
+        torch.testing.assert_close(sum_dy, eager_bias.grad, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(sum_dy_xmu * invstd, eager_weight.grad, rtol=1e-10, atol=1e-10)
+
+
+# ---- NaN, Inf, empty ----
+
+
+@pytest.mark.parametrize("device, dtype", cases())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_nan_and_inf_propagate_like_eager(device, dtype, layout, training):
+    shape = (2, 4, 3, 3)
+    x = features(shape, layout, dtype, device)
+    x[0, 0, 1, 1] = float("nan")
+    x[1, 1, 0, 2] = float("inf")
+    x[0, 2, 2, 0] = float("-inf")
+    grad_out = torch.randn(x.shape, device=device).to(dtype)
+    grad_out[1, 3, 1, 1] = float("nan")
+    params = bn_params(shape[1], dtype, device)
+
+    mean, var = ops.batch_stats(x)
+    assert var[:3].isnan().all() and not mean[:3].isfinite().any()
+    assert mean[3].isfinite() and var[3].isfinite()
+
+    out = scratch(x, layout)
+    ops.bn_relu_forward(x, *params, out)
+    assert out[0, 0, 1, 1].isnan()  # relu(NaN) is NaN, like torch.relu
+    assert_close(out, torch.relu(ref_y(x, *params)), dtype, equal_nan=True)
+
+    sums = ops.bn_relu_backward_reduce(grad_out, x, *params)
+    m = shape[0] * shape[2] * shape[3]
+    for got, ref in zip(sums, ref_sums(grad_out, x, *params)):
+        assert_close(got, ref, param_dtype(dtype), scale=m, equal_nan=True)
+
+    grad_in = torch.zeros_like(x)
+    ops.bn_relu_backward_input(grad_out, x, *params, *sums, grad_in, training)
+    assert_close(grad_in, ref_dx(grad_out, x, *params, *sums, training), dtype, scale=4, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    x = torch.randn(0, 3, 4, 4, device=device)
+    mean, var = ops.batch_stats(x)
+    assert mean.isnan().all() and var.isnan().all()  # like the mean of an empty tensor
+    params = bn_params(3, torch.float32, device)
+    out = torch.empty_like(x)
+    ops.bn_relu_forward(x, *params, out)
+    sum_dy, sum_dy_xmu = ops.bn_relu_backward_reduce(x, x, *params)
+    assert (sum_dy == 0).all() and (sum_dy_xmu == 0).all()
+    ops.bn_relu_backward_input(x, x, *params, sum_dy, sum_dy_xmu, torch.empty_like(x), True)
+
+
+# ---- CUDA specifics ----
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_many_chunks_on_a_side_stream_match_cpu(layout):
+    shape = (8, 70, 33, 33)  # several chunks per channel in the reductions
+    x = features(shape, layout, torch.float32, "cuda")
+    grad_out = torch.randn_like(x)
+    params = bn_params(shape[1], torch.float32, "cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        mean, var = ops.batch_stats(x)
+        out = scratch(x, layout)
+        ops.bn_relu_forward(x, *params, out)
+        sums = ops.bn_relu_backward_reduce(grad_out, x, *params)
+        grad_in = torch.zeros_like(x)
+        ops.bn_relu_backward_input(grad_out, x, *params, *sums, grad_in, True)
+    stream.synchronize()
+    x_cpu, grad_out_cpu = x.cpu(), grad_out.cpu()
+    params_cpu = [p.cpu() for p in params]
+    cpu_mean, cpu_var = ops.batch_stats(x_cpu)
+    torch.testing.assert_close(mean.cpu(), cpu_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.cpu(), cpu_var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.cpu().double(), torch.relu(ref_y(x_cpu, *params_cpu)), rtol=1e-6, atol=1e-5)
+    m = shape[0] * shape[2] * shape[3]
+    for got, ref in zip(sums, ref_sums(grad_out_cpu, x_cpu, *params_cpu)):
+        torch.testing.assert_close(got.cpu().double(), ref, rtol=1e-4, atol=1e-6 * m)
+    expected = ref_dx(grad_out_cpu, x_cpu, *params_cpu, *[t.cpu() for t in sums], True)
+    torch.testing.assert_close(grad_in.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_kernels_are_linked_when_nvcc_is_present():
+    if shutil.which("nvcc") is None or os.environ.get("FASTRES_CUDA") == "0":
+        pytest.skip("no nvcc on PATH, or FASTRES_CUDA=0: the build may skip the CUDA kernels")
+    assert _C.cuda_kernels_compiled()
+
+
+@pytest.mark.skipif(not _C.cuda_kernels_compiled(), reason="built without the CUDA kernels")
+def test_cuda_runtime_reports_errors_instead_of_crashing():
+    if torch.cuda.is_available():
+        assert _C.cuda_device_count() == torch.cuda.device_count()
+    else:  # no driver or no device: the launcher's error code becomes a RuntimeError
+        with pytest.raises(RuntimeError, match="cuda_device_count: CUDA error"):
+            _C.cuda_device_count()
+
+
+# ---- bad input ----
+
+
+def good_args(op: str) -> dict:
+    x = torch.randn(2, 3, 4, 4)
+    mean, invstd, weight, bias = bn_params(3, torch.float32, "cpu")
+    bn = dict(mean=mean, invstd=invstd, weight=weight, bias=bias)
+    return {
+        "batch_stats": dict(x=x),
+        "bn_relu_forward": dict(x=x, **bn, out=torch.empty_like(x)),
+        "bn_relu_backward_reduce": dict(grad_out=torch.randn_like(x), x=x, **bn),
+        "bn_relu_backward_input": dict(
+            grad_out=torch.randn_like(x), x=x, **bn, sum_dy=torch.zeros(3), sum_dy_xmu=torch.zeros(3),
+            grad_in=torch.zeros_like(x), training=True,
+        ),
+    }[op]
+
+
+def unmergeable():
+    return torch.randn(2, 3, 4, 6)[..., :4]  # stride(2) = 6 != 4 * stride(3): H and W cannot merge
+
+
+BAD_ARGS = [  # (op, argument, bad value, error, message after "op: ")
+    ("batch_stats", "x", lambda: torch.randn(3, 4, 4), ValueError, "x must be 4-D, got 3-D"),
+    ("batch_stats", "x", lambda: torch.ones(2, 3, 4, 4, dtype=torch.int64), TypeError,
+     "x must have dtype float32 or float64 on CPU, got int64"),
+    ("batch_stats", "x", lambda: torch.randn(2, 3, 4, 4).half(), TypeError, "x must have dtype float32 or float64"),
+    ("batch_stats", "x", unmergeable, ValueError, "x must have H and W mergeable"),
+    ("batch_stats", "x", lambda: torch.randn(2, 3, 4, 4, device="meta"), ValueError,
+     "x must be a CPU or CUDA tensor, got meta"),
+    ("bn_relu_forward", "out", lambda: torch.empty(2, 4, 4, 4), ValueError,
+     r"out must have shape \[2, 3, 4, 4\] \(like x\), got \[2, 4, 4, 4\]"),
+    ("bn_relu_forward", "out", lambda: torch.empty(2, 3, 4, 4, dtype=torch.float64), TypeError,
+     "out must have dtype float32, got float64"),
+    ("bn_relu_forward", "out", unmergeable, ValueError, "out must have H and W mergeable"),
+    ("bn_relu_forward", "out", lambda: torch.empty(1, 3, 4, 4).expand(2, 3, 4, 4), ValueError,
+     "out is written, so it must not overlap itself"),
+    ("bn_relu_forward", "weight", lambda: torch.ones(2), ValueError, r"weight must have shape \[3\]"),
+    ("bn_relu_forward", "bias", lambda: torch.ones(1, 3), ValueError, r"bias must have shape \[3\]"),
+    ("bn_relu_forward", "invstd", lambda: torch.ones(3, dtype=torch.float64), TypeError,
+     "invstd must have dtype float32, got float64"),
+    ("bn_relu_forward", "mean", lambda: torch.zeros(3, device="meta"), ValueError,
+     r"mean must be on the same device as x \(cpu\), got meta"),
+    ("bn_relu_backward_reduce", "mean", lambda: torch.zeros(4), ValueError, r"mean must have shape \[3\]"),
+    ("bn_relu_backward_reduce", "grad_out", lambda: torch.randn(1, 3, 4, 4), ValueError, "grad_out must have shape"),
+    ("bn_relu_backward_input", "sum_dy", lambda: torch.zeros(2), ValueError, r"sum_dy must have shape \[3\]"),
+    ("bn_relu_backward_input", "grad_in", lambda: torch.zeros(2, 3, 4, 4, dtype=torch.float64), TypeError,
+     "grad_in must have dtype float32"),
+    ("bn_relu_backward_input", "grad_in", unmergeable, ValueError, "grad_in must have H and W mergeable"),
+]
+
+
+@pytest.mark.parametrize(
+    "op, arg, make_bad, error, message", BAD_ARGS, ids=[f"{row[0]}-{row[1]}-{i}" for i, row in enumerate(BAD_ARGS)]
+)
+def test_bad_input_raises_naming_the_argument(op, arg, make_bad, error, message):
+    args = good_args(op)
+    getattr(ops, op)(**args)  # the good arguments pass
+    args[arg] = make_bad()
+    with pytest.raises(error, match=f"^{op}: {message}"):
+        getattr(ops, op)(**args)
+
+
+# ---- loading ----
+
+
+def test_load_explains_how_to_rebuild(monkeypatch):
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setitem(sys.modules, "fastres._C", None)  # makes the import fail
+    rebuild = r"fastres\._C .*could not be imported.*pip install --no-build-isolation -e \."
+    with pytest.raises(RuntimeError, match=rebuild):
+        _ext.load()
+    assert not _ext.available()
+
+
+def test_import_fastres_works_without_the_extension():
+    script = (
+        "import sys; sys.modules['fastres._C'] = None\n"
+        "import fastres, fastres._dispatch.dense_ops\n"
+        "from fastres import _ext\n"
+        "assert not _ext.available()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
