@@ -3,9 +3,10 @@
 from torch import nn
 
 from .nn.batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d
+from .nn.densenet import DenseBlock, DenseLayer, Transition
 from .nn.resnet_blocks import BasicBlock, Bottleneck
 
-_FUSED_BLOCKS = (BasicBlock, Bottleneck)
+_FUSED_BLOCKS = (BasicBlock, Bottleneck, DenseBlock, DenseLayer, Transition)
 _FUSED_NORMS = {nn.BatchNorm2d: BatchNormReLU2d, nn.SyncBatchNorm: SyncBatchNormReLU2d}
 
 
@@ -14,6 +15,9 @@ def convert(model: nn.Module) -> nn.Module:
 
     - torchvision-style ``BasicBlock``/``Bottleneck`` become fastres's blocks
       (fused BN-ReLU and BN-add-ReLU).
+    - torchvision's DenseNet ``_DenseBlock``/``_DenseLayer``/``_Transition``
+      become ``DenseBlock``/``DenseLayer``/``Transition`` with
+      ``memory_efficient=True`` (shared storage, in place of checkpointing).
     - BatchNorm2d -> ReLU pairs become one ``BatchNormReLU2d`` (a
       ``SyncBatchNormReLU2d`` for SyncBatchNorm) followed by ``nn.Identity``:
       the stem of a torchvision ResNet (``bn1``, ``relu``), and consecutive

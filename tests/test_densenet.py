@@ -118,8 +118,11 @@ def test_dense_block_follows_batch_norm_options(path, device, tv, needs_ext, opt
     _compare_training(fused, eager, inputs, torch.float64)
 
 
-def test_running_statistics_are_updated_once_per_step(device, needs_ext):
-    """Backward recomputes the BN-ReLUs from saved statistics and leaves the buffers alone."""
+def test_running_statistics_are_updated_once_per_step(device, tv, needs_ext):
+    """Backward recomputes the BN-ReLUs from saved statistics and leaves the buffers alone.
+
+    torchvision's checkpointing re-runs norm1 in backward and counts the batch twice.
+    """
     block = fastres.nn.DenseBlock(3, 4, 2, 3).to(device)
     x = torch.randn(2, 4, 5, 5, device=device, requires_grad=True)
     out = block(x)
@@ -128,6 +131,10 @@ def test_running_statistics_are_updated_once_per_step(device, needs_ext):
     for name, b in block.named_buffers():
         assert torch.equal(b, before[name]), name
     assert all(layer.norm1.num_batches_tracked.item() == 1 for layer in block.values())
+
+    checkpointed = tv.models.densenet._DenseBlock(3, 4, 2, 3, 0.0, memory_efficient=True).to(device)
+    checkpointed(x).sum().backward()
+    assert checkpointed.denselayer1.norm1.num_batches_tracked.item() == 2
 
 
 def test_transition_matches_torchvision(path, device, tv):
@@ -312,3 +319,22 @@ def test_block_under_cpu_autocast_runs_as_eager_does(tv, needs_ext):
         out, ref = fused(x), eager(x)
     assert out.dtype == ref.dtype
     assert_modules_normwise_close(fused, eager)
+
+
+def test_convert_turns_a_torchvision_densenet_into_shared_storage(path, device, tv, needs_ext):
+    """Compared with torchvision's naive mode: its checkpointing updates running statistics twice."""
+    model = tv.models.DenseNet(**TINY, memory_efficient=True).to(device)  # torchvision's checkpointing
+    eager = copy.deepcopy(model)
+    for layer in eager.modules():
+        if hasattr(layer, "memory_efficient"):
+            layer.memory_efficient = False
+    params_before = [id(p) for p in model.parameters()]
+    keys_before = list(model.state_dict())
+    assert fastres.convert(model) is model
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"DenseBlock", "DenseLayer", "Transition", "BatchNormReLU2d"} <= kinds
+    assert not {"_DenseBlock", "_DenseLayer", "_Transition"} & kinds
+    assert all(b.memory_efficient for b in model.modules() if isinstance(b, fastres.nn.DenseBlock))
+    assert [id(p) for p in model.parameters()] == params_before and list(model.state_dict()) == keys_before
+    model, eager = model.double(), eager.double()
+    _compare_training(model, eager, [torch.randn(2, 3, 32, 32, device=device) for _ in range(2)], torch.float64)

@@ -49,7 +49,31 @@ def _is_plain_conv(conv: nn.Module, kernel: int, padding: int) -> bool:
     )
 
 
-class DenseLayer(nn.Module):
+class _FromTorchvision:
+    """Conversion of torchvision's module of the same role, sharing its state (for ``fastres.convert``)."""
+
+    _torchvision_name = ""
+    _children: tuple[str, ...] = ()
+
+    @classmethod
+    def is_convertible(cls, module: nn.Module) -> bool:
+        return type(module).__name__ == cls._torchvision_name and all(hasattr(module, n) for n in cls._children)
+
+    @classmethod
+    def from_module(cls, module: nn.Module):
+        """This class over ``module``'s children, parameters, buffers and hooks (shared, not copied)."""
+        if not cls.is_convertible(module):
+            raise TypeError(f"module must be torchvision's {cls._torchvision_name}, got {type(module).__name__}")
+        fused = cls.__new__(cls)
+        fused.__dict__.update(module.__dict__)
+        fused._adopt()
+        return fused
+
+    def _adopt(self) -> None:
+        """Attributes torchvision's module lacks."""
+
+
+class DenseLayer(_FromTorchvision, nn.Module):
     """torchvision's ``_DenseLayer``: BN-ReLU-conv1x1-BN-ReLU-conv3x3, then dropout.
 
     ``forward`` takes the block's earlier features (a tensor or a list of
@@ -70,6 +94,12 @@ class DenseLayer(nn.Module):
         self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
+
+    _torchvision_name = "_DenseLayer"
+    _children = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2", "drop_rate")
+
+    def _adopt(self) -> None:
+        self.memory_efficient = True  # torchvision's flag means checkpointing; here, shared storage
 
     def extra_repr(self) -> str:
         return f"drop_rate={self.drop_rate}, memory_efficient={self.memory_efficient}"
@@ -108,10 +138,16 @@ class DenseLayer(nn.Module):
         return out
 
 
-class DenseBlock(nn.ModuleDict):
+class DenseBlock(_FromTorchvision, nn.ModuleDict):
     """torchvision's ``_DenseBlock``: ``num_layers`` layers; returns the concatenation of all features."""
 
     _version = 2
+    _torchvision_name = "_DenseBlock"
+    _children = ("denselayer1",)
+
+    def _adopt(self) -> None:
+        self.num_input_features = self.denselayer1.norm1.num_features
+        self.memory_efficient = True
 
     def __init__(
         self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
@@ -142,8 +178,11 @@ class DenseBlock(nn.ModuleDict):
         return torch.cat(features, 1)
 
 
-class Transition(nn.Sequential):
+class Transition(_FromTorchvision, nn.Sequential):
     """torchvision's ``_Transition``: BN-ReLU (fused), 1x1 convolution, 2x2 average pool."""
+
+    _torchvision_name = "_Transition"
+    _children = ("norm", "relu", "conv", "pool")
 
     def __init__(self, num_input_features: int, num_output_features: int) -> None:
         super().__init__()
