@@ -13,7 +13,11 @@ from ._dispatch.dense_block import BatchNormArgs, DenseLayerArgs
 from ._dispatch import sync_batch_norm as _sync_batch_norm
 from ._dispatch.layout import has_internal_overlap
 
-__all__ = ["BatchNormArgs", "DenseLayerArgs", "add_relu", "batch_norm_relu", "dense_block", "sync_batch_norm_relu"]
+__all__ = [
+    "BatchNormArgs", "DenseLayerArgs", "add_relu", "batch_norm_relu", "bn_relu_conv1x1", "bn_relu_max_pool2d",
+    "dense_block",
+    "sync_batch_norm_relu",
+]
 
 
 def add_relu(x: Tensor, identity: Tensor, inplace: bool = False) -> Tensor:
@@ -138,6 +142,51 @@ def sync_batch_norm_relu(
     )
 
 
+def _check_norm_args(name: str, norm: BatchNormArgs, channels: int, x: Tensor) -> None:
+    for field in BatchNormArgs._fields[:4]:
+        t = getattr(norm, field)
+        if t is None:
+            continue
+        if t.shape != (channels,):
+            raise ValueError(f"{name}.{field} must have shape ({channels},), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name}.{field} is on {t.device} but x is on {x.device}")
+    if not norm.training and norm.running_mean is None:
+        raise ValueError(f"{name}: running statistics are needed when not training")
+
+
+def bn_relu_conv1x1(x: Tensor, norm: BatchNormArgs, weight: Tensor) -> Tensor:
+    """``conv2d(relu(batch_norm(x, ...)), weight)``, a 1x1 convolution without bias, as in a DenseNet transition.
+
+    Autograd keeps x and two per-channel vectors; the BN-ReLU output is
+    recomputed in backward instead of kept. Running statistics are updated
+    once, in forward. Runs in ``fastres._C``.
+    """
+    check_float_tensor("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 1, 1):
+        raise ValueError(f"weight must have shape (out_channels, {x.shape[1]}, 1, 1), got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    _check_norm_args("norm", norm, x.shape[1], x)
+    return _dense_block.bn_relu_conv1x1(x, norm, weight)
+
+
+def bn_relu_max_pool2d(x: Tensor, norm: BatchNormArgs, kernel_size: int = 3, stride: int = 2, padding: int = 1) -> Tensor:
+    """``max_pool2d(relu(batch_norm(x, ...)), kernel_size, stride, padding)``, as in a DenseNet's ImageNet stem.
+
+    Autograd keeps x, two per-channel vectors and the pool's indices; the
+    BN-ReLU output is recomputed in backward instead of kept. Runs in
+    ``fastres._C``.
+    """
+    check_float_tensor("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
+    _check_norm_args("norm", norm, x.shape[1], x)
+    return _dense_block.bn_relu_max_pool2d(x, norm, kernel_size, stride, padding)
+
+
 def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
     """A DenseNet dense block through shared storage: ``cat([x, new_1, ..., new_L], 1)``.
 
@@ -175,17 +224,8 @@ def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
             raise ValueError(
                 f"layers[{i}].conv2_weight must have shape {(k, bottleneck, 3, 3)}, got {tuple(layer.conv2_weight.shape)}"
             )
-        for name, norm, channels in (("norm1", layer.norm1, c), ("norm2", layer.norm2, bottleneck)):
-            for field in BatchNormArgs._fields[:4]:
-                t = getattr(norm, field)
-                if t is None:
-                    continue
-                if t.shape != (channels,):
-                    raise ValueError(f"layers[{i}].{name}.{field} must have shape ({channels},), got {tuple(t.shape)}")
-                if t.device != x.device:
-                    raise ValueError(f"layers[{i}].{name}.{field} is on {t.device} but x is on {x.device}")
-            if not norm.training and norm.running_mean is None:
-                raise ValueError(f"layers[{i}].{name}: running statistics are needed when not training")
+        _check_norm_args(f"layers[{i}].norm1", layer.norm1, c, x)
+        _check_norm_args(f"layers[{i}].norm2", layer.norm2, bottleneck, x)
         for name in ("conv1_weight", "conv2_weight"):
             t = getattr(layer, name)
             if t.device != x.device:

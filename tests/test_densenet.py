@@ -338,3 +338,33 @@ def test_convert_turns_a_torchvision_densenet_into_shared_storage(path, device, 
     assert [id(p) for p in model.parameters()] == params_before and list(model.state_dict()) == keys_before
     model, eager = model.double(), eager.double()
     _compare_training(model, eager, [torch.randn(2, 3, 32, 32, device=device) for _ in range(2)], torch.float64)
+
+
+def test_transition_keeps_only_its_input_on_cpu(needs_ext):
+    """On CPU the transition's BN-ReLU is recomputed in backward, not kept.
+
+    Autograd keeps x (the block's buffer, kept by the block anyway), two
+    per-channel vectors, and the average pool's input (the 1x1 convolution's
+    output, as in eager).
+    """
+    transition = fastres.nn.Transition(6, 3)
+    x = torch.randn(2, 6, 8, 8, requires_grad=True)
+    x_used = x * 1  # a non-leaf, as the block's output is
+    assert saved_bytes(lambda: transition(x_used)) == 4 * (x.numel() + 2 * 6 + 2 * 3 * 8 * 8)
+
+
+def test_block_output_used_twice_gets_the_summed_gradient(tv, needs_ext):
+    """The block may accumulate into a transition's fresh gradient; a second use of its output must still count."""
+    eager_block = tv.models.densenet._DenseBlock(2, 4, 2, 3, drop_rate=0.0).double()
+    eager_trans = tv.models.densenet._Transition(10, 5).double()
+    block = twin(eager_block, fastres.nn.DenseBlock(2, 4, 2, 3)).double()
+    trans = twin(eager_trans, fastres.nn.Transition(10, 5)).double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    grads = []
+    for b, t in ((block, trans), (eager_block, eager_trans)):
+        xl = x.clone().requires_grad_()
+        features = b(xl)
+        (t(features).square().sum() + (features * torch.arange(10.0, dtype=torch.float64).view(1, 10, 1, 1)).sum()).backward()
+        grads.append(xl.grad)
+    assert_normwise_close(grads[0], grads[1])
+    assert_modules_normwise_close(block, eager_block)

@@ -119,6 +119,29 @@ def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, padding: int, dtyp
     return grad_input.to(inp.dtype), grad_weight.to(weight.dtype)
 
 
+def _conv1x1_backward_in_place(grad: Tensor, a: Tensor, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(grad_a, grad_weight) of ``conv2d(a, weight)`` for a 1x1 ``weight``, with grad_a written over ``a``.
+
+    ``a`` is scratch (a recomputed BN-ReLU output) that is dead once the
+    weight gradient is taken, so the input gradient, a GEMM for a 1x1
+    convolution, goes into its storage instead of a new tensor as large as
+    the layer's concatenation.
+    """
+    if a.dtype != dtype or grad.dtype != dtype:  # autocast: the convolution ran in another dtype
+        return _conv_backward(grad, a, weight, 0, dtype)
+    _, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad, a, weight.to(dtype), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
+    )
+    n, c, h, w = a.shape
+    w2d = weight.to(dtype).view(weight.shape[0], c)
+    if a.is_contiguous():  # [N, C, HW] = W^T [C, O] @ grad [N, O, HW]
+        torch.matmul(w2d.t(), grad.contiguous().view(n, -1, h * w), out=a.view(n, c, h * w))
+    else:  # channels_last: [N*HW, C] = grad [N*HW, O] @ W [O, C]
+        g2d = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(n * h * w, -1)
+        torch.matmul(g2d, w2d, out=a.permute(0, 2, 3, 1).view(n * h * w, c))
+    return a, grad_weight.to(weight.dtype)
+
+
 class DenseBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, layers: Sequence[DenseLayerArgs], *params: Tensor) -> Tensor:
@@ -159,8 +182,11 @@ class DenseBlockFunction(torch.autograd.Function):
         layers, c0, k, fmt = ctx.layers, ctx.c0, ctx.k, ctx.fmt
         features, *saved = ctx.saved_tensors
         saved, masks = saved[: 5 * len(layers)], saved[5 * len(layers) :]
-        grad_buffer = torch.empty_like(features, memory_format=fmt)
-        grad_buffer.copy_(grad_features)
+        if _owned(grad_features) and grad_features.is_contiguous(memory_format=fmt):
+            grad_buffer = grad_features  # a transition's fresh gradient: accumulate into it
+        else:
+            grad_buffer = torch.empty_like(features, memory_format=fmt)
+            grad_buffer.copy_(grad_features)
         scratch1, scratch2 = _scratch(features, c0, k, layers, ctx.conv_dtype)
 
         grads = [None] * (len(layers) * _PARAMS_PER_LAYER)
@@ -174,13 +200,13 @@ class DenseBlockFunction(torch.autograd.Function):
 
             a2 = _bn_relu_into(b, mean2, invstd2, layer.norm2, scratch2, fmt)
             grad_a2, grad_conv2 = _conv_backward(grad_new, a2, layer.conv2_weight, 1, ctx.conv_dtype)
-            grad_b = torch.zeros_like(b)
+            grad_b = a2.zero_()  # a2 is dead: its scratch holds b's gradient
             grad_w2, grad_b2 = _bn_relu_backward(grad_a2, b, mean2, invstd2, layer.norm2, grad_b)
             del grad_a2
 
             concat = features[:, :c]
             a1 = _bn_relu_into(concat, mean1, invstd1, layer.norm1, scratch1, fmt)
-            grad_a1, grad_conv1 = _conv_backward(grad_b, a1, layer.conv1_weight, 0, ctx.conv_dtype)
+            grad_a1, grad_conv1 = _conv1x1_backward_in_place(grad_b, a1, layer.conv1_weight, ctx.conv_dtype)
             del grad_b
             grad_w1, grad_b1 = _bn_relu_backward(grad_a1, concat, mean1, invstd1, layer.norm1, grad_buffer[:, :c])
             del grad_a1
@@ -189,6 +215,88 @@ class DenseBlockFunction(torch.autograd.Function):
             ]
         grad_x = grad_buffer[:, :c0].contiguous(memory_format=fmt)
         return (grad_x, None, *grads)
+
+
+# A gradient these Functions create and never touch again is marked, so that a
+# dense block receiving it accumulates into it instead of copying it first
+# (a transition's input gradient is as large as the block's whole output).
+_OWNED = "_fastres_owned_grad"
+
+
+def _mark_owned(t: Tensor) -> Tensor:
+    setattr(t, _OWNED, True)
+    return t
+
+
+def _owned(t: Tensor) -> bool:
+    return getattr(t, _OWNED, False) and t._base is None
+
+
+class BnReluConv1x1Function(torch.autograd.Function):
+    """``conv1x1(relu(bn(x)))`` keeping only x and two per-channel vectors: BN-ReLU is recomputed in backward.
+
+    A DenseNet transition reads the block's feature buffer, which the block
+    keeps anyway, so the transition adds no activation memory of its own.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, norm: BatchNormArgs, weight: Tensor, *bn_params: Tensor) -> Tensor:
+        device_type = x.device.type
+        conv_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        fmt = torch.channels_last if channels_last(x) else torch.contiguous_format
+        mean, invstd = _statistics(x, norm)
+        a = _bn_relu_into(x, mean, invstd, norm, torch.empty(x.numel(), dtype=x.dtype, device=x.device), fmt)
+        out = F.conv2d(a, weight)
+        ctx.save_for_backward(x, mean, invstd)
+        ctx.norm, ctx.weight, ctx.fmt, ctx.conv_dtype = norm, weight, fmt, conv_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, mean, invstd = ctx.saved_tensors
+        a = _bn_relu_into(x, mean, invstd, ctx.norm, torch.empty(x.numel(), dtype=x.dtype, device=x.device), ctx.fmt)
+        grad_a, grad_weight = _conv1x1_backward_in_place(grad_out, a, ctx.weight, ctx.conv_dtype)
+        grad_x = _mark_owned(torch.zeros_like(x, memory_format=ctx.fmt))
+        grad_w, grad_b = _bn_relu_backward(grad_a, x, mean, invstd, ctx.norm, grad_x)
+        return grad_x, None, grad_weight, grad_w, grad_b
+
+
+class BnReluMaxPoolFunction(torch.autograd.Function):
+    """``max_pool2d(relu(bn(x)))`` keeping x, two per-channel vectors and the pool's indices.
+
+    The BN-ReLU output, which eager keeps for the pool, is recomputed: the
+    pool's backward needs only where each maximum came from.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, norm: BatchNormArgs, pool: tuple, *bn_params: Tensor) -> Tensor:
+        fmt = torch.channels_last if channels_last(x) else torch.contiguous_format
+        mean, invstd = _statistics(x, norm)
+        a = _bn_relu_into(x, mean, invstd, norm, torch.empty(x.numel(), dtype=x.dtype, device=x.device), fmt)
+        out, indices = torch.ops.aten.max_pool2d_with_indices(a, *pool)
+        ctx.save_for_backward(x, mean, invstd, indices)
+        ctx.norm, ctx.pool, ctx.fmt = norm, pool, fmt
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, mean, invstd, indices = ctx.saved_tensors
+        # The pool's input only lends its shape and layout: x has both.
+        grad_a = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, *ctx.pool, indices)
+        grad_x = torch.zeros_like(x, memory_format=ctx.fmt)
+        grad_w, grad_b = _bn_relu_backward(grad_a, x, mean, invstd, ctx.norm, grad_x)
+        return grad_x, None, None, grad_w, grad_b
+
+
+def bn_relu_max_pool2d(x: Tensor, norm: BatchNormArgs, kernel_size: int, stride: int, padding: int) -> Tensor:
+    """``max_pool2d(relu(batch_norm(x)), kernel_size, stride, padding)``, recomputing the BN-ReLU in backward."""
+    pool = ([kernel_size] * 2, [stride] * 2, [padding] * 2, [1, 1], False)
+    return BnReluMaxPoolFunction.apply(x, norm, pool, norm.weight, norm.bias)
+
+
+def bn_relu_conv1x1(x: Tensor, norm: BatchNormArgs, weight: Tensor) -> Tensor:
+    """``conv2d(relu(batch_norm(x)), weight)`` for a 1x1 ``weight``, recomputing the BN-ReLU in backward."""
+    return BnReluConv1x1Function.apply(x, norm, weight, norm.weight, norm.bias)
 
 
 def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.batch_norm import norm_relu
-from ..nn.densenet import DenseBlock, Transition
+from ..nn.densenet import DenseBlock, Transition, stem_bn_relu_pool
 
 __all__ = [
     "DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc",
@@ -88,7 +88,7 @@ class DenseNet(nn.Module):
         """``relu(self.features(x))`` with the stem's and the final BN-ReLU fused."""
         modules = dict(self.features.named_children())
         if "norm0" in modules:  # the ImageNet stem
-            x = modules["pool0"](norm_relu(modules["norm0"], modules["relu0"], modules["conv0"](x)))
+            x = stem_bn_relu_pool(modules["norm0"], modules["relu0"], modules["pool0"], modules["conv0"](x))
         else:
             x = modules["conv0"](x)
         for name, module in modules.items():

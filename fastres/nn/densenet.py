@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._prims_common import suggest_memory_format
 
-from ..functional import BatchNormArgs, DenseLayerArgs, dense_block
+from .. import _ext
+from ..functional import BatchNormArgs, DenseLayerArgs, bn_relu_conv1x1, bn_relu_max_pool2d, dense_block
 from .batch_norm import BatchNormReLU2d, _has_hooks, _running_stats_args, norm_relu
 
 
@@ -39,6 +40,31 @@ def _norm_args(bn: nn.BatchNorm2d, x_shape: tuple) -> BatchNormArgs:
 def _autocast_allows_sharing(x: Tensor) -> bool:
     """The C++ CPU ops take float32/float64: under CPU autocast the bottleneck is bf16, so run as written."""
     return not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
+
+
+def recomputes_bn_relu(x: Tensor, norm: nn.Module, relu: nn.Module, *modules: nn.Module) -> bool:
+    """Whether a BN-ReLU on ``x`` runs through fastres._C, recomputed in backward instead of kept.
+
+    On CPU, where the alternative (eager BatchNorm2d and ReLU) keeps the full
+    BN-ReLU output. On CUDA the fused Triton BN-ReLU keeps a 1-bit mask,
+    about as small, and recomputes nothing, so it is used there.
+    """
+    return (
+        x.device.type == "cpu" and _autocast_allows_sharing(x) and _ext.available()
+        and type(norm) in (nn.BatchNorm2d, BatchNormReLU2d) and type(relu) is nn.ReLU
+        and not any(_has_hooks(m) for m in (norm, relu, *modules))
+    )
+
+
+def stem_bn_relu_pool(norm: nn.Module, relu: nn.Module, pool: nn.Module, x: Tensor) -> Tensor:
+    """``pool(relu(norm(x)))`` of an ImageNet stem; BN-ReLU recomputed in backward where that saves memory."""
+    plain_pool = (
+        type(pool) is nn.MaxPool2d and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+        and not pool.return_indices and all(isinstance(v, int) for v in (pool.kernel_size, pool.stride, pool.padding))
+    )
+    if plain_pool and recomputes_bn_relu(x, norm, relu, pool):
+        return bn_relu_max_pool2d(x, _norm_args(norm, tuple(x.shape)), pool.kernel_size, pool.stride, pool.padding)
+    return pool(norm_relu(norm, relu, x))
 
 
 def _is_plain_conv(conv: nn.Module, kernel: int, padding: int) -> bool:
@@ -193,4 +219,7 @@ class Transition(_FromTorchvision, nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_features(self, x, self.norm.num_features)
+        if recomputes_bn_relu(x, self.norm, self.relu, self) and _is_plain_conv(self.conv, 1, 0) \
+                and not _has_hooks(self.conv):
+            return self.pool(bn_relu_conv1x1(x, _norm_args(self.norm, tuple(x.shape)), self.conv.weight))
         return self.pool(self.conv(norm_relu(self.norm, self.relu, x)))
