@@ -298,8 +298,9 @@ def test_ops_compose_to_autograd_of_batch_norm_relu(device, layout, affine, trai
 @pytest.mark.parametrize("device, dtype", cases())
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_nan_and_inf_propagate_like_eager(device, dtype, layout, training):
-    shape = (2, 4, 3, 3)
+@pytest.mark.parametrize("size", [3, 8], ids=["3x3", "8x8"])  # 8x8: the CPU's vectorized row loops
+def test_nan_and_inf_propagate_like_eager(device, dtype, layout, training, size):
+    shape = (2, 4, size, size)
     x = features(shape, layout, dtype, device)
     x[0, 0, 1, 1] = float("nan")
     x[1, 1, 0, 2] = float("inf")
