@@ -3,7 +3,8 @@
     python benchmarks/report.py benchmarks/results/NAME.json [--out DIR]
 
 Prints the table and writes DIR/report.md (DIR defaults to the JSON's folder),
-plus one PNG per op (DIR/NAME-OP.png) with each provider's speedup over eager.
+plus one PNG per op (DIR/NAME-OP.png) with each provider's speedup over eager
+(over naive for the DenseNet suite, whose reference is naive concatenation).
 """
 
 import argparse
@@ -12,7 +13,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-PROVIDERS = ["fastres", "compile", "eager", "copy"]
+PROVIDERS = ["fastres", "compile", "checkpoint", "eager", "naive", "copy"]
+REFERENCES = ["eager", "naive"]  # what a speedup is over
 MODES = ["forward", "backward", "full", "copy"]
 MACHINE_KEYS = [
     "device_name", "torch", "triton", "cuda", "python", "fastres", "date",
@@ -41,11 +43,16 @@ def rows(data: dict) -> list[dict]:
             "iqr": quantiles[2],
             "gbps": info.get("gbps"),
             "peak_mb": info.get("peak_mb"),
+            "saved_mb": info.get("saved_mb"),
         })
-    eager = {(r["group"], r["mode"]): r["median"] for r in out if r["provider"] == "eager"}
+    reference = {}  # a group has one of REFERENCES: eager (the op suites) or naive (DenseNet)
+    for r in sorted(out, key=lambda r: _order(REFERENCES, r["provider"])):
+        if r["provider"] in REFERENCES:
+            reference.setdefault((r["group"], r["mode"]), r)
     for r in out:
-        ref = eager.get((r["group"], r["mode"]))
-        r["speedup"] = ref / r["median"] if ref else None
+        ref = reference.get((r["group"], r["mode"]))
+        r["reference"] = ref["provider"] if ref else None
+        r["speedup"] = ref["median"] / r["median"] if ref else None
     first_seen = {g: i for i, g in reversed(list(enumerate(r["group"] for r in out)))}  # run order
     out.sort(key=lambda r: (first_seen[r["group"]], _order(MODES, r["mode"]), _order(PROVIDERS, r["provider"])))
     return out
@@ -66,17 +73,21 @@ def markdown(data: dict, table: list[dict], source: str) -> str:
         lines.append(f"- commit: {commit['id'][:12]}{' (dirty)' if commit.get('dirty') else ''}")
     if str(machine.get("device_name", "")).startswith("cpu"):
         lines.append("- no CUDA device: CPU paths (fastres ran its eager reference), GPU-only cases skipped")
+    saved = any(r["saved_mb"] is not None for r in table)  # the DenseNet suite's column
+    naive = any(r["reference"] == "naive" for r in table)
     lines += [
         "",
-        "| group | provider | mode | median ms | p20-p80 ms | GB/s | peak MB | speedup vs eager |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| group | provider | mode | median ms | p20-p80 ms | GB/s | peak MB |" + (" saved MB |" if saved else "")
+        + (" speedup vs eager (DenseNet: vs naive) |" if naive else " speedup vs eager |"),
+        "|---|---|---|---:|---:|---:|---:|" + ("---:|" if saved else "") + "---:|",
     ]
     for r in table:
         spread = f"{r['low'] * 1e3:.3f}-{r['high'] * 1e3:.3f}{'*' if r['iqr'] else ''}"
         speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         lines.append(
             f"| {r['group']} | {r['provider']} | {r['mode']} | {r['median'] * 1e3:.3f} | {spread} "
-            f"| {_fmt(r['gbps'], '.1f')} | {_fmt(r['peak_mb'], '.1f')} | {speedup} |"
+            f"| {_fmt(r['gbps'], '.1f')} | {_fmt(r['peak_mb'], '.1f')} |"
+            + (f" {_fmt(r['saved_mb'], '.1f')} |" if saved else "") + f" {speedup} |"
         )
     if any(r["iqr"] for r in table):
         lines += ["", "\\* q1-q3 (the JSON has no p20/p80 for this row)."]
@@ -85,6 +96,8 @@ def markdown(data: dict, table: list[dict], source: str) -> str:
         "GB/s: algorithmic bytes over the median (the passes each suite counts: benchmarks/README.md).",
         "Peak MB: CUDA memory allocated at the peak of one call, inputs included (absent on CPU).",
     ]
+    if saved:
+        lines.append("Saved MB: what autograd keeps for backward (blind to what checkpoints keep inside).")
     return "\n".join(lines) + "\n"
 
 
@@ -117,7 +130,7 @@ def plot(table: list[dict], out_dir: Path, stem: str) -> list[Path]:
                 ax.bar(xs, [speedup.get((g, provider), 0) for g in groups], width, label=provider)
             ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
             ax.set_title(f"{op}: {mode}")
-            ax.set_ylabel("speedup vs eager")
+            ax.set_ylabel(f"speedup vs {op_rows[0]['reference']}")
             ax.set_xticks(range(len(groups)))
             ax.set_xticklabels([g.removeprefix(op).strip() for g in groups], rotation=30, ha="right", fontsize=7)
             ax.legend(fontsize=7)
