@@ -8,6 +8,7 @@ from torch import Tensor
 from ._checks import check_float_tensor, check_same_tensor_meta
 from ._dispatch import add_relu as _add_relu
 from ._dispatch import batch_norm as _batch_norm
+from . import _ext
 from ._dispatch import dense_block as _dense_block
 from ._dispatch.dense_block import BatchNormArgs, DenseLayerArgs
 from ._dispatch import sync_batch_norm as _sync_batch_norm
@@ -15,7 +16,7 @@ from ._dispatch.layout import has_internal_overlap
 
 __all__ = [
     "BatchNormArgs", "DenseLayerArgs", "add_relu", "batch_norm_relu", "bn_relu_conv1x1", "bn_relu_max_pool2d",
-    "dense_block",
+    "dense_block", "extension_available",
     "sync_batch_norm_relu",
 ]
 
@@ -140,6 +141,11 @@ def sync_batch_norm_relu(
     return _sync_batch_norm.sync_batch_norm_relu(
         x, running_mean, running_var, weight, bias, momentum, eps, residual, group
     )
+
+
+def extension_available() -> bool:
+    """Whether ``fastres._C`` (behind ``dense_block``, ``bn_relu_conv1x1``, ``bn_relu_max_pool2d``) is built."""
+    return _ext.available()
 
 
 def _check_norm_args(name: str, norm: BatchNormArgs, channels: int, x: Tensor) -> None:

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._prims_common import suggest_memory_format
 
-from .. import _ext
-from ..functional import BatchNormArgs, DenseLayerArgs, bn_relu_conv1x1, bn_relu_max_pool2d, dense_block
+from ..functional import (
+    BatchNormArgs, DenseLayerArgs, bn_relu_conv1x1, bn_relu_max_pool2d, dense_block, extension_available,
+)
 from .batch_norm import BatchNormReLU2d, _has_hooks, _running_stats_args, norm_relu
 
 
@@ -50,7 +51,7 @@ def recomputes_bn_relu(x: Tensor, norm: nn.Module, relu: nn.Module, *modules: nn
     about as small, and recomputes nothing, so it is used there.
     """
     return (
-        x.device.type == "cpu" and _autocast_allows_sharing(x) and _ext.available()
+        x.device.type == "cpu" and _autocast_allows_sharing(x) and extension_available()
         and type(norm) in (nn.BatchNorm2d, BatchNormReLU2d) and type(relu) is nn.ReLU
         and not any(_has_hooks(m) for m in (norm, relu, *modules))
     )
