@@ -155,3 +155,13 @@ def assert_buffers_as_accurate_as_eager(fused: torch.nn.Module, eager: torch.nn.
             assert_as_accurate_as_eager(a, b, r, name)
         else:
             assert torch.equal(a, b), name
+
+
+def assert_forward_as_accurate_as_eager(fused: torch.nn.Module, eager: torch.nn.Module, x: torch.Tensor) -> None:
+    """float32 forward of whole models against a float64 twin: train mode (outputs, buffers), then eval."""
+    reference = copy.deepcopy(eager).double()
+    with torch.no_grad():
+        assert_as_accurate_as_eager(fused(x), eager(x), reference(x.double()))
+        assert_buffers_as_accurate_as_eager(fused, eager, reference)  # running stats, num_batches_tracked
+        fused.eval(), eager.eval(), reference.eval()
+        assert_as_accurate_as_eager(fused(x), eager(x), reference(x.double()))

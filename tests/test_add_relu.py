@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastres.functional import add_relu
-from helpers import assert_equal, assert_low_precision_close
+from helpers import assert_equal, assert_low_precision_close, saved_bytes
 
 SHAPES = [
     (1, 3, 7, 7),
@@ -193,21 +193,6 @@ def test_raw_ops_need_triton(monkeypatch):
         torch.ops.fastres.add_relu(x, x, True)
 
 
-class _SavedBytes:
-    """Bytes autograd keeps for backward, one count per storage."""
-
-    def __init__(self):
-        self.storages = {}
-
-    def pack(self, t):
-        self.storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    @property
-    def total(self):
-        return sum(self.storages.values())
-
-
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 def test_backward_saves_one_bit_per_element(path, device, inplace):
     shape = (4, 8, 9, 9)
@@ -216,10 +201,7 @@ def test_backward_saves_one_bit_per_element(path, device, inplace):
     for name, fn in [("fastres", lambda a, b: add_relu(a, b, inplace=inplace)), ("eager", lambda a, b: _eager(a, b, inplace))]:
         x = torch.randn(shape, device=device, requires_grad=True)
         r = torch.randn(shape, device=device, requires_grad=True)
-        counter = _SavedBytes()
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-            fn(x * 1, r)
-        saved[name] = counter.total
+        saved[name] = saved_bytes(lambda: fn(x * 1, r))
     assert saved["eager"] == numel * 4  # relu keeps its fp32 output
     # The Triton path keeps 1 bit per element; the CPU path is eager itself.
     assert saved["fastres"] == ((numel + 7) // 8 if path == "triton" else saved["eager"])

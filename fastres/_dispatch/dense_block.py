@@ -59,6 +59,17 @@ def _params(layer: DenseLayerArgs) -> tuple:
 _PARAMS_PER_LAYER = 6
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The layout eager's batch norm would give x's output, which the BN-ReLU scratch takes."""
+    return torch.channels_last if channels_last(x) else torch.contiguous_format
+
+
+def _conv_dtype(x: Tensor) -> torch.dtype:
+    """What a convolution of x runs in: autocast's dtype when it is on, else x's."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
 def _statistics(x: Tensor, bn: BatchNormArgs) -> tuple[Tensor, Tensor]:
     """(mean, invstd) that normalise ``x``; updates the running statistics when training."""
     if not bn.training:
@@ -90,8 +101,7 @@ def _scratch(x: Tensor, c0: int, k: int, layers: Sequence[DenseLayerArgs], conv_
     return scratch1, scratch2
 
 
-def _bn_relu_into(x: Tensor, mean: Tensor, invstd: Tensor, bn: BatchNormArgs, storage: Tensor, fmt) -> Tensor:
-    out = _scratch_view(storage, tuple(x.shape), fmt)
+def _bn_relu_into(x: Tensor, mean: Tensor, invstd: Tensor, bn: BatchNormArgs, out: Tensor) -> Tensor:
     dense_ops.bn_relu_forward(x, mean, invstd, bn.weight, bn.bias, out)
     return out
 
@@ -147,13 +157,12 @@ class DenseBlockFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, layers: Sequence[DenseLayerArgs], *params: Tensor) -> Tensor:
         n, c0, h, w = x.shape
         k = layers[0].conv2_weight.shape[0]
-        fmt = torch.channels_last if channels_last(x) else torch.contiguous_format
+        fmt = _memory_format(x)
         features = torch.empty((n, c0 + len(layers) * k, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
         features[:, :c0].copy_(x)
         # Under autocast the convolutions run in its dtype, so the bottleneck
         # output (and norm2's scratch) has that dtype; features keep x's.
-        device_type = x.device.type
-        conv_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        conv_dtype = _conv_dtype(x)
         scratch1, scratch2 = _scratch(x, c0, k, layers, conv_dtype)
 
         saved, masks = [], []
@@ -161,10 +170,10 @@ class DenseBlockFunction(torch.autograd.Function):
             c = c0 + i * k
             concat = features[:, :c]
             mean1, invstd1 = _statistics(concat, layer.norm1)
-            a1 = _bn_relu_into(concat, mean1, invstd1, layer.norm1, scratch1, fmt)
+            a1 = _bn_relu_into(concat, mean1, invstd1, layer.norm1, _scratch_view(scratch1, concat.shape, fmt))
             b = F.conv2d(a1, layer.conv1_weight)
             mean2, invstd2 = _statistics(b, layer.norm2)
-            a2 = _bn_relu_into(b, mean2, invstd2, layer.norm2, scratch2, fmt)
+            a2 = _bn_relu_into(b, mean2, invstd2, layer.norm2, _scratch_view(scratch2, b.shape, fmt))
             new = F.conv2d(a2, layer.conv2_weight, padding=1)
             mask = None
             if layer.drop_rate > 0 and layer.dropout:
@@ -173,20 +182,20 @@ class DenseBlockFunction(torch.autograd.Function):
             saved += [b, mean1, invstd1, mean2, invstd2]
             masks.append(mask)
         ctx.save_for_backward(features, *saved, *masks)
-        ctx.layers, ctx.c0, ctx.k, ctx.fmt = layers, c0, k, fmt
-        ctx.conv_dtype = conv_dtype
+        ctx.layers, ctx.conv_dtype = layers, conv_dtype
         return features
 
     @staticmethod
     def backward(ctx, grad_features: Tensor):
-        layers, c0, k, fmt = ctx.layers, ctx.c0, ctx.k, ctx.fmt
+        layers = ctx.layers
         features, *saved = ctx.saved_tensors
+        k = layers[0].conv2_weight.shape[0]
+        c0, fmt = features.shape[1] - len(layers) * k, _memory_format(features)
         saved, masks = saved[: 5 * len(layers)], saved[5 * len(layers) :]
         if _owned(grad_features) and grad_features.is_contiguous(memory_format=fmt):
             grad_buffer = grad_features  # a transition's fresh gradient: accumulate into it
         else:
-            grad_buffer = torch.empty_like(features, memory_format=fmt)
-            grad_buffer.copy_(grad_features)
+            grad_buffer = grad_features.clone(memory_format=fmt)
         scratch1, scratch2 = _scratch(features, c0, k, layers, ctx.conv_dtype)
 
         grads = [None] * (len(layers) * _PARAMS_PER_LAYER)
@@ -198,14 +207,14 @@ class DenseBlockFunction(torch.autograd.Function):
                 grad_new = torch.ops.aten.native_dropout_backward(grad_new, masks[i], 1 / (1 - layer.drop_rate))
             grad_new = grad_new.contiguous(memory_format=fmt)
 
-            a2 = _bn_relu_into(b, mean2, invstd2, layer.norm2, scratch2, fmt)
+            a2 = _bn_relu_into(b, mean2, invstd2, layer.norm2, _scratch_view(scratch2, b.shape, fmt))
             grad_a2, grad_conv2 = _conv_backward(grad_new, a2, layer.conv2_weight, 1, ctx.conv_dtype)
             grad_b = a2.zero_()  # a2 is dead: its scratch holds b's gradient
             grad_w2, grad_b2 = _bn_relu_backward(grad_a2, b, mean2, invstd2, layer.norm2, grad_b)
             del grad_a2
 
             concat = features[:, :c]
-            a1 = _bn_relu_into(concat, mean1, invstd1, layer.norm1, scratch1, fmt)
+            a1 = _bn_relu_into(concat, mean1, invstd1, layer.norm1, _scratch_view(scratch1, concat.shape, fmt))
             grad_a1, grad_conv1 = _conv1x1_backward_in_place(grad_b, a1, layer.conv1_weight, ctx.conv_dtype)
             del grad_b
             grad_w1, grad_b1 = _bn_relu_backward(grad_a1, concat, mean1, invstd1, layer.norm1, grad_buffer[:, :c])
@@ -241,20 +250,17 @@ class BnReluConv1x1Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, norm: BatchNormArgs, weight: Tensor, *bn_params: Tensor) -> Tensor:
-        device_type = x.device.type
-        conv_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        fmt = torch.channels_last if channels_last(x) else torch.contiguous_format
+        fmt = _memory_format(x)
         mean, invstd = _statistics(x, norm)
-        a = _bn_relu_into(x, mean, invstd, norm, torch.empty(x.numel(), dtype=x.dtype, device=x.device), fmt)
-        out = F.conv2d(a, weight)
+        out = F.conv2d(_bn_relu_into(x, mean, invstd, norm, torch.empty_like(x, memory_format=fmt)), weight)
         ctx.save_for_backward(x, mean, invstd)
-        ctx.norm, ctx.weight, ctx.fmt, ctx.conv_dtype = norm, weight, fmt, conv_dtype
+        ctx.norm, ctx.weight, ctx.fmt, ctx.conv_dtype = norm, weight, fmt, _conv_dtype(x)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, mean, invstd = ctx.saved_tensors
-        a = _bn_relu_into(x, mean, invstd, ctx.norm, torch.empty(x.numel(), dtype=x.dtype, device=x.device), ctx.fmt)
+        a = _bn_relu_into(x, mean, invstd, ctx.norm, torch.empty_like(x, memory_format=ctx.fmt))
         grad_a, grad_weight = _conv1x1_backward_in_place(grad_out, a, ctx.weight, ctx.conv_dtype)
         grad_x = _mark_owned(torch.zeros_like(x, memory_format=ctx.fmt))
         grad_w, grad_b = _bn_relu_backward(grad_a, x, mean, invstd, ctx.norm, grad_x)
@@ -270,9 +276,9 @@ class BnReluMaxPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, norm: BatchNormArgs, pool: tuple, *bn_params: Tensor) -> Tensor:
-        fmt = torch.channels_last if channels_last(x) else torch.contiguous_format
+        fmt = _memory_format(x)
         mean, invstd = _statistics(x, norm)
-        a = _bn_relu_into(x, mean, invstd, norm, torch.empty(x.numel(), dtype=x.dtype, device=x.device), fmt)
+        a = _bn_relu_into(x, mean, invstd, norm, torch.empty_like(x, memory_format=fmt))
         out, indices = torch.ops.aten.max_pool2d_with_indices(a, *pool)
         ctx.save_for_backward(x, mean, invstd, indices)
         ctx.norm, ctx.pool, ctx.fmt = norm, pool, fmt

@@ -43,6 +43,11 @@ def _autocast_allows_sharing(x: Tensor) -> bool:
     return not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
 
 
+def _plain_bn_relu(norm: nn.Module, relu: nn.Module) -> bool:
+    """A BatchNorm2d and a ReLU whose computation fastres._C can take over (hooks checked apart)."""
+    return type(norm) in (nn.BatchNorm2d, BatchNormReLU2d) and type(relu) is nn.ReLU
+
+
 def recomputes_bn_relu(x: Tensor, norm: nn.Module, relu: nn.Module, *modules: nn.Module) -> bool:
     """Whether a BN-ReLU on ``x`` runs through fastres._C, recomputed in backward instead of kept.
 
@@ -52,8 +57,7 @@ def recomputes_bn_relu(x: Tensor, norm: nn.Module, relu: nn.Module, *modules: nn
     """
     return (
         x.device.type == "cpu" and _autocast_allows_sharing(x) and extension_available()
-        and type(norm) in (nn.BatchNorm2d, BatchNormReLU2d) and type(relu) is nn.ReLU
-        and not any(_has_hooks(m) for m in (norm, relu, *modules))
+        and _plain_bn_relu(norm, relu) and not any(_has_hooks(m) for m in (norm, relu, *modules))
     )
 
 
@@ -134,8 +138,7 @@ class DenseLayer(_FromTorchvision, nn.Module):
     def shares_storage(self) -> bool:
         """Whether this layer can run in a shared-storage block (else it runs as written)."""
         return (
-            all(type(n) in (nn.BatchNorm2d, BatchNormReLU2d) for n in (self.norm1, self.norm2))
-            and all(type(r) is nn.ReLU for r in (self.relu1, self.relu2))
+            _plain_bn_relu(self.norm1, self.relu1) and _plain_bn_relu(self.norm2, self.relu2)
             and _is_plain_conv(self.conv1, 1, 0) and _is_plain_conv(self.conv2, 3, 1)
             and not any(_has_hooks(m) for m in self.modules())
         )
