@@ -837,6 +837,37 @@ void batch_stats_impl(const at::Tensor& x, const at::Tensor& mean, const at::Ten
   }
 }
 
+// What every elementwise task shares: x, the written tensor and the BN constants
+// (backward adds grad_out and its two per-channel terms).
+template <typename T>
+ElementArgs<T> element_args(const Dims& d, const at::Tensor& x, const at::Tensor& out,
+                            const ChannelConsts<T>& k) {
+  ElementArgs<T> a{};
+  a.d = d;
+  a.x = x.const_data_ptr<T>();
+  a.xs = strides_of(x);
+  a.out = out.data_ptr<T>();
+  a.os = strides_of(out);
+  a.mean = k.mean.data();
+  a.scale = k.scale.data();
+  a.shift = k.shift.data();
+  return a;
+}
+
+// Splits elementwise work over (n, c) rows or over positions and runs each range.
+template <typename T, class RowsTask, class ChannelsTask>
+void parallel_elements(const ElementArgs<T>& a, bool rows, RowsTask rows_task,
+                       ChannelsTask channels_task) {
+  const Dims& d = a.d;
+  at::parallel_for(0, rows ? d.n * d.c : d.positions(), grain_for(rows ? d.hw : d.c),
+                   [&](int64_t begin, int64_t end) {
+    ElementArgs<T> task = a;
+    task.begin = begin;
+    task.end = end;
+    rows ? rows_task(task) : channels_task(task);
+  });
+}
+
 template <typename T>
 void bn_relu_forward_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
                           const at::Tensor& weight, const at::Tensor& bias,
@@ -853,23 +884,9 @@ void bn_relu_forward_impl(const at::Tensor& x, const at::Tensor& mean, const at:
     });
     return;
   }
-  ElementArgs<T> a{};
-  a.d = d;
-  a.x = x.const_data_ptr<T>();
-  a.xs = strides_of(x);
-  a.out = out.data_ptr<T>();
-  a.os = strides_of(out);
-  a.mean = k.mean.data();
-  a.scale = k.scale.data();
-  a.shift = k.shift.data();
-  const bool rows = layout == Layout::kRows;
-  at::parallel_for(0, rows ? d.n * d.c : d.positions(), grain_for(rows ? d.hw : d.c),
-                   [&](int64_t begin, int64_t end) {
-    ElementArgs<T> task = a;
-    task.begin = begin;
-    task.end = end;
-    rows ? forward_rows(task) : forward_channels(task);
-  });
+  parallel_elements(element_args(d, x, out, k), layout == Layout::kRows,
+                    [](const ElementArgs<T>& task) { forward_rows(task); },
+                    [](const ElementArgs<T>& task) { forward_channels(task); });
 }
 
 template <typename T>
@@ -953,28 +970,15 @@ void bn_relu_backward_input_impl(const at::Tensor& grad_out, const at::Tensor& x
     training ? run(std::true_type{}) : run(std::false_type{});
     return;
   }
-  ElementArgs<T> a{};
-  a.d = d;
-  a.x = x.const_data_ptr<T>();
-  a.xs = strides_of(x);
+  ElementArgs<T> a = element_args(d, x, grad_in, k);
   a.g = grad_out.const_data_ptr<T>();
   a.gs = strides_of(grad_out);
-  a.out = grad_in.data_ptr<T>();
-  a.os = strides_of(grad_in);
-  a.mean = k.mean.data();
-  a.scale = k.scale.data();
-  a.shift = k.shift.data();
   a.mean_dy = k.mean_dy.data();
   a.proj = k.proj.data();
   a.training = training;
-  const bool rows = layout == Layout::kRows;
-  at::parallel_for(0, rows ? d.n * d.c : d.positions(), grain_for(rows ? d.hw : d.c),
-                   [&](int64_t begin, int64_t end) {
-    ElementArgs<T> task = a;
-    task.begin = begin;
-    task.end = end;
-    rows ? backward_input_rows(task) : backward_input_channels(task);
-  });
+  parallel_elements(a, layout == Layout::kRows,
+                    [](const ElementArgs<T>& task) { backward_input_rows(task); },
+                    [](const ElementArgs<T>& task) { backward_input_channels(task); });
 }
 
 }  // namespace
