@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 # bfloat16 is a GPU-sized case; the CPU smoke run times float32 alone.
 DTYPES = ["float32", pytest.param("bfloat16", marks=pytest.mark.cuda_only)]
@@ -31,3 +32,16 @@ def cudnn_benchmark():
     torch.backends.cudnn.benchmark = True
     yield
     torch.backends.cudnn.benchmark = before
+
+
+def training_step(model, optimizer, images, labels, device, dtype):
+    """One step of a training loop: zero_grad, forward (autocast for low precision), cross-entropy, backward, SGD."""
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+
+    return step

@@ -58,14 +58,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fastres
 import fastres.models
 from fastres._torchvision import import_torchvision
 
-from .common import autocast, memory_format
+from .common import memory_format, training_step
 
 VARIANTS = ("fastres", "naive", "checkpoint")
 MODELS = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet_bc")
@@ -131,19 +130,6 @@ def make_model(variant: str, model: str, *, depth: int = 100, growth_rate: int =
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-
-
-def training_step(model, optimizer, images, labels, device, dtype):
-    """One step of a training loop, as ``benchmarks/test_training_step.py`` runs it."""
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, dtype):
-            loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 def saved_bytes(step, params) -> int:

@@ -20,7 +20,8 @@ import torch
 
 from .common import memory_format
 from .common import cudnn_benchmark  # noqa: F401 - an autouse fixture, active in this module
-from .densenet_memory import make_model, make_optimizer, model_label, saved_bytes, training_step
+from .common import training_step
+from .densenet_memory import make_model, make_optimizer, model_label, saved_bytes
 
 
 def size(model, depth, batch, hw, dtype, layout, mark):

@@ -10,12 +10,11 @@ images, forward and loss under ``torch.autocast``.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastres.models
 from fastres._torchvision import import_torchvision
 
-from .common import autocast, memory_format
+from .common import memory_format, training_step
 from .common import cudnn_benchmark  # noqa: F401 - an autouse fixture, active in this module
 
 tv = import_torchvision()
@@ -61,12 +60,5 @@ def test_training_step(bench, compile_once, device, name, batch, hw, num_classes
     )
     images = torch.randn(shape, device=device).contiguous(memory_format=fmt)
     labels = torch.randint(num_classes, (batch,), device=device)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, torch_dtype):
-            loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-
+    step = training_step(model, optimizer, images, labels, device, torch_dtype)
     bench(step, op=name, provider=provider, mode="step", shape=shape, dtype=torch_dtype, layout=LAYOUT)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastres
-from helpers import assert_forward_as_accurate_as_eager, assert_modules_match, assert_modules_normwise_close, assert_normwise_close, train_steps, twin
+from helpers import assert_forward_as_accurate_as_eager, assert_modules_normwise_close, assert_normwise_close, train_steps, twin
 
 BUILDERS = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
