@@ -1,0 +1,184 @@
+"""A stand-in H100 for Triton: kernels compile for sm_90, launches are recorded, nothing runs.
+
+With ``install()`` active in a process where ``TRITON_INTERPRET`` is unset,
+``JITFunction.run`` compiles every kernel with Triton's real NVIDIA backend
+(PTX and cubin through the ptxas that ships with Triton) and hands the launch
+to a recorder instead of the CUDA driver. fastres's host path, which takes the
+Triton path for CPU tensors here, then runs exactly as on a GPU: launch
+settings, allocations, argument binding, Triton's launcher front end. Only the
+driver call itself (``cuLaunchKernel``, a few microseconds) and the kernels'
+device work are missing.
+
+Used by the host-overhead benchmark and the static kernel report.
+"""
+
+import contextlib
+import dataclasses
+import os
+
+import torch
+
+SM90_SMS = 132  # H100 SXM
+
+
+@dataclasses.dataclass
+class Launch:
+    name: str  # the kernel's function name
+    grid: tuple[int, int, int]
+    kernel: object  # triton's CompiledKernel (asm: ptx, cubin; metadata)
+
+
+class _Recorder:
+    """Every launch since ``clear()``; ``enabled=False`` drops them (timed loops)."""
+
+    def __init__(self):
+        self.launches: list[Launch] = []
+        self.count = 0
+        self.keep = True
+
+    def clear(self):
+        self.launches.clear()
+        self.count = 0
+
+
+RECORDER = _Recorder()
+
+
+def _make_driver():
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+
+    compiled_by_function: dict[int, object] = {}
+
+    class _Launcher:
+        """Stands in for Triton's CudaLauncher: records instead of calling cuLaunchKernel."""
+
+        def __init__(self, src, metadata):
+            self.name = metadata.name
+
+        def __call__(self, grid_x, grid_y, grid_z, stream, function, *args):
+            RECORDER.count += 1
+            if RECORDER.keep:
+                RECORDER.launches.append(Launch(self.name, (grid_x, grid_y, grid_z), compiled_by_function.get(function)))
+
+    class _Utils:
+        def load_binary(self, name, kernel, shared, device):
+            handle = len(compiled_by_function) + 1
+            compiled_by_function[handle] = None
+            return None, handle, 0, 0, 1024  # module, function, n_regs, n_spills, max threads
+
+        def get_device_properties(self, device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": SM90_SMS, "max_num_regs": 65536, "warpSize": 32}
+
+    class StubDriver(DriverBase):
+        def __init__(self):
+            self.utils = _Utils()
+            self.launcher_cls = _Launcher
+
+        @classmethod
+        def is_active(cls):
+            return True
+
+        def map_python_to_cpp_type(self, ty):
+            return ty
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def set_current_device(self, device):
+            pass
+
+        def get_current_stream(self, device):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_device_interface(self):
+            return torch.cuda
+
+        def get_device_capability(self, device=0):
+            return (9, 0)
+
+        def get_benchmarker(self):
+            raise NotImplementedError("nothing runs on the stand-in device")
+
+    return StubDriver(), compiled_by_function
+
+
+def _attach_compiled_kernels(compiled_by_function):
+    """Map each loaded function handle back to its CompiledKernel (for the report)."""
+    from triton.compiler.compiler import CompiledKernel
+
+    original = CompiledKernel._init_handles
+
+    def _init_handles(self):
+        original(self)
+        if self.function in compiled_by_function:
+            compiled_by_function[self.function] = self
+
+    CompiledKernel._init_handles = _init_handles
+    return lambda: setattr(CompiledKernel, "_init_handles", original)
+
+
+def _patch_everywhere(name, value, saved):
+    """Set ``name`` to ``value`` in every fastres module that has it (imported-by-name copies too)."""
+    import sys
+
+    for mod_name, mod in list(sys.modules.items()):
+        if mod_name.startswith("fastres") and mod is not None and hasattr(mod, name):
+            saved.append((mod, name, getattr(mod, name)))
+            setattr(mod, name, value)
+
+
+def _gpu_device_hooks(saved):
+    """Make fastres launch as for a CUDA tensor: GPU launch settings, 132 SMs, stream 0."""
+    import fastres.kernels.utils as kutils
+
+    if hasattr(kutils, "DEVICE"):  # the lean host path: one object holds the device hooks
+        saved.append((kutils, "DEVICE", kutils.DEVICE))
+        kutils.DEVICE = kutils.Device(compiled=lambda device: True, sm_count=lambda device: SM90_SMS,
+                                      stream=lambda device: 0)
+        return
+    # Older layout (5213a69): settings chose by device type; wrap them to see a GPU.
+    cuda = torch.device("cuda")
+    elementwise, reduction = kutils.elementwise_settings, kutils.reduction_settings
+    _patch_everywhere("elementwise_settings", lambda numel, device: elementwise(numel, cuda), saved)
+    _patch_everywhere("sm_count", lambda device: SM90_SMS, saved)
+    _patch_everywhere("reduction_settings", lambda n, c, hw, per_n, device: reduction(n, c, hw, per_n, cuda), saved)
+
+
+@contextlib.contextmanager
+def install():
+    """Compile for sm_90 and record launches; fastres takes its GPU host path on CPU tensors."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the stand-in device needs TRITON_INTERPRET unset (kernels must be compiled)")
+    import triton
+
+    import importlib
+    import pkgutil
+
+    import fastres.kernels
+
+    # Every fastres module must be loaded before names are patched in it.
+    for info in pkgutil.iter_modules(fastres.kernels.__path__):
+        importlib.import_module(f"fastres.kernels.{info.name}")
+
+    driver, compiled_by_function = _make_driver()
+    restore_init = _attach_compiled_kernels(compiled_by_function)
+    previous_driver = triton.runtime.driver._active
+    triton.runtime.driver.set_active(driver)
+    saved = []
+    _patch_everywhere("use_triton", lambda t: True, saved)
+    _patch_everywhere("require_triton", lambda t, op: None, saved)
+    _gpu_device_hooks(saved)
+    try:
+        yield RECORDER
+    finally:
+        for mod, name, value in reversed(saved):
+            setattr(mod, name, value)
+        triton.runtime.driver._active = previous_driver
+        restore_init()
