@@ -153,7 +153,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastres", "fastres._dispatch", "fastres.nn", "fastres.models", "fastres.kernels"],
+    packages=["fastres", "fastres.ops", "fastres.nn", "fastres.models", "fastres.kernels"],
     package_dir={"fastres": "fastres", "fastres.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

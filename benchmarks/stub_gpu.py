@@ -65,7 +65,7 @@ def _make_driver():
         def load_binary(self, name, kernel, shared, device):
             handle = len(compiled_by_function) + 1
             compiled_by_function[handle] = None
-            return None, handle, 0, 0, 1024  # module, function, n_regs, n_spills, max threads
+            return handle, handle, 0, 0, 1024  # module, function, n_regs, n_spills, max threads
 
         def get_device_properties(self, device):
             return {"max_shared_mem": 232448, "multiprocessor_count": SM90_SMS, "max_num_regs": 65536, "warpSize": 32}
@@ -138,9 +138,13 @@ def _gpu_device_hooks(saved):
     """Make fastres launch as for a CUDA tensor: GPU launch settings, 132 SMs, stream 0."""
     import fastres.kernels.utils as kutils
 
-    if hasattr(kutils, "DEVICE"):  # the lean host path: one object holds the device hooks
-        saved.append((kutils, "DEVICE", kutils.DEVICE))
-        kutils.DEVICE = kutils.Device(compiled=lambda device: True, sm_count=lambda device: SM90_SMS,
+    try:
+        from fastres.kernels import launch
+    except ImportError:
+        launch = None
+    if launch is not None:  # the lean host path: one object holds the device queries
+        saved.append((launch, "DEVICE", launch.DEVICE))
+        launch.DEVICE = launch.Device(compiled=lambda device: True, sm_count=lambda device: SM90_SMS,
                                       stream=lambda device: 0)
         return
     # Older layout (5213a69): settings chose by device type; wrap them to see a GPU.

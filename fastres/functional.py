@@ -6,13 +6,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._checks import check_float_tensor, check_same_tensor_meta
-from ._dispatch import add_relu as _add_relu
-from ._dispatch import batch_norm as _batch_norm
+from .ops import add_relu as _add_relu
+from .ops import batch_norm as _batch_norm
 from . import _ext
-from ._dispatch import dense_block as _dense_block
-from ._dispatch.dense_block import BatchNormArgs, DenseLayerArgs
-from ._dispatch import sync_batch_norm as _sync_batch_norm
-from ._dispatch.layout import has_internal_overlap
+from .ops import dense_block as _dense_block
+from .ops.dense_block import BatchNormArgs, DenseLayerArgs
+from .ops import sync_batch_norm as _sync_batch_norm
+from .ops.layout import has_internal_overlap
 
 __all__ = [
     "BatchNormArgs", "DenseLayerArgs", "add_relu", "batch_norm_relu", "bn_relu_conv1x1", "bn_relu_max_pool2d",
@@ -100,7 +100,7 @@ def _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual)
         if t is None:
             continue
         check_float_tensor(name, t)
-        if t.shape != (channels,):
+        if t.dim() != 1 or t.shape[0] != channels:
             raise ValueError(f"{name} must have shape ({channels},), one value per channel of x, got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
@@ -153,7 +153,7 @@ def _check_norm_args(name: str, norm: BatchNormArgs, channels: int, x: Tensor) -
         t = getattr(norm, field)
         if t is None:
             continue
-        if t.shape != (channels,):
+        if t.dim() != 1 or t.shape[0] != channels:
             raise ValueError(f"{name}.{field} must have shape ({channels},), got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name}.{field} is on {t.device} but x is on {x.device}")

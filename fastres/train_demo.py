@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import fastres.models
-from fastres import _dispatch
+from fastres import ops
 from fastres._torchvision import import_torchvision
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -135,7 +135,7 @@ def compare_state(eager, fused):
 
 def fastres_path(device):
     """Which implementation fastres's ops dispatch to for tensors on ``device``."""
-    if not _dispatch.use_triton(torch.empty(0, device=device)):
+    if not ops.use_triton(torch.empty(0, device=device)):
         return f"eager PyTorch reference on {device.type.upper()}"
     return "Triton kernels on CUDA" if device.type == "cuda" else "Triton interpreter on CPU"
 

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Kernel, aligned, cdiv, stream
 from .utils import as_4d, elementwise_settings, pack_mask, strided_offsets, unpack_mask
 
 
@@ -26,7 +27,7 @@ def _add_relu_fwd_kernel(
     x_ptr,  # first summand (the block's output), any strides
     r_ptr,  # second summand (the identity), any strides
     z_ptr,  # output relu(x + r); may alias x_ptr for the in-place merge
-    mask_ptr,  # uint8[ceil(n / 8)]: bit i set unless z_i <= 0 (unused unless WRITE_MASK)
+    mask_ptr,  # uint8[ceil(n / 8)]: bit i set unless z_i <= 0 (None unless WRITE_MASK)
     n_elements,  # number of elements of the 4-D logical view
     size1, size2, size3,  # logical sizes of dims 1..3 (dim 0 is implied)
     x_s0, x_s1, x_s2, x_s3,  # strides of x, in elements
@@ -100,8 +101,8 @@ def _add_relu_bwd_kernel(
     tl.store(dx_ptr + idx, dx, mask=in_range)
 
 
-def _layout_args(t: torch.Tensor) -> tuple:
-    return (*t.stride(), t.is_contiguous())
+add_relu_fwd_kernel = Kernel(_add_relu_fwd_kernel)
+add_relu_bwd_kernel = Kernel(_add_relu_bwd_kernel)
 
 
 def add_relu_forward(
@@ -117,19 +118,14 @@ def add_relu_forward(
     if n == 0:
         return
     x, r, z = as_4d(x), as_4d(r), as_4d(z)
-    x_s0, x_s1, x_s2, x_s3, x_dense = _layout_args(x)
-    r_s0, r_s1, r_s2, r_s3, r_dense = _layout_args(r)
-    z_s0, z_s1, z_s2, z_s3, z_dense = _layout_args(z)
+    xs, rs, zs = x.stride(), r.stride(), z.stride()
     block, num_warps = elementwise_settings(n, z.device)
-    _add_relu_fwd_kernel[(triton.cdiv(n, block),)](
-        x, r, z, z if mask is None else mask, n,
-        z.shape[1], z.shape[2], z.shape[3],
-        x_s0, x_s1, x_s2, x_s3,
-        r_s0, r_s1, r_s2, r_s3,
-        z_s0, z_s1, z_s2, z_s3,
-        X_DENSE=x_dense, R_DENSE=r_dense, Z_DENSE=z_dense,
-        WRITE_MASK=mask is not None, FP64=torch.float64 in (x.dtype, r.dtype),
-        BLOCK=block, num_warps=num_warps,
+    fp64 = x.dtype == torch.float64 or r.dtype == torch.float64
+    key = (z.shape, xs, rs, zs, x.dtype, r.dtype, z.device, aligned(x), aligned(r), aligned(z), mask is None)
+    add_relu_fwd_kernel(
+        key, (cdiv(n, block), 1, 1), stream(z.device), num_warps,
+        x, r, z, mask, n, z.shape[1], z.shape[2], z.shape[3], *xs, *rs, *zs,
+        x.is_contiguous(), r.is_contiguous(), z.is_contiguous(), mask is not None, fp64, block,
     )
 
 
@@ -139,12 +135,37 @@ def add_relu_backward(dz: torch.Tensor, mask: torch.Tensor, dx: torch.Tensor) ->
     if n == 0:
         return
     dz, dx = as_4d(dz), as_4d(dx)
-    dz_s0, dz_s1, dz_s2, dz_s3, dz_dense = _layout_args(dz)
+    ds = dz.stride()
     block, num_warps = elementwise_settings(n, dx.device)
-    _add_relu_bwd_kernel[(triton.cdiv(n, block),)](
-        dz, mask, dx, n,
-        dx.shape[1], dx.shape[2], dx.shape[3],
-        dz_s0, dz_s1, dz_s2, dz_s3,
-        DZ_DENSE=dz_dense,
-        BLOCK=block, num_warps=num_warps,
+    key = (dx.shape, ds, dz.dtype, dx.device, aligned(dz))
+    add_relu_bwd_kernel(
+        key, (cdiv(n, block), 1, 1), stream(dx.device), num_warps,
+        dz, mask, dx, n, dx.shape[1], dx.shape[2], dx.shape[3], *ds, dz.is_contiguous(), block,
+    )
+
+
+def add_relu_forward_dense(x: torch.Tensor, r: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """``add_relu_forward`` for three tensors laid out alike and densely: one flat launch, no views."""
+    n = z.numel()
+    if n == 0:
+        return
+    block, num_warps = elementwise_settings(n, z.device)
+    key = (n, x.dtype, r.dtype, z.device, aligned(x), aligned(r), aligned(z), mask is None)
+    add_relu_fwd_kernel(
+        key, (cdiv(n, block), 1, 1), stream(z.device), num_warps,
+        x, r, z, mask, n, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        True, True, True, mask is not None, x.dtype == torch.float64 or r.dtype == torch.float64, block,
+    )
+
+
+def add_relu_backward_dense(dz: torch.Tensor, mask: torch.Tensor, dx: torch.Tensor) -> None:
+    """``add_relu_backward`` for ``dz`` and ``dx`` laid out as the forward output: one flat launch."""
+    n = dx.numel()
+    if n == 0:
+        return
+    block, num_warps = elementwise_settings(n, dx.device)
+    key = (n, dz.dtype, dx.device, aligned(dz), aligned(dx))
+    add_relu_bwd_kernel(
+        key, (cdiv(n, block), 1, 1), stream(dx.device), num_warps,
+        dz, mask, dx, n, 1, 1, 1, 0, 0, 0, 0, True, block,
     )

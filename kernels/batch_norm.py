@@ -1,23 +1,25 @@
 """Fused batch norm + optional residual add + ReLU, forward.
 
-Training mode is three launches:
+Training mode is two launches:
 
-1. ``partial_stats``: each program reduces a range of rows of a block of
-   channels to (count, mean, M2), tile by tile: the tile's own mean first, then
-   the squared deviations from it, merged into the running result with Chan's
-   formula. Values are shifted by the channel's first element before any sum,
-   so the means being merged are small numbers: with a large mean (1e3 with
-   unit variance, say) the fp32 rounding of ~1e3 would otherwise swamp the
-   differences between tile means. Nothing is summed as raw ``x`` and ``x**2``.
-2. ``combine_stats``: merges the partials of each channel (the weighted mean,
-   then ``sum(M2_i + n_i * (mean_i - mean)**2)``), writes mean, M2, count and
-   rstd, and updates the running statistics (unbiased variance) in place. The
-   same kernel merges the per-process results of synchronized batch norm.
-3. ``apply``: ``z = relu((x - mean) * rstd * weight + bias [+ r])`` over the
+1. ``stats``: each program reduces a range of rows of a block of channels,
+   accumulating its tiles in registers and reducing once: the sums of
+   ``x - shift`` and of its square, where the shift is the mean of the
+   channel's first tile, so that a large mean (1e3 with unit variance, say)
+   costs no precision, nor does a mean that is small next to the values. It writes (count, mean, M2) per channel as a partial result;
+   the last program to finish for a block of channels (an atomic ticket per
+   block) merges that block's partials with Chan's formula (the weighted
+   mean, then ``sum(M2_i + n_i * (mean_i - mean)**2)``), writes
+   ``stats = [mean (C) | rstd (C) | count (1)]``, updates the running
+   statistics (unbiased variance) and resets its ticket.
+2. ``apply``: ``z = relu((x - mean) * rstd * weight + bias [+ r])`` over the
    output's memory order, with the ReLU sign as a 1-bit mask for backward.
 
-Eval mode is the apply pass alone, with BN folded to a per-channel scale and
-shift from the running statistics (``scale = weight / sqrt(running_var + eps)``).
+Eval mode is the apply pass alone, from the running statistics; it also
+writes ``stats`` (the running mean and ``1 / sqrt(running_var + eps)``) for
+backward when asked. Synchronized batch norm runs ``stats`` in its local form
+(``[mean | M2 | count]``, no running update), gathers those, and merges them
+with ``combine``, the same merge as the last program's.
 
 All arithmetic is float32 (float64 for float64 inputs) whatever the storage.
 """
@@ -26,131 +28,197 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Kernel, aligned, cdiv, counters, next_power_of_2, scratch, stream, tensor_key
 from .utils import (
-    acc_dtype, elementwise_settings, nchw_split, pack_mask, reduction_settings, rsqrt_rn, tile_rows, tl_dtype,
+    acc_dtype, elementwise_settings, nchw_split, pack_mask, partial_block, reduction_settings, rsqrt_rn, tile_rows,
+    tl_dtype,
 )
 
 
 @triton.jit
-def _partial_stats_kernel(
+def merge_partials(
+    mean_ptr, m2_ptr, count_ptr,  # partial rows: mean_ptr + p * C + col, likewise m2; count_ptr + p * count_stride
+    P, C, count_stride, cols, col_ok,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """(mean, M2, count) of P partial (mean, M2, count) results, per channel ``cols``.
+
+    Two passes, each accumulating in registers and reducing once. The loads
+    bypass L1 (``.cg``): other programs wrote the partials during this launch.
+    """
+    acc_n = tl.zeros([BLOCK_P], dtype=ACC)
+    acc_nm = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        row_ok = rows < P
+        ok = row_ok[:, None] & col_ok[None, :]
+        n_p = tl.load(count_ptr + rows * count_stride, mask=row_ok, other=0.0, cache_modifier=".cg").to(ACC)
+        mean_p = tl.load(mean_ptr + rows[:, None] * C + cols[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+        acc_n += n_p
+        acc_nm += n_p[:, None] * mean_p.to(ACC)
+    count = tl.sum(acc_n, axis=0)
+    mean = tl.sum(acc_nm, axis=0) / count
+    acc_m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        row_ok = rows < P
+        ok = row_ok[:, None] & col_ok[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        n_p = tl.load(count_ptr + rows * count_stride, mask=row_ok, other=0.0, cache_modifier=".cg").to(ACC)
+        mean_p = tl.load(mean_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(ACC)
+        m2_p = tl.load(m2_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(ACC)
+        d = mean_p - mean[None, :]
+        acc_m2 += tl.where(ok, m2_p + n_p[:, None] * d * d, 0.0)
+    return mean, tl.sum(acc_m2, axis=0), count
+
+
+@triton.jit
+def finish_stats(
+    mean, m2, count, cols, col_ok,
+    stats_ptr,  # [2C + 1] output: mean, rstd (LOCAL: M2), count
+    running_mean_ptr, running_var_ptr,  # [C], updated in place (None: no running statistics)
+    C, momentum, eps,
+    LOCAL: tl.constexpr, ACC: tl.constexpr,
+):
+    """Store the merged statistics of channels ``cols`` and update the running ones."""
+    tl.store(stats_ptr + cols, mean, mask=col_ok)
+    tl.store(stats_ptr + 2 * C, count)
+    if LOCAL:
+        tl.store(stats_ptr + C + cols, m2, mask=col_ok)
+    else:
+        tl.store(stats_ptr + C + cols, rsqrt_rn(m2 / count + eps), mask=col_ok)
+        if running_mean_ptr is not None:
+            # BatchNorm's update: the running variance is the unbiased one.
+            rm = tl.load(running_mean_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+            rv = tl.load(running_var_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+            rm = momentum * mean + (1 - momentum) * rm
+            rv = momentum * (m2 / (count - 1)) + (1 - momentum) * rv
+            tl.store(running_mean_ptr + cols, rm.to(running_mean_ptr.dtype.element_ty), mask=col_ok)
+            tl.store(running_var_ptr + cols, rv.to(running_var_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _stats_kernel(
     x_ptr,  # [N, C, HW] view, any strides
-    p_mean_ptr, p_m2_ptr,  # [splits, C] outputs; the means are relative to the shift
-    p_count_ptr,  # [splits] output: elements per channel this split reduced
-    shift_ptr,  # [C] output: the shift, x[0, c, 0] (0 if that is not finite)
+    partial_ptr,  # scratch: mean [splits, C], M2 [splits, C], count [splits, c_blocks]; means relative to the shift
+    ticket_ptr,  # int32 [c_blocks], zero on entry and on exit: programs done per channel block
+    stats_ptr,  # [2C + 1] output (see finish_stats)
+    running_mean_ptr, running_var_ptr,  # [C] or None
     N, C, HW,
     s_n, s_c, s_hw,  # strides of x
-    tiles_per_split, n_tiles,
-    PER_N: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    tiles_per_split, n_tiles, splits, momentum, eps,
+    PER_N: tl.constexpr, LOCAL: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
+    c_blocks = tl.num_programs(0)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    shift = tl.load(x_ptr + cols * s_c, mask=col_ok, other=0.0).to(ACC)
+    # The shift: the mean of the channel's first tile (the same in every program).
+    rows, row_ok, n_rows = tile_rows(0, N, HW, s_n, s_hw, PER_N, BLOCK_R)
+    ok = row_ok[:, None] & col_ok[None, :]
+    shift = tl.sum(tl.load(x_ptr + rows[:, None] + cols[None, :] * s_c, mask=ok, other=0.0).to(ACC), axis=0)
+    shift = shift / n_rows.to(ACC)
     shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)  # NaN/Inf: no shift
+    acc_1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    acc_2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
     count = tl.zeros([], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
     t0 = split * tiles_per_split
     for t in range(t0, tl.minimum(t0 + tiles_per_split, n_tiles)):
         rows, row_ok, n_rows = tile_rows(t, N, HW, s_n, s_hw, PER_N, BLOCK_R)
         ok = row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_ptr + rows[:, None] + cols[None, :] * s_c, mask=ok, other=0.0).to(ACC)
         x = tl.where(ok, x - shift[None, :], 0.0)
-        n_t = n_rows.to(ACC)
-        mean_t = tl.sum(x, axis=0) / n_t
-        d = tl.where(ok, x - mean_t[None, :], 0.0)
-        m2_t = tl.sum(d * d, axis=0)
-        # Chan et al.: merge (count, mean, m2) with the tile's (n_t, mean_t, m2_t).
-        total = count + n_t
-        delta = mean_t - mean
-        mean += delta * (n_t / total)
-        m2 += m2_t + delta * delta * (count * n_t / total)
-        count = total
-    tl.store(p_mean_ptr + split * C + cols, mean, mask=col_ok)
-    tl.store(p_m2_ptr + split * C + cols, m2, mask=col_ok)
-    tl.store(p_count_ptr + split, count, mask=pid_c == 0)
-    tl.store(shift_ptr + cols, shift, mask=col_ok & (split == 0))
+        acc_1 += x
+        acc_2 += x * x
+        count += n_rows.to(ACC)
+    # The shifted values are of the order of the spread, so sum - sum**2 / n loses little.
+    mean = tl.sum(acc_1, axis=0) / tl.maximum(count, 1.0)
+    m2 = tl.maximum(tl.sum(acc_2, axis=0) - mean * mean * count, 0.0)
+    tl.store(partial_ptr + split * C + cols, mean, mask=col_ok)
+    tl.store(partial_ptr + (splits + split) * C + cols, m2, mask=col_ok)
+    tl.store(partial_ptr + 2 * splits * C + split * c_blocks + pid_c, count)
+
+    # The last program of this channel block merges the block's partials.
+    tl.debug_barrier()  # every thread's stores come before the ticket's release
+    ticket = tl.atomic_add(ticket_ptr + pid_c, 1, sem="acq_rel")
+    if ticket == splits - 1:
+        mean, m2, count = merge_partials(
+            partial_ptr, partial_ptr + splits * C, partial_ptr + 2 * splits * C + pid_c,
+            splits, C, c_blocks, cols, col_ok, ACC, BLOCK_P, BLOCK_C,
+        )
+        finish_stats(mean + shift, m2, count, cols, col_ok, stats_ptr, running_mean_ptr, running_var_ptr,
+                     C, momentum, eps, LOCAL, ACC)
+        tl.atomic_xchg(ticket_ptr + pid_c, 0)
 
 
 @triton.jit
-def _partial_rows(p_count_ptr, p_mean_ptr, p0, P, C, cols, col_ok, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
-    """Partials p0 .. p0 + BLOCK_P: (counts, means, valid, [P, C] offsets)."""
-    rows = p0 + tl.arange(0, BLOCK_P)
-    row_ok = rows < P
-    n_p = tl.load(p_count_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-    ok = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None] * C + cols[None, :]
-    return n_p, tl.load(p_mean_ptr + offs, mask=ok, other=0.0).to(ACC), ok, offs
-
-
-@triton.jit
-def _combine_stats_kernel(
-    p_mean_ptr, p_m2_ptr, p_count_ptr,  # [P, C], [P, C], [P] partial results
-    shift_ptr,  # [C] what the partial means are relative to (HAS_SHIFT)
-    mean_ptr, m2_ptr, rstd_ptr,  # [C] outputs
-    count_ptr,  # [1] output: elements per channel in all
-    running_mean_ptr, running_var_ptr,  # [C], updated in place when UPDATE_RUNNING
-    P, C, momentum, eps,
-    HAS_SHIFT: tl.constexpr, UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+def _combine_kernel(
+    gathered_ptr,  # [W, 2C + 1]: each process's [mean | M2 | count]
+    stats_ptr,  # [2C + 1] output: mean, rstd, count
+    running_mean_ptr, running_var_ptr,  # [C] or None
+    W, C, momentum, eps,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    # Pass 1: total count and count-weighted mean.
-    count = tl.zeros([], dtype=ACC)
-    acc = tl.zeros([BLOCK_C], dtype=ACC)
-    for p0 in range(0, P, BLOCK_P):
-        n_p, mean_p, ok, offs = _partial_rows(p_count_ptr, p_mean_ptr, p0, P, C, cols, col_ok, BLOCK_P, ACC)
-        count += tl.sum(n_p, axis=0)
-        acc += tl.sum(n_p[:, None] * mean_p, axis=0)
-    mean = acc / count
-    # Pass 2: M2 = sum of the partial M2 plus each partial's offset from the mean.
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for p0 in range(0, P, BLOCK_P):
-        n_p, mean_p, ok, offs = _partial_rows(p_count_ptr, p_mean_ptr, p0, P, C, cols, col_ok, BLOCK_P, ACC)
-        m2_p = tl.load(p_m2_ptr + offs, mask=ok, other=0.0).to(ACC)
+    # Rows of the gathered stats are 2C + 1 long: mean at 0, M2 at C, count at 2C.
+    mean, m2, count = merge_partials_strided(
+        gathered_ptr, W, C, cols, col_ok, ACC, BLOCK_P, BLOCK_C,
+    )
+    finish_stats(mean, m2, count, cols, col_ok, stats_ptr, running_mean_ptr, running_var_ptr,
+                 C, momentum, eps, False, ACC)
+
+
+@triton.jit
+def merge_partials_strided(g_ptr, W, C, cols, col_ok, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``merge_partials`` over rows of [mean (C) | M2 (C) | count (1)]."""
+    row = 2 * C + 1
+    acc_n = tl.zeros([BLOCK_P], dtype=ACC)
+    acc_nm = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for p0 in range(0, W, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        row_ok = rows < W
+        ok = row_ok[:, None] & col_ok[None, :]
+        n_p = tl.load(g_ptr + rows * row + 2 * C, mask=row_ok, other=0.0).to(ACC)
+        acc_n += n_p
+        acc_nm += n_p[:, None] * tl.load(g_ptr + rows[:, None] * row + cols[None, :], mask=ok, other=0.0).to(ACC)
+    count = tl.sum(acc_n, axis=0)
+    mean = tl.sum(acc_nm, axis=0) / count
+    acc_m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for p0 in range(0, W, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        row_ok = rows < W
+        ok = row_ok[:, None] & col_ok[None, :]
+        n_p = tl.load(g_ptr + rows * row + 2 * C, mask=row_ok, other=0.0).to(ACC)
+        mean_p = tl.load(g_ptr + rows[:, None] * row + cols[None, :], mask=ok, other=0.0).to(ACC)
+        m2_p = tl.load(g_ptr + rows[:, None] * row + C + cols[None, :], mask=ok, other=0.0).to(ACC)
         d = mean_p - mean[None, :]
-        m2 += tl.sum(tl.where(ok, m2_p + n_p[:, None] * d * d, 0.0), axis=0)
-    rstd = rsqrt_rn(m2 / count + eps)
-    if HAS_SHIFT:
-        mean += tl.load(shift_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-    tl.store(mean_ptr + cols, mean, mask=col_ok)
-    tl.store(m2_ptr + cols, m2, mask=col_ok)
-    tl.store(rstd_ptr + cols, rstd, mask=col_ok)
-    tl.store(count_ptr, count, mask=pid == 0)
-    if UPDATE_RUNNING:
-        # BatchNorm's update: the running variance is the unbiased one.
-        rm = tl.load(running_mean_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-        rv = tl.load(running_var_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-        rm = momentum * mean + (1 - momentum) * rm
-        rv = momentum * (m2 / (count - 1)) + (1 - momentum) * rv
-        tl.store(running_mean_ptr + cols, rm.to(running_mean_ptr.dtype.element_ty), mask=col_ok)
-        tl.store(running_var_ptr + cols, rv.to(running_var_ptr.dtype.element_ty), mask=col_ok)
+        acc_m2 += tl.where(ok, m2_p + n_p[:, None] * d * d, 0.0)
+    return mean, tl.sum(acc_m2, axis=0), count
 
 
 @triton.jit
 def _apply_kernel(
-    x_ptr, r_ptr,  # [N, C, HW] views, any strides
+    x_ptr, r_ptr,  # [N, C, HW] views, any strides (r: None without a residual)
     z_ptr,  # output, dense in NCHW or channels_last order (C_LAST)
-    mask_ptr,  # uint8 ReLU mask in z's memory order (WRITE_MASK)
-    mean_ptr,  # [C] batch mean, or running mean (FROM_VAR)
-    rstd_ptr,  # [C] batch 1/std, or the running variance (FROM_VAR)
-    w_ptr, b_ptr,  # [C] affine parameters (HAS_WEIGHT / HAS_BIAS)
-    n_elements, C, HW, eps,
+    mask_ptr,  # uint8 ReLU mask in z's memory order (None: not needed)
+    mean_ptr,  # [C] batch mean (stats), or the running mean (FROM_VAR)
+    rstd_ptr,  # [C] 1/std (stats + C), or the running variance (FROM_VAR)
+    w_ptr, b_ptr,  # [C] affine parameters, or None
+    stats_ptr,  # [2C + 1] output in eval mode: the running mean and rstd for backward (None: not needed)
+    n_elements, C, HW, rstd_offset, eps,
     x_sn, x_sc, x_shw,
     r_sn, r_sc, r_shw,
     X_DENSE: tl.constexpr, R_DENSE: tl.constexpr,  # laid out exactly as z
-    C_LAST: tl.constexpr, FROM_VAR: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    WRITE_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    C_LAST: tl.constexpr, FROM_VAR: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     o = pid * BLOCK + tl.arange(0, BLOCK)
     in_range = o < n_elements
     n, c, hw = nchw_split(o, C, HW, C_LAST)
+    rstd_ptr += rstd_offset
 
     # Per-channel values: gathers that hit in cache.
     mean = tl.load(mean_ptr + c, mask=in_range, other=0.0).to(ACC)
@@ -159,7 +227,7 @@ def _apply_kernel(
     else:
         rstd = tl.load(rstd_ptr + c, mask=in_range, other=0.0).to(ACC)
     scale = rstd
-    if HAS_WEIGHT:
+    if w_ptr is not None:
         scale = scale * tl.load(w_ptr + c, mask=in_range, other=0.0).to(ACC)
 
     if X_DENSE:
@@ -170,14 +238,14 @@ def _apply_kernel(
     if FROM_VAR:
         # Eval: BN folded to one scale and shift per channel, as eager folds it.
         shift = -mean * scale
-        if HAS_BIAS:
+        if b_ptr is not None:
             shift += tl.load(b_ptr + c, mask=in_range, other=0.0).to(ACC)
         y = x * scale + shift
     else:
         y = (x - mean) * scale
-        if HAS_BIAS:
+        if b_ptr is not None:
             y += tl.load(b_ptr + c, mask=in_range, other=0.0).to(ACC)
-    if HAS_RESIDUAL:
+    if r_ptr is not None:
         if R_DENSE:
             r_off = o
         else:
@@ -186,83 +254,114 @@ def _apply_kernel(
     # `y < 0` rather than `y > 0` keeps NaN as NaN, as torch.relu does.
     z = tl.where(y < 0, 0.0, y)
     tl.store(z_ptr + o, z.to(z_ptr.dtype.element_ty), mask=in_range)
-    if WRITE_MASK:
+    if mask_ptr is not None:
         # Eager's relu backward is where(z <= 0, 0, dz): NaN outputs pass dz on.
         pack_mask(mask_ptr, tl.where(y <= 0, 0, 1), pid, n_elements, BLOCK)
+    if stats_ptr is not None:
+        # Eval: the statistics backward uses, fixed now even if the buffers change later.
+        ch = pid * BLOCK + tl.arange(0, BLOCK)
+        ch_ok = ch < C
+        tl.store(stats_ptr + ch, tl.load(mean_ptr + ch, mask=ch_ok, other=0.0).to(ACC), mask=ch_ok)
+        var = tl.load(rstd_ptr + ch, mask=ch_ok, other=1.0).to(ACC)
+        tl.store(stats_ptr + C + ch, rsqrt_rn(var + eps), mask=ch_ok)
 
 
-def per_n_tiles(x: torch.Tensor) -> bool:
+stats_kernel = Kernel(_stats_kernel)
+combine_kernel = Kernel(_combine_kernel)
+apply_kernel = Kernel(_apply_kernel)
+
+
+def per_n_tiles(shape: tuple[int, int, int], strides: tuple[int, int, int]) -> bool:
     """Reduce NCHW-like views along hw inside each sample; others over n * hw."""
-    return x.shape[2] > 1 and x.stride(2) <= x.stride(1)
+    return shape[2] > 1 and strides[2] <= strides[1]
 
 
-def partial_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-split (mean - shift, M2, count) of each channel of the [N, C, HW] view ``x``, and the shift.
+_stats_settings: dict = {}
 
-    ``x`` must have at least one element.
+
+def stats_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], device: torch.device) -> tuple:
+    """Launch settings of a per-channel reduction over an [N, C, HW] view, cached per shape and strides."""
+    key = (shape, strides, device)
+    plan = _stats_settings.get(key)
+    if plan is None:
+        n, c, hw = shape
+        per_n = per_n_tiles(shape, strides)
+        block_r, block_c, splits, per_split, num_warps = reduction_settings(n, c, hw, per_n, device)
+        n_tiles = n * cdiv(hw, block_r) if per_n else cdiv(n * hw, block_r)
+        c_blocks = cdiv(c, block_c)
+        plan = _stats_settings[key] = (
+            per_n, block_r, block_c, splits, per_split, n_tiles, c_blocks, num_warps, partial_block(splits, block_c),
+        )
+    return plan
+
+
+def batch_stats(
+    x: torch.Tensor, shape: tuple[int, int, int], x_strides: tuple[int, int, int], stats: torch.Tensor,
+    running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float, eps: float,
+    local: bool = False,
+) -> None:
+    """``stats = [mean | rstd | count]`` of x, an [N, C, HW] view (with elements); running stats updated.
+
+    ``local``: ``[mean | M2 | count]`` instead, without the running update
+    (one process's share of synchronized statistics).
     """
-    n, c, hw = x.shape
-    per_n = per_n_tiles(x)
-    block_r, block_c, splits, per_split, num_warps = reduction_settings(n, c, hw, per_n, x.device)
-    acc = acc_dtype(x.dtype)
-    p_mean = torch.empty(splits, c, dtype=acc, device=x.device)
-    p_m2 = torch.empty(splits, c, dtype=acc, device=x.device)
-    p_count = torch.empty(splits, dtype=acc, device=x.device)
-    shift = torch.empty(c, dtype=acc, device=x.device)
-    n_tiles = n * triton.cdiv(hw, block_r) if per_n else triton.cdiv(n * hw, block_r)
-    _partial_stats_kernel[(triton.cdiv(c, block_c), splits)](
-        x, p_mean, p_m2, p_count, shift, n, c, hw, *x.stride(), per_split, n_tiles,
-        PER_N=per_n, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+    n, c, hw = shape
+    per_n, block_r, block_c, splits, per_split, n_tiles, c_blocks, num_warps, block_p = stats_plan(
+        shape, x_strides, x.device)
+    acc = stats.dtype
+    partial = scratch(x.device, splits * (2 * c + c_blocks), acc)
+    tickets = counters(x.device, c_blocks)
+    key = (shape, x_strides, x.dtype, x.device, aligned(x), tensor_key(running_mean), tensor_key(running_var), local)
+    stats_kernel(
+        key, (c_blocks, splits, 1), stream(x.device), num_warps,
+        x, partial, tickets, stats, running_mean, running_var,
+        n, c, hw, *x_strides, per_split, n_tiles, splits, float(momentum), float(eps),
+        per_n, local, tl_dtype(acc), block_r, block_c, block_p,
     )
-    return p_mean, p_m2, p_count, shift
 
 
-def combine_stats(
-    p_mean: torch.Tensor, p_m2: torch.Tensor, p_count: torch.Tensor, shift: torch.Tensor | None,
-    running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+def combine(
+    gathered: torch.Tensor, stats: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
     momentum: float, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, M2, count[1], rstd) from partials; updates the running stats if given.
-
-    ``shift`` is what the partial means are relative to (None: they are not).
-    """
-    n_parts, c = p_mean.shape
-    acc = p_mean.dtype
-    mean, m2, rstd = (torch.empty(c, dtype=acc, device=p_mean.device) for _ in range(3))
-    count = torch.empty(1, dtype=acc, device=p_mean.device)
-    update = running_mean is not None
-    block_c = min(triton.next_power_of_2(c), 128)
-    block_p = min(triton.next_power_of_2(n_parts), 32)
-    _combine_stats_kernel[(triton.cdiv(c, block_c),)](
-        p_mean, p_m2, p_count, mean if shift is None else shift, mean, m2, rstd, count,
-        running_mean if update else mean, running_var if update else mean,
-        n_parts, c, momentum, eps,
-        HAS_SHIFT=shift is not None, UPDATE_RUNNING=update, ACC=tl_dtype(acc), BLOCK_P=block_p, BLOCK_C=block_c,
+) -> None:
+    """``stats = [mean | rstd | count]`` over the processes' contiguous ``[W, 2C + 1]`` local statistics."""
+    w, row = gathered.shape
+    c = (row - 1) // 2
+    block_c = min(next_power_of_2(c), 128)
+    key = (w, c, gathered.dtype, gathered.device, tensor_key(running_mean), tensor_key(running_var))
+    combine_kernel(
+        key, (cdiv(c, block_c), 1, 1), stream(gathered.device), 4,
+        gathered, stats, running_mean, running_var, w, c, float(momentum), float(eps),
+        tl_dtype(gathered.dtype), partial_block(w, block_c), block_c,
     )
-    return mean, m2, count, rstd
 
 
 def apply(
-    x: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None,
-    mean: torch.Tensor, rstd_or_var: torch.Tensor,
-    weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None,
-    eps: float, from_var: bool, c_last: bool,
+    x: torch.Tensor, x_strides: tuple, z: torch.Tensor, z_strides: tuple, shape: tuple[int, int, int],
+    mask: torch.Tensor | None, mean: torch.Tensor, rstd_or_var: torch.Tensor, rstd_offset: int,
+    weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None, r_strides: tuple | None,
+    eps: float, from_var: bool, c_last: bool, stats_out: torch.Tensor | None = None,
 ) -> None:
-    """``z = relu(bn(x) [+ residual])``: [N, C, HW] views, ``z`` dense in its order.
+    """``z = relu(bn(x) [+ residual])`` over [N, C, HW] views (``*_strides``), ``z`` dense in its order.
 
-    ``from_var``: ``mean``/``rstd_or_var`` are the running mean and variance (eval).
+    Training: ``mean`` and ``rstd_or_var`` are the stats tensor, rstd at
+    ``rstd_offset`` (C). ``from_var`` (eval): they are the running mean and
+    variance (offset 0), and ``stats_out`` receives ``[mean | rstd]`` for backward.
     """
-    numel = z.numel()
-    n, c, hw = z.shape
+    n, c, hw = shape
+    numel = n * c * hw
     block, num_warps = elementwise_settings(numel, z.device)
-    r = residual if residual is not None else x
-    _apply_kernel[(triton.cdiv(numel, block),)](
-        x, r, z, z if mask is None else mask, mean, rstd_or_var,
-        mean if weight is None else weight, mean if bias is None else bias,
-        numel, c, hw, eps, *x.stride(), *r.stride(),
-        X_DENSE=x.stride() == z.stride(), R_DENSE=r.stride() == z.stride(),
-        C_LAST=c_last, FROM_VAR=from_var,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, WRITE_MASK=mask is not None,
-        ACC=tl_dtype(acc_dtype(x.dtype)), BLOCK=block, num_warps=num_warps,
+    r = residual
+    key = (
+        shape, x_strides, z_strides, None if r is None else (r_strides, r.dtype, aligned(r)),
+        x.dtype, z.dtype, x.device, aligned(x), mask is None, stats_out is None, rstd_offset,
+        from_var, c_last, mean.dtype, rstd_or_var.dtype, aligned(mean), aligned(rstd_or_var),
+        tensor_key(weight), tensor_key(bias),
+    )
+    apply_kernel(
+        key, (cdiv(numel, block), 1, 1), stream(x.device), num_warps,
+        x, r, z, mask, mean, rstd_or_var, weight, bias, stats_out,
+        numel, c, hw, rstd_offset, float(eps), *x_strides, *(x_strides if r is None else r_strides),
+        x_strides == z_strides, r is not None and r_strides == z_strides,
+        c_last, from_var, tl_dtype(acc_dtype(x.dtype)), block,
     )

@@ -1,10 +1,10 @@
 """Launch settings, index helpers and the ReLU-mask bit format shared by the kernels."""
 
-import functools
-
 import torch
 import triton
 import triton.language as tl  # noqa: F401  (Triton requires it in scope of @triton.jit code)
+
+from .launch import cdiv, compiled, next_power_of_2, sm_count
 
 
 def elementwise_settings(numel: int, device: torch.device) -> tuple[int, int]:
@@ -12,11 +12,10 @@ def elementwise_settings(numel: int, device: torch.device) -> tuple[int, int]:
 
     On a GPU each program moves 2048 elements with 8 warps (8 elements, i.e. one
     or two 16-byte vectors, per thread and tensor). Under the interpreter the
-    cost is per program, so one program takes as much as it can. (Kernels only
-    ever see CPU tensors under the interpreter.)
+    cost is per program, so one program takes as much as it can.
     """
-    if device.type == "cpu":
-        return max(8, min(triton.next_power_of_2(numel), 1 << 16)), 1
+    if not compiled(device):
+        return max(8, min(next_power_of_2(numel), 1 << 16)), 1
     return 2048, 8
 
 
@@ -77,11 +76,6 @@ def mask_bits_at(mask_ptr, offsets, valid):
     return ((packed.to(tl.int32) >> (offsets & 7).to(tl.int32)) & 1) != 0
 
 
-@functools.cache
-def sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 # --- N x C x HW views (batch norm) ------------------------------------------
 # Batch-norm kernels see every tensor as a 3-D view [N, C, HW] with its own
 # strides (H and W merged; the dispatcher makes sure that is a view). Outputs
@@ -136,24 +130,31 @@ def reduction_settings(n: int, c: int, hw: int, per_n: bool, device: torch.devic
 
     Tiles hold about 2048 elements (4096 under the interpreter), longest along
     the dim that is contiguous in memory. The rows are cut into ``splits``
-    ranges so that about 4 programs per SM run on a GPU; each writes a partial
-    result per channel, combined by a second small kernel.
+    ranges so that about 2 programs per SM run on a GPU; each accumulates its
+    tiles in registers, reduces once and writes a partial result per channel,
+    which the last program of each channel block combines.
     """
-    tile = 4096 if device.type == "cpu" else 2048
+    on_gpu = compiled(device)
+    tile = 2048 if on_gpu else 4096
     if per_n:
-        block_r = min(triton.next_power_of_2(hw), 512)
-        block_c = min(triton.next_power_of_2(c), max(1, tile // block_r))
-        n_tiles = n * triton.cdiv(hw, block_r)
+        block_r = min(next_power_of_2(hw), 512)
+        block_c = min(next_power_of_2(c), max(1, tile // block_r))
+        n_tiles = n * cdiv(hw, block_r)
     else:
-        block_c = min(triton.next_power_of_2(c), 256)
-        block_r = min(triton.next_power_of_2(n * hw), max(1, tile // block_c))
-        n_tiles = triton.cdiv(n * hw, block_r)
-    c_blocks = triton.cdiv(c, block_c)
-    target = 2 if device.type == "cpu" else 4 * sm_count(device)
-    splits = max(1, min(triton.cdiv(target, c_blocks), n_tiles))
-    per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, per_split)
-    return block_r, block_c, splits, per_split, 1 if device.type == "cpu" else 4
+        block_c = min(next_power_of_2(c), 256)
+        block_r = min(next_power_of_2(n * hw), max(1, tile // block_c))
+        n_tiles = cdiv(n * hw, block_r)
+    c_blocks = cdiv(c, block_c)
+    target = 2 * sm_count(device) if on_gpu else 2
+    splits = max(1, min(cdiv(target, c_blocks), n_tiles))
+    per_split = cdiv(n_tiles, splits)
+    splits = cdiv(n_tiles, per_split)
+    return block_r, block_c, splits, per_split, 4 if on_gpu else 1
+
+
+def partial_block(parts: int, block_c: int) -> int:
+    """Rows of partial results a finishing program reads at once (tiles of <= 4096 values)."""
+    return max(1, min(next_power_of_2(parts), 4096 // block_c))
 
 
 @triton.jit
@@ -162,3 +163,52 @@ def rsqrt_rn(x):
     if x.dtype == tl.float64:
         return 1.0 / tl.sqrt(x)
     return 1.0 / tl.sqrt_rn(x)
+
+
+# --- 2-D tiles over a dense output (batch norm's elementwise passes) --------
+# The output is [ROWS, COLS] in memory: channels_last is [N*HW, C], NCHW is
+# [N*C, HW]. Per-channel values are then one vector per tile (along the
+# columns, or one per row), and the 1-bit mask has whole bytes per row: bit
+# (row, col) is byte row * ceil(COLS / 8) + col // 8, bit col % 8.
+
+
+def tile_settings(rows: int, cols: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps) of a 2-D elementwise tile: about 2048 elements on a GPU."""
+    if not compiled(device):
+        block_k = max(8, min(next_power_of_2(cols), 4096))
+        return max(1, min(next_power_of_2(rows), (1 << 16) // block_k)), block_k, 1
+    block_k = max(8, min(next_power_of_2(cols), 512))
+    return max(1, 2048 // block_k), block_k, 8
+
+
+def row_bytes(cols: int) -> int:
+    """Bytes of mask per row of COLS elements."""
+    return (cols + 7) // 8
+
+
+@triton.jit
+def pack_mask_2d(mask_ptr, keep, rows, col_byte0, ROW_BYTES, row_ok, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Store ``keep`` ([BLOCK_M, BLOCK_K] int32 0/1) as bits of rows ``rows`` from byte ``col_byte0`` on."""
+    bits = tl.reshape(keep, [BLOCK_M, BLOCK_K // 8, 8])
+    packed = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2)
+    byte = col_byte0 + tl.arange(0, BLOCK_K // 8)
+    ok = row_ok[:, None] & (byte < ROW_BYTES)[None, :]
+    tl.store(mask_ptr + rows[:, None] * ROW_BYTES + byte[None, :], packed.to(tl.uint8), mask=ok)
+
+
+@triton.jit
+def unpack_mask_2d(mask_ptr, rows, col_byte0, ROW_BYTES, row_ok, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] bits written by ``pack_mask_2d``, as booleans (one byte load per 8)."""
+    byte = col_byte0 + tl.arange(0, BLOCK_K // 8)
+    ok = row_ok[:, None] & (byte < ROW_BYTES)[None, :]
+    packed = tl.load(mask_ptr + rows[:, None] * ROW_BYTES + byte[None, :], mask=ok, other=0)
+    bits = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(bits, [BLOCK_M, BLOCK_K]) != 0
+
+
+@triton.jit
+def tile_offsets(rows, cols, C, HW, s_n, s_c, s_hw, C_LAST: tl.constexpr):
+    """Memory offsets of tile (rows, cols) in a strided [N, C, HW] tensor (rows/cols as in the output)."""
+    if C_LAST:  # rows are n * HW + hw, cols are channels
+        return ((rows // HW) * s_n + (rows % HW) * s_hw)[:, None] + cols[None, :] * s_c
+    return ((rows // C) * s_n + (rows % C) * s_c)[:, None] + cols[None, :] * s_hw  # rows n * C + c, cols hw

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastres
-import fastres._dispatch.add_relu as dispatch_add_relu
+import fastres.ops.add_relu as dispatch_add_relu
 from fastres.functional import add_relu
 
 

@@ -19,7 +19,7 @@ from fastres import _ext
 if os.environ.get("FASTRES_NO_EXT") == "1":
     pytest.skip("fastres._C is not built (FASTRES_NO_EXT=1)", allow_module_level=True)
 
-from fastres._dispatch import dense_ops as ops  # noqa: E402
+from fastres.ops import dense_ops as ops  # noqa: E402
 
 _C = _ext.load()
 CUDA = torch.cuda.is_available() and _C.cuda_kernels_compiled()
@@ -467,7 +467,7 @@ def test_load_explains_how_to_rebuild(monkeypatch):
 def test_import_fastres_works_without_the_extension():
     script = (
         "import sys; sys.modules['fastres._C'] = None\n"
-        "import fastres, fastres._dispatch.dense_ops\n"
+        "import fastres, fastres.ops.dense_ops\n"
         "from fastres import _ext\n"
         "assert not _ext.available()\n"
     )

@@ -15,91 +15,84 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import kernels, use_triton
-from .batch_norm import _apply, _backward, _check_device, _empty_out, _nchw, _reduce, channels_last, input_grads
+from . import kernels, require_triton, use_triton
+from .batch_norm import (
+    acc_dtype, apply, backward_elementwise, backward_reduce, channels_last, empty_out, input_grads, view3,
+)
 from .bitmask import new_mask
-
-
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("fastres::bn_local_stats", mutates_args=())
 def bn_local_stats_op(x: Tensor) -> Tensor:
-    """This process's [mean (C), M2 (C), count (1)] in one tensor, ready to gather."""
-    _check_device(x, "bn_local_stats")
+    """This process's [mean (C) | M2 (C) | count (1)] in one tensor, ready to gather."""
+    require_triton(x, "fastres::bn_local_stats")
     c = x.shape[1]
     if x.numel() == 0:
-        return x.new_zeros(2 * c + 1, dtype=_acc(x))
-    k = kernels("batch_norm")
-    mean, m2, count, _ = k.combine_stats(*k.partial_stats(_nchw(x)), None, None, 0.0, 0.0)
-    return torch.cat([mean, m2, count])
+        return x.new_zeros(2 * c + 1, dtype=acc_dtype(x))
+    local = torch.empty(2 * c + 1, dtype=acc_dtype(x), device=x.device)
+    x3, xs = view3(x)
+    kernels("batch_norm").batch_stats(x3, (x.shape[0], c, x.shape[2] * x.shape[3]), xs, local, None, None, 0.0, 0.0,
+                                      local=True)
+    return local
 
 
 @bn_local_stats_op.register_fake
 def _(x):
-    return x.new_empty(2 * x.shape[1] + 1, dtype=_acc(x))
+    return x.new_empty(2 * x.shape[1] + 1, dtype=acc_dtype(x))
 
 
 @torch.library.custom_op("fastres::bn_gather_stats", mutates_args=("running_mean", "running_var"))
 def bn_gather_stats_op(
     gathered: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean, rstd, count[1]) over all processes from their [W, 2C+1] local stats."""
-    c = (gathered.shape[1] - 1) // 2
-    mean, _, count, rstd = kernels("batch_norm").combine_stats(
-        gathered[:, :c].contiguous(), gathered[:, c:2 * c].contiguous(), gathered[:, 2 * c].contiguous(),
-        None, running_mean, running_var, momentum, eps,
-    )
-    return mean, rstd, count
+) -> Tensor:
+    """stats = [mean | rstd | count] over all processes from their [W, 2C+1] local stats."""
+    stats = torch.empty(gathered.shape[1], dtype=gathered.dtype, device=gathered.device)
+    kernels("batch_norm").combine(gathered.contiguous(), stats, running_mean, running_var, momentum, eps)
+    return stats
 
 
 @bn_gather_stats_op.register_fake
 def _(gathered, running_mean, running_var, momentum, eps):
-    c = (gathered.shape[1] - 1) // 2
-    stat = gathered.new_empty(c)
-    return stat, torch.empty_like(stat), gathered.new_empty(1)
+    return gathered.new_empty(gathered.shape[1])
 
 
 @torch.library.custom_op("fastres::bn_relu_apply", mutates_args=())
 def bn_relu_apply_op(
-    x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
-    residual: Tensor | None, save_mask: bool,
+    x: Tensor, stats: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, save_mask: bool,
 ) -> tuple[Tensor, Tensor]:
     """(out, mask) normalised with the given statistics."""
-    _check_device(x, "bn_relu_apply")
-    return _apply(x, _nchw(x), mean, rstd, weight, bias, residual, 0.0, False, channels_last(x), save_mask)
+    require_triton(x, "fastres::bn_relu_apply")
+    return apply(x, stats, weight, bias, residual, channels_last(x), save_mask)
 
 
 @bn_relu_apply_op.register_fake
-def _(x, mean, rstd, weight, bias, residual, save_mask):
-    return _empty_out(x, channels_last(x)), new_mask(x.numel(), x.device, save_mask)
+def _(x, stats, weight, bias, residual, save_mask):
+    return empty_out(x, channels_last(x)), new_mask(x.numel(), x.device, save_mask)
 
 
 @torch.library.custom_op("fastres::bn_relu_backward_reduce", mutates_args=())
 def bn_relu_backward_reduce_op(
-    grad: Tensor, x: Tensor, mask: Tensor, mean: Tensor, rstd: Tensor,
+    grad: Tensor, x: Tensor, mask: Tensor, stats: Tensor,
     weight: Tensor | None, bias: Tensor | None, need_dw: bool, need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """([sum(g) (C), sum(g * (x - mean)) (C)], dweight, dbias) of this process."""
-    _check_device(x, "bn_relu_backward_reduce")
+    """([sum(g) (C) | sum(g * (x - mean)) (C)], dweight, dbias) of this process."""
+    require_triton(x, "fastres::bn_relu_backward_reduce")
+    empty = x.new_empty(0)
     if x.numel() == 0:
-        empty = x.new_empty(0)
         return (
-            mean.new_zeros(2 * x.shape[1]),
+            stats.new_zeros(2 * x.shape[1]),
             torch.zeros_like(weight) if need_dw else empty,
             torch.zeros_like(bias) if need_db else empty,
         )
-    (sum_g, sum_gx), dw, db = _reduce(grad, x, mask, mean, rstd, weight, bias, channels_last(x), need_dw, need_db)
-    empty = x.new_empty(0)
-    return torch.cat([sum_g, sum_gx]), dw if need_dw else empty, db if need_db else empty
+    sums, dw, db = backward_reduce(grad, x, mask, stats, weight, bias, channels_last(x), need_dw, need_db)
+    return sums, dw if need_dw else empty, db if need_db else empty
 
 
 @bn_relu_backward_reduce_op.register_fake
-def _(grad, x, mask, mean, rstd, weight, bias, need_dw, need_db):
+def _(grad, x, mask, stats, weight, bias, need_dw, need_db):
     empty = x.new_empty(0)
     return (
-        mean.new_empty(2 * x.shape[1]),
+        stats.new_empty(2 * x.shape[1]),
         torch.empty_like(weight) if need_dw else empty,
         torch.empty_like(bias) if need_db else empty,
     )
@@ -107,26 +100,23 @@ def _(grad, x, mask, mean, rstd, weight, bias, need_dw, need_db):
 
 @torch.library.custom_op("fastres::bn_relu_backward_elemt", mutates_args=())
 def bn_relu_backward_elemt_op(
-    grad: Tensor, x: Tensor, mask: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
-    sums: Tensor, count: Tensor, need_dx: bool, dr_dtype: torch.dtype | None,
+    grad: Tensor, x: Tensor, mask: Tensor, stats: Tensor, weight: Tensor | None,
+    sums: Tensor, need_dx: bool, dr_dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor]:
     """(dx, dresidual) from the all-reduced sums; those not needed are empty."""
-    _check_device(x, "bn_relu_backward_elemt")
-    c = x.shape[1]
-    dx, dr = _backward(
-        grad, x, mask, mean, rstd, weight, (sums[:c], sums[c:]), count, channels_last(x), need_dx, dr_dtype
-    )
+    require_triton(x, "fastres::bn_relu_backward_elemt")
+    dx, dr = backward_elementwise(grad, x, mask, stats, weight, sums, channels_last(x), need_dx, dr_dtype)
     empty = x.new_empty(0)
     return dx if dx is not None else empty, dr if dr is not None else empty
 
 
 @bn_relu_backward_elemt_op.register_fake
-def _(grad, x, mask, mean, rstd, weight, sums, count, need_dx, dr_dtype):
+def _(grad, x, mask, stats, weight, sums, need_dx, dr_dtype):
     c_last = channels_last(x)
     empty = x.new_empty(0)
     return (
-        _empty_out(x, c_last) if need_dx else empty,
-        _empty_out(x, c_last, dr_dtype) if dr_dtype is not None else empty,
+        empty_out(x, c_last) if need_dx else empty,
+        empty_out(x, c_last, dr_dtype) if dr_dtype is not None else empty,
     )
 
 
@@ -142,22 +132,22 @@ class SyncBatchNormReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, residual, momentum, eps, group, save):
         gathered = _all_gather(torch.ops.fastres.bn_local_stats(x), group)
-        mean, rstd, count = torch.ops.fastres.bn_gather_stats(gathered, running_mean, running_var, momentum, eps)
-        out, mask = torch.ops.fastres.bn_relu_apply(x, mean, rstd, weight, bias, residual, save)
-        ctx.save_for_backward(x, weight, bias, mean, rstd, count, mask)
+        stats = torch.ops.fastres.bn_gather_stats(gathered, running_mean, running_var, momentum, eps)
+        out, mask = torch.ops.fastres.bn_relu_apply(x, stats, weight, bias, residual, save)
+        ctx.save_for_backward(x, weight, bias, stats, mask)
         ctx.group = group
         ctx.residual_dtype = None if residual is None else residual.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, mean, rstd, count, mask = ctx.saved_tensors
+        x, weight, bias, stats, mask = ctx.saved_tensors
         need_dx, need_dw, need_db, need_dr = (ctx.needs_input_grad[i] for i in (0, 1, 2, 5))
-        sums, dw, db = torch.ops.fastres.bn_relu_backward_reduce(grad, x, mask, mean, rstd, weight, bias, need_dw, need_db)
+        sums, dw, db = torch.ops.fastres.bn_relu_backward_reduce(grad, x, mask, stats, weight, bias, need_dw, need_db)
         if need_dx:
             dist.all_reduce(sums, group=ctx.group)
         dx, dr = torch.ops.fastres.bn_relu_backward_elemt(
-            grad, x, mask, mean, rstd, weight, sums, count, need_dx, ctx.residual_dtype if need_dr else None
+            grad, x, mask, stats, weight, sums, need_dx, ctx.residual_dtype if need_dr else None
         )
         return input_grads(ctx, 10, dx, dw, db, dr)
 
@@ -167,7 +157,7 @@ def _reference(x, running_mean, running_var, weight, bias, momentum, eps, residu
     from torch.distributed.nn.functional import all_reduce
 
     c = x.shape[1]
-    xf = x.to(_acc(x))
+    xf = x.to(acc_dtype(x))
     shape = (1, c, 1, 1)
     count = xf.new_full((1,), x.numel() // c if c else 0)
     totals = all_reduce(torch.cat([xf.sum((0, 2, 3)), count]), group=group)

@@ -6,6 +6,10 @@ with fake implementations): ``fastres::add_relu`` (new output),
 ``fastres::add_relu_backward``. ``AddReLU`` ties them together for autograd and
 saves only the 1-bit ReLU mask: eager keeps the full output for relu's backward.
 
+In eager mode the Python implementations are called directly, not through
+the dispatcher (whose custom-op handling costs more host time than the
+launch); under ``torch.compile`` the custom ops are what the graph holds.
+
 Tensors that do not run Triton (CPU without the interpreter) take plain eager
 ops instead: there the mask would cost time and save nothing that matters.
 """
@@ -13,17 +17,32 @@ ops instead: there the mask would cost time and save nothing that matters.
 import torch
 from torch import Tensor
 
-from . import kernels, require_triton, use_triton
+from . import apply_function, kernels, require_triton, use_triton
 from .bitmask import new_mask
 from .layout import elementwise_output, memory_order
+
+
+def _dense(t: Tensor) -> bool:
+    """Contiguous in NCHW or channels_last order: elements in memory order are a flat range."""
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _order(shape, strides) -> list[int]:
+    """``memory_order`` of a tensor with these sizes and strides."""
+    return sorted(range(len(shape)), key=lambda d: -strides[d])
 
 
 def _forward(x: Tensor, identity: Tensor, out: Tensor, mask: Tensor | None) -> None:
     """relu(x + identity) into ``out`` (which may be x), mask in ``out``'s memory order."""
     require_triton(out, "fastres::add_relu")
+    k = kernels("add_relu")
+    strides = out.stride()
+    if x.stride() == strides and identity.stride() == strides and _dense(out):
+        k.add_relu_forward_dense(x, identity, out, mask)  # the common case: one layout, walked flat
+        return
     order = memory_order(out)
     xv, rv, ov = x.permute(order), identity.permute(order), out.permute(order)
-    launch = kernels("add_relu").add_relu_forward
+    launch = k.add_relu_forward
     if ov.dim() <= 4:
         launch(xv, rv, ov, mask)
         return
@@ -34,12 +53,32 @@ def _forward(x: Tensor, identity: Tensor, out: Tensor, mask: Tensor | None) -> N
         ov.copy_(flat)
 
 
-@torch.library.custom_op("fastres::add_relu", mutates_args=())
-def add_relu_op(x: Tensor, identity: Tensor, save_mask: bool) -> tuple[Tensor, Tensor]:
+def _add_relu(x: Tensor, identity: Tensor, save_mask: bool) -> tuple[Tensor, Tensor]:
     out = elementwise_output(x, identity)
     mask = new_mask(out.numel(), out.device, save_mask)
     _forward(x, identity, out, mask if save_mask else None)
     return out, mask
+
+
+def _add_relu_inplace(x: Tensor, identity: Tensor, save_mask: bool) -> Tensor:
+    mask = new_mask(x.numel(), x.device, save_mask)
+    _forward(x, identity, x, mask if save_mask else None)
+    return mask
+
+
+def _add_relu_backward(grad: Tensor, mask: Tensor, order: list[int]) -> Tensor:
+    require_triton(grad, "fastres::add_relu_backward")
+    dx = torch.empty_permuted(grad.shape, order, dtype=grad.dtype, device=grad.device)
+    gv, dv = grad.permute(order), dx.permute(order)
+    if dv.dim() > 4:
+        gv, dv = gv.reshape(-1), dv.view(-1)
+    kernels("add_relu").add_relu_backward(gv, mask, dv)
+    return dx
+
+
+@torch.library.custom_op("fastres::add_relu", mutates_args=())
+def add_relu_op(x: Tensor, identity: Tensor, save_mask: bool) -> tuple[Tensor, Tensor]:
+    return _add_relu(x, identity, save_mask)
 
 
 @add_relu_op.register_fake
@@ -50,9 +89,7 @@ def _(x: Tensor, identity: Tensor, save_mask: bool) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("fastres::add_relu_", mutates_args=("x",))
 def add_relu_inplace_op(x: Tensor, identity: Tensor, save_mask: bool) -> Tensor:
-    mask = new_mask(x.numel(), x.device, save_mask)
-    _forward(x, identity, x, mask if save_mask else None)
-    return mask
+    return _add_relu_inplace(x, identity, save_mask)
 
 
 @add_relu_inplace_op.register_fake
@@ -63,13 +100,7 @@ def _(x: Tensor, identity: Tensor, save_mask: bool) -> Tensor:
 @torch.library.custom_op("fastres::add_relu_backward", mutates_args=())
 def add_relu_backward_op(grad: Tensor, mask: Tensor, order: list[int]) -> Tensor:
     """``where(z <= 0, 0, grad)``, laid out densely in ``order`` (the forward output's)."""
-    require_triton(grad, "fastres::add_relu_backward")
-    dx = torch.empty_permuted(grad.shape, order, dtype=grad.dtype, device=grad.device)
-    gv, dv = grad.permute(order), dx.permute(order)
-    if dv.dim() > 4:
-        gv, dv = gv.reshape(-1), dv.view(-1)
-    kernels("add_relu").add_relu_backward(gv, mask, dv)
-    return dx
+    return _add_relu_backward(grad, mask, order)
 
 
 @add_relu_backward_op.register_fake
@@ -82,20 +113,28 @@ class AddReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, identity: Tensor, inplace: bool) -> Tensor:
+        compiling = torch.compiler.is_compiling()
         if inplace:
-            mask = torch.ops.fastres.add_relu_(x, identity, True)
+            mask = (torch.ops.fastres.add_relu_ if compiling else _add_relu_inplace)(x, identity, True)
             ctx.mark_dirty(x)
             out = x
         else:
-            out, mask = torch.ops.fastres.add_relu(x, identity, True)
-        ctx.order = memory_order(out)
+            out, mask = (torch.ops.fastres.add_relu if compiling else _add_relu)(x, identity, True)
+        ctx.out = (out.shape, out.stride(), _dense(out))
         ctx.save_for_backward(mask)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         (mask,) = ctx.saved_tensors
-        g = torch.ops.fastres.add_relu_backward(grad, mask, ctx.order)
+        shape, strides, dense = ctx.out
+        if torch.compiler.is_compiling():
+            g = torch.ops.fastres.add_relu_backward(grad, mask, _order(shape, strides))
+        elif dense and grad.stride() == strides:  # laid out as the forward output: walked flat
+            g = torch.empty_like(grad)
+            kernels("add_relu").add_relu_backward_dense(grad, mask, g)
+        else:
+            g = _add_relu_backward(grad, mask, _order(shape, strides))
         # Both summands get the same gradient, as in eager's AddBackward.
         return (
             g if ctx.needs_input_grad[0] else None,
@@ -109,8 +148,9 @@ def add_relu(x: Tensor, identity: Tensor, inplace: bool) -> Tensor:
     if not use_triton(x):
         return x.add_(identity).relu_() if inplace else torch.relu(x + identity)
     if torch.is_grad_enabled() and (x.requires_grad or identity.requires_grad):
-        return AddReLU.apply(x, identity, inplace)
+        return apply_function(AddReLU, x, identity, inplace)
+    compiling = torch.compiler.is_compiling()
     if inplace:
-        torch.ops.fastres.add_relu_(x, identity, False)
+        (torch.ops.fastres.add_relu_ if compiling else _add_relu_inplace)(x, identity, False)
         return x
-    return torch.ops.fastres.add_relu(x, identity, False)[0]
+    return (torch.ops.fastres.add_relu if compiling else _add_relu)(x, identity, False)[0]

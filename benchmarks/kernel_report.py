@@ -1,0 +1,238 @@
+"""Static report of every fused kernel as compiled for an H100 (sm_90), without a GPU.
+
+    python -m benchmarks.kernel_report [--shapes resnet50|small] [--json PATH] [--md PATH]
+
+The fused ops run at the given shapes through the stand-in device
+(``benchmarks/stub_gpu.py``): Triton compiles each kernel variant they launch
+with its real backend, and the launches (grids) are recorded. For every
+distinct binary: registers, spills and shared memory (``cuobjdump -res-usage``),
+the share of global loads and stores that move 128 bits, and the main loop's
+bytes moved per warp-instruction, read off the SASS (``cuobjdump -sass``): the
+first loop that loads from global memory, or the whole kernel where there is
+no loop. Every ``.cu`` file of ``csrc/`` is compiled with ``nvcc -Xptxas -v``
+for its registers and spills.
+
+``--shapes resnet50``: ResNet-50's batch norms and residual merges at batch
+64, float32 and bfloat16, NCHW and channels_last. ``small``: the same kernel
+variants at small shapes (what the unit test compiles).
+"""
+
+import argparse
+import collections
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("benchmarks.kernel_report compiles kernels for sm_90: unset TRITON_INTERPRET")
+
+from benchmarks import stub_gpu  # noqa: E402
+
+RESNET50 = [(64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7), (2048, 7)]
+SMALL = [(64, 8), (48, 7)]
+WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def _tools() -> tuple[str, str]:
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return os.path.join(bin_dir, "cuobjdump"), bin_dir
+
+
+def _run_ops(shapes: list[tuple[int, int]], batch: int) -> None:
+    """Every fused op's training forward + backward (and eval forward) at these shapes."""
+    from fastres.functional import add_relu, batch_norm_relu
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for c, hw in shapes:
+                shape = (batch, c, hw, hw)
+                x = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+                r = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+                grad = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
+                w, b = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
+                rm, rv = torch.zeros(c), torch.ones(c)
+                for residual in (None, r):
+                    batch_norm_relu(x, rm, rv, w, b, True, 0.1, 1e-5, residual).backward(grad)
+                    with torch.no_grad():
+                        batch_norm_relu(x, rm, rv, w, b, False, 0.1, 1e-5, residual)
+                add_relu(x, r).backward(grad)
+                del x, r, grad
+
+
+def _sass_stats(sass: str) -> dict:
+    lines = []
+    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", sass):
+        lines.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    mem = [(a, op) for a, op, _ in lines if op.startswith(("LDG", "STG"))]
+    wide = sum(1 for _, op in mem if ".128" in op)
+    loops = []
+    for addr, op, rest in lines:
+        if op.startswith("BRA"):
+            t = re.search(r"0x([0-9a-f]+)", rest)
+            if t and int(t.group(1), 16) < addr:
+                loops.append((int(t.group(1), 16), addr))
+    main = next(((lo, hi) for lo, hi in loops if any(lo <= a <= hi and op.startswith("LDG") for a, op in mem)), None)
+    if main is None:  # straight-line kernel: everything up to the last EXIT
+        exits = [a for a, op, _ in lines if op == "EXIT"]
+        main = (lines[0][0], exits[-1] if exits else lines[-1][0])
+        kind = "kernel"
+    else:
+        kind = "loop"
+    body = [(a, op) for a, op, _ in lines if main[0] <= a <= main[1]]
+    moved = 0
+    for _, op in body:
+        if op.startswith(("LDG", "STG")):
+            width = next((v for k, v in WIDTH.items() if f".{k}" in op), 4)
+            moved += 32 * width
+    return {
+        "global_accesses": len(mem),
+        "ldg128": sum(1 for _, op in mem if op.startswith("LDG") and ".128" in op),
+        "stg128": sum(1 for _, op in mem if op.startswith("STG") and ".128" in op),
+        "share_128bit": wide / len(mem) if mem else None,
+        "main": kind,
+        "main_instructions": len(body),
+        "bytes_per_warp_instruction": moved / len(body) if body else 0.0,
+    }
+
+
+def _res_usage(cuobjdump: str, cubin_path: str) -> dict:
+    out = subprocess.run([cuobjdump, "-res-usage", cubin_path], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return {"registers": int(m.group(1)), "stack": int(m.group(2)), "shared": int(m.group(3)),
+            "spill_bytes": int(m.group(4))}
+
+
+def triton_kernels(shapes: list[tuple[int, int]], batch: int) -> list[dict]:
+    cuobjdump, _ = _tools()
+    torch.manual_seed(0)
+    with stub_gpu.install() as rec:
+        rec.clear()
+        rec.keep = True
+        _run_ops(shapes, batch)
+        launches = list(rec.launches)
+    by_hash: dict = collections.OrderedDict()
+    grids: dict = collections.defaultdict(list)
+    for launch in launches:
+        k = launch.kernel
+        if k is None:
+            continue
+        by_hash.setdefault(k.hash, k)
+        grids[k.hash].append(launch.grid[0] * launch.grid[1] * launch.grid[2])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for h, k in by_hash.items():
+            path = os.path.join(tmp, f"{h}.cubin")
+            with open(path, "wb") as f:
+                f.write(k.asm["cubin"])
+            sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+            names = k.src.fn.arg_names
+            constants = {
+                (names[key[0]] if isinstance(key, tuple) else names[key] if isinstance(key, int) else str(key)): v
+                for key, v in getattr(k.src, "constants", {}).items()
+            }
+            row = {"kernel": k.name, "hash": h[:12], "num_warps": k.metadata.num_warps,
+                   "constexprs": {a: (v if isinstance(v, (bool, int, float)) else str(v)) for a, v in constants.items()
+                                  if v is not None and not a.endswith("_ptr")},
+                   "programs": sorted(set(grids[h])), **_res_usage(cuobjdump, path), **_sass_stats(sass)}
+            rows.append(row)
+    return rows
+
+
+def cuda_kernels() -> list[dict]:
+    """``nvcc -Xptxas -v`` of every .cu in csrc/ for sm_90: registers and spills per kernel."""
+    nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        return []
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    rows = []
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".cu"):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            run = subprocess.run(
+                [nvcc, "-c", "-O3", "-std=c++17", "-arch=sm_90", "-Xptxas", "-v", os.path.join(root, name),
+                 "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True,
+            )
+        if run.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {name}:\n{run.stderr[-3000:]}")
+        current = None
+        for line in run.stderr.splitlines():
+            m = re.search(r"Compiling entry function '([^']+)'", line)
+            if m:
+                current = {"file": name, "kernel": m.group(1)}
+                rows.append(current)
+            m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+            if m and current is not None:
+                current["spill_bytes"] = int(m.group(1)) + int(m.group(2))
+            m = re.search(r"Used (\d+) registers", line)
+            if m and current is not None:
+                current["registers"] = int(m.group(1))
+    return rows
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not names:
+        return {n: n for n in names}
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out))
+
+
+def markdown(triton_rows: list[dict], cuda_rows: list[dict]) -> str:
+    lines = [
+        "| Triton kernel | key constexprs | warps | regs | spills | smem | 128-bit share | main | instr | B/warp-instr | programs (132 SMs) |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    shown = ("BLOCK", "BLOCK_R", "BLOCK_C", "PER_N", "C_LAST", "X_DENSE", "Z_DENSE", "DZ_DENSE", "FROM_VAR", "LOCAL")
+    for r in triton_rows:
+        cx = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k in shown)
+        share = "-" if r["share_128bit"] is None else f"{r['share_128bit']:.0%}"
+        progs = r["programs"]
+        progs_s = f"{progs[0]}" if len(progs) == 1 else f"{progs[0]}-{progs[-1]}"
+        lines.append(
+            f"| {r['kernel']} | {cx} | {r['num_warps']} | {r['registers']} | {r['spill_bytes']} | {r['shared']} | "
+            f"{share} | {r['main']} | {r['main_instructions']} | {r['bytes_per_warp_instruction']:.1f} | {progs_s} |"
+        )
+    if cuda_rows:
+        names = _demangle([r["kernel"] for r in cuda_rows])
+        lines += ["", "| CUDA kernel (csrc/) | regs | spills |", "|---|---:|---:|"]
+        for r in cuda_rows:
+            lines.append(f"| {names[r['kernel']][:90]} | {r.get('registers', '?')} | {r.get('spill_bytes', 0)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", choices=("resnet50", "small"), default="resnet50")
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--md", help="write the markdown table here")
+    parser.add_argument("--no-cuda", action="store_true", help="skip nvcc on csrc/")
+    args = parser.parse_args(argv)
+    shapes, batch = (RESNET50, 64) if args.shapes == "resnet50" else (SMALL, 2)
+    triton_rows = triton_kernels(shapes, batch)
+    cuda_rows = [] if args.no_cuda else cuda_kernels()
+    table = markdown(triton_rows, cuda_rows)
+    print(table)
+    if args.json:
+        import triton
+
+        with open(args.json, "w") as f:
+            json.dump({"target": "sm_90 (compiled by Triton's NVIDIA backend, nothing run)",
+                       "triton": triton.__version__, "torch": torch.__version__, "shapes": args.shapes,
+                       "triton_kernels": triton_rows, "cuda_kernels": cuda_rows}, f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

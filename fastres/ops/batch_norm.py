@@ -1,0 +1,249 @@
+"""Fused BatchNorm (+ residual add) + ReLU: implementations, custom ops and autograd.
+
+Two ops, ``fastres::batch_norm_relu`` (the whole forward: statistics,
+running-stat update, apply) and ``fastres::batch_norm_relu_backward``, are
+registered with ``torch.library`` so that ``torch.compile`` sees opaque calls
+with fake implementations. In eager mode ``BatchNormReLU`` calls their Python
+implementations directly: the dispatcher's handling of a custom op with
+mutated arguments costs more host time (70-95 us) than the kernels' launches.
+
+Every function takes 4-D tensors. The kernels see [N, C, H*W] views; an input
+whose H and W cannot merge into one stride is copied once (only odd views do
+that). Backward saves x, ``stats = [mean | rstd | count]`` and the 1-bit ReLU
+mask: eager saves x and the whole output. The synchronized op
+(``sync_batch_norm``) is built from the same pieces.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+from . import apply_function, kernels, require_triton, use_triton
+from .bitmask import new_mask
+
+
+def channels_last(x: Tensor) -> bool:
+    """Whether eager's batch norm would give a channels_last output for ``x``."""
+    if x.is_contiguous():
+        return False  # the common NCHW case, without the stride analysis
+    return suggest_memory_format(x) == torch.channels_last
+
+
+def empty_out(x: Tensor, c_last: bool, dtype: torch.dtype | None = None) -> Tensor:
+    """An output shaped like x, dense in NCHW or channels_last order."""
+    fmt = torch.channels_last if c_last else torch.contiguous_format
+    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """What statistics are computed and kept in: float64 for float64 x, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def view3(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """``t`` (N, C, H, W) and its strides as an [N, C, H*W] view (copied first if H and W do not merge).
+
+    The kernels take the tensor's pointer and these strides: no view is built.
+    """
+    n, c, h, w = t.shape
+    s = t.stride()
+    if h > 1 and w > 1 and s[2] != w * s[3]:
+        t = t.contiguous(memory_format=suggest_memory_format(t))
+        s = t.stride()
+    return t, (s[0], s[1], s[3] if w > 1 else s[2] if h > 1 else 1)
+
+
+def out_strides(shape: tuple[int, int, int], c_last: bool) -> tuple[int, int, int]:
+    """[N, C, HW] strides of a dense output (they also locate the mask bits)."""
+    n, c, hw = shape
+    return (c * hw, 1, c) if c_last else (c * hw, hw, 1)
+
+
+def _shape3(x: Tensor) -> tuple[int, int, int]:
+    n, c, h, w = x.shape
+    return n, c, h * w
+
+
+def apply(x, stats, weight, bias, residual, c_last, save_mask):
+    """(out, mask) normalised with ``stats`` (training statistics), out laid out as eager's."""
+    out = empty_out(x, c_last)
+    mask = new_mask(out.numel(), out.device, save_mask)
+    if out.numel():
+        shape = _shape3(x)
+        x, xs = view3(x)
+        r, rs = view3(residual) if residual is not None else (None, None)
+        kernels("batch_norm").apply(
+            x, xs, out, out_strides(shape, c_last), shape, mask if save_mask else None, stats, stats, shape[1],
+            weight, bias, r, rs, 0.0, False, c_last,
+        )
+    return out, mask
+
+
+def forward(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, save_mask):
+    """(out, stats, mask). In eval, stats come from the running statistics (empty unless ``save_mask``)."""
+    c_last = channels_last(x)
+    shape = _shape3(x)
+    c = shape[1]
+    acc = acc_dtype(x)
+    k = kernels("batch_norm")
+    x3, xs = view3(x)
+    r, rs = view3(residual) if residual is not None else (None, None)
+    out = empty_out(x, c_last)
+    mask = new_mask(out.numel(), out.device, save_mask)
+    # Eval: backward's statistics are fixed now, even if the buffers change later.
+    stats = torch.empty(2 * c + 1 if training or save_mask else 0, dtype=acc, device=x.device)
+    if training:
+        k.batch_stats(x3, shape, xs, stats, running_mean, running_var, momentum, eps)
+        mean, rstd_or_var, offset = stats, stats, c
+    else:
+        mean, rstd_or_var, offset = running_mean, running_var, 0
+    k.apply(
+        x3, xs, out, out_strides(shape, c_last), shape, mask if save_mask else None, mean, rstd_or_var, offset,
+        weight, bias, r, rs, eps, not training, c_last, stats if save_mask and not training else None,
+    )
+    return out, stats, mask
+
+
+def backward_reduce(grad, x, mask, stats, weight, bias, c_last, need_dw, need_db):
+    """(sums [2C], dweight, dbias): the per-channel sums of g and g * (x - mean); dw/db None unless needed."""
+    dw = torch.empty_like(weight) if need_dw else None
+    db = torch.empty_like(bias) if need_db else None
+    shape = _shape3(x)
+    sums = torch.empty(2 * shape[1], dtype=stats.dtype, device=x.device)
+    g, gs = view3(grad)
+    x, xs = view3(x)
+    kernels("batch_norm_backward").reduce(g, gs, x, xs, shape, out_strides(shape, c_last), mask, stats, sums, dw, db)
+    return sums, dw, db
+
+
+def backward_elementwise(grad, x, mask, stats, weight, sums, c_last, need_dx, dr_dtype):
+    """(dx, dresidual), each None unless needed; ``sums`` None in eval mode."""
+    dx = empty_out(x, c_last) if need_dx else None
+    dr = empty_out(x, c_last, dr_dtype) if dr_dtype is not None else None
+    if (dx is not None or dr is not None) and x.numel():
+        shape = _shape3(x)
+        g, gs = view3(grad)
+        x, xs = view3(x)
+        kernels("batch_norm_backward").elementwise(
+            g, gs, x, xs, shape, out_strides(shape, c_last), mask, stats, weight, sums, dx, dr, c_last,
+        )
+    return dx, dr
+
+
+def backward(grad, x, mask, stats, weight, bias, training, need_dx, need_dw, need_db, dr_dtype):
+    """(dx, dweight, dbias, dresidual); those not needed are None."""
+    c_last = channels_last(x)
+    sums, dw, db = None, None, None
+    if training and need_dx or need_dw or need_db:
+        sums, dw, db = backward_reduce(grad, x, mask, stats, weight, bias, c_last, need_dw, need_db)
+    dx, dr = backward_elementwise(grad, x, mask, stats, weight, sums if training else None, c_last, need_dx, dr_dtype)
+    return dx, dw, db, dr
+
+
+# --- custom ops: what torch.compile sees -----------------------------------
+
+
+@torch.library.custom_op("fastres::batch_norm_relu", mutates_args=("running_mean", "running_var"))
+def batch_norm_relu_op(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None, residual: Tensor | None,
+    training: bool, momentum: float, eps: float, save_mask: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, stats, mask); ``stats = [mean | rstd | count]`` (eval: from the running statistics)."""
+    require_triton(x, "fastres::batch_norm_relu")
+    return forward(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, save_mask)
+
+
+@batch_norm_relu_op.register_fake
+def _(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, save_mask):
+    stats = x.new_empty(2 * x.shape[1] + 1 if training or save_mask else 0, dtype=acc_dtype(x))
+    return empty_out(x, channels_last(x)), stats, new_mask(x.numel(), x.device, save_mask)
+
+
+def _none_to_empty(*ts: Tensor | None) -> tuple[Tensor, ...]:
+    return tuple(t if t is not None else torch.empty(0) for t in ts)
+
+
+@torch.library.custom_op("fastres::batch_norm_relu_backward", mutates_args=())
+def batch_norm_relu_backward_op(
+    grad: Tensor, x: Tensor, mask: Tensor, stats: Tensor, weight: Tensor | None, bias: Tensor | None,
+    training: bool, need_dx: bool, need_dw: bool, need_db: bool, dr_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dresidual); those not needed are empty."""
+    require_triton(x, "fastres::batch_norm_relu_backward")
+    return _none_to_empty(*backward(grad, x, mask, stats, weight, bias, training, need_dx, need_dw, need_db, dr_dtype))
+
+
+@batch_norm_relu_backward_op.register_fake
+def _(grad, x, mask, stats, weight, bias, training, need_dx, need_dw, need_db, dr_dtype):
+    c_last = channels_last(x)
+    empty = x.new_empty(0)
+    return (
+        empty_out(x, c_last) if need_dx else empty,
+        torch.empty_like(weight) if need_dw else empty,
+        torch.empty_like(bias) if need_db else empty,
+        empty_out(x, c_last, dr_dtype) if dr_dtype is not None else empty,
+    )
+
+
+def input_grads(ctx, n_inputs: int, dx, dw, db, dr) -> tuple:
+    """Backward's return value: the gradients of x, weight, bias (inputs 0-2) and the
+    residual (input 5) where they are needed, None for every other input."""
+    grads = [None] * n_inputs
+    for i, g in zip((0, 1, 2, 5), (dx, dw, db, dr)):
+        if ctx.needs_input_grad[i]:
+            grads[i] = g
+    return tuple(grads)
+
+
+class BatchNormReLU(torch.autograd.Function):
+    """Autograd for the fused op: saves x, stats and the 1-bit ReLU mask."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, residual, training, momentum, eps):
+        args = (x, weight, bias, running_mean, running_var, residual, training, momentum, eps, True)
+        if torch.compiler.is_compiling():
+            out, stats, mask = torch.ops.fastres.batch_norm_relu(*args)
+        else:
+            require_triton(x, "fastres::batch_norm_relu")
+            out, stats, mask = forward(*args)
+        ctx.save_for_backward(x, weight, bias, stats, mask)
+        ctx.training = training
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, stats, mask = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        args = (grad, x, mask, stats, weight, bias, ctx.training, need[0], need[1], need[2],
+                ctx.residual_dtype if need[5] else None)
+        if torch.compiler.is_compiling():
+            dx, dw, db, dr = torch.ops.fastres.batch_norm_relu_backward(*args)
+        else:
+            dx, dw, db, dr = backward(*args)
+        return input_grads(ctx, 9, dx, dw, db, dr)
+
+
+# --- entry point ------------------------------------------------------------
+
+
+def batch_norm_relu(x, running_mean, running_var, weight, bias, training, momentum, eps, residual):
+    """Arguments already checked; builds a graph only when a gradient can flow."""
+    if not use_triton(x) or x.numel() == 0:
+        # Eager PyTorch: CPU without the interpreter, and empty batches (which
+        # eager handles without touching the statistics).
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        if residual is not None:
+            y = y.add_(residual)  # like torchvision's `out += identity`
+        return torch.relu_(y)
+    args = (x, weight, bias, running_mean, running_var, residual, training, momentum, eps)
+    if torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad) or (residual is not None and residual.requires_grad)
+    ):
+        return apply_function(BatchNormReLU, *args)
+    if torch.compiler.is_compiling():
+        return torch.ops.fastres.batch_norm_relu(*args, False)[0]
+    return forward(*args, False)[0]
