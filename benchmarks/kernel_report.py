@@ -138,7 +138,12 @@ def triton_kernels(shapes: list[tuple[int, int]], batch: int) -> list[dict]:
                 (names[key[0]] if isinstance(key, tuple) else names[key] if isinstance(key, int) else str(key)): v
                 for key, v in getattr(k.src, "constants", {}).items()
             }
+            aligned_args = sorted(
+                names[key[0]] for key, attrs in getattr(k.src, "attrs", {}).items()
+                if any(a[0] == "tt.divisibility" and a[1] >= 16 for a in attrs) and not names[key[0]].endswith("_ptr")
+            )
             row = {"kernel": k.name, "hash": h[:12], "num_warps": k.metadata.num_warps,
+                   "divisible_by_16": aligned_args,
                    "constexprs": {a: (v if isinstance(v, (bool, int, float)) else str(v)) for a, v in constants.items()
                                   if v is not None and not a.endswith("_ptr")},
                    "programs": sorted(set(grids[h])), **_res_usage(cuobjdump, path), **_sass_stats(sass)}

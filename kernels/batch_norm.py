@@ -30,21 +30,22 @@ import triton.language as tl
 
 from .launch import Kernel, aligned, cdiv, counters, next_power_of_2, scratch, stream, tensor_key
 from .utils import (
-    acc_dtype, elementwise_settings, nchw_split, pack_mask, partial_block, reduction_settings, rsqrt_rn, tile_rows,
-    tl_dtype,
+    acc_dtype, pack_mask_2d, partial_block, reduction_settings, row_bytes, rsqrt_rn, tile_index, tile_offsets,
+    tile_settings, tl_dtype,
 )
 
 
 @triton.jit
 def merge_partials(
-    mean_ptr, m2_ptr, count_ptr,  # partial rows: mean_ptr + p * C + col, likewise m2; count_ptr + p * count_stride
-    P, C, count_stride, cols, col_ok,
+    mean_ptr, m2_ptr, count_ptr,  # partial p: mean_ptr + p * row_stride + col, likewise M2; count_ptr + p * count_stride
+    P, row_stride, count_stride, cols, col_ok,
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """(mean, M2, count) of P partial (mean, M2, count) results, per channel ``cols``.
 
     Two passes, each accumulating in registers and reducing once. The loads
-    bypass L1 (``.cg``): other programs wrote the partials during this launch.
+    bypass L1 (``.cg``): other programs may have written the partials during
+    this launch.
     """
     acc_n = tl.zeros([BLOCK_P], dtype=ACC)
     acc_nm = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
@@ -53,7 +54,8 @@ def merge_partials(
         row_ok = rows < P
         ok = row_ok[:, None] & col_ok[None, :]
         n_p = tl.load(count_ptr + rows * count_stride, mask=row_ok, other=0.0, cache_modifier=".cg").to(ACC)
-        mean_p = tl.load(mean_ptr + rows[:, None] * C + cols[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+        mean_p = tl.load(mean_ptr + rows[:, None] * row_stride + cols[None, :], mask=ok, other=0.0,
+                         cache_modifier=".cg")
         acc_n += n_p
         acc_nm += n_p[:, None] * mean_p.to(ACC)
     count = tl.sum(acc_n, axis=0)
@@ -63,7 +65,7 @@ def merge_partials(
         rows = p0 + tl.arange(0, BLOCK_P)
         row_ok = rows < P
         ok = row_ok[:, None] & col_ok[None, :]
-        offs = rows[:, None] * C + cols[None, :]
+        offs = rows[:, None] * row_stride + cols[None, :]
         n_p = tl.load(count_ptr + rows * count_stride, mask=row_ok, other=0.0, cache_modifier=".cg").to(ACC)
         mean_p = tl.load(mean_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(ACC)
         m2_p = tl.load(m2_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(ACC)
@@ -107,7 +109,7 @@ def _stats_kernel(
     N, C, HW,
     s_n, s_c, s_hw,  # strides of x
     tiles_per_split, n_tiles, splits, momentum, eps,
-    PER_N: tl.constexpr, LOCAL: tl.constexpr, ACC: tl.constexpr,
+    PER_N: tl.constexpr, FLAT: tl.constexpr, LOCAL: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -116,7 +118,8 @@ def _stats_kernel(
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     # The shift: the mean of the channel's first tile (the same in every program).
-    rows, row_ok, n_rows = tile_rows(0, N, HW, s_n, s_hw, PER_N, BLOCK_R)
+    n, hw, row_ok, _, n_rows = tile_index(0, N, HW, PER_N, FLAT, BLOCK_R)
+    rows = n * s_n + hw * s_hw
     ok = row_ok[:, None] & col_ok[None, :]
     shift = tl.sum(tl.load(x_ptr + rows[:, None] + cols[None, :] * s_c, mask=ok, other=0.0).to(ACC), axis=0)
     shift = shift / n_rows.to(ACC)
@@ -126,7 +129,8 @@ def _stats_kernel(
     count = tl.zeros([], dtype=ACC)
     t0 = split * tiles_per_split
     for t in range(t0, tl.minimum(t0 + tiles_per_split, n_tiles)):
-        rows, row_ok, n_rows = tile_rows(t, N, HW, s_n, s_hw, PER_N, BLOCK_R)
+        n, hw, row_ok, _, n_rows = tile_index(t, N, HW, PER_N, FLAT, BLOCK_R)
+        rows = n * s_n + hw * s_hw
         ok = row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_ptr + rows[:, None] + cols[None, :] * s_c, mask=ok, other=0.0).to(ACC)
         x = tl.where(ok, x - shift[None, :], 0.0)
@@ -163,104 +167,98 @@ def _combine_kernel(
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    # Rows of the gathered stats are 2C + 1 long: mean at 0, M2 at C, count at 2C.
-    mean, m2, count = merge_partials_strided(
-        gathered_ptr, W, C, cols, col_ok, ACC, BLOCK_P, BLOCK_C,
+    # Rows of the gathered stats are [mean (C) | M2 (C) | count (1)].
+    row = 2 * C + 1
+    mean, m2, count = merge_partials(
+        gathered_ptr, gathered_ptr + C, gathered_ptr + 2 * C, W, row, row, cols, col_ok, ACC, BLOCK_P, BLOCK_C,
     )
     finish_stats(mean, m2, count, cols, col_ok, stats_ptr, running_mean_ptr, running_var_ptr,
                  C, momentum, eps, False, ACC)
 
 
 @triton.jit
-def merge_partials_strided(g_ptr, W, C, cols, col_ok, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``merge_partials`` over rows of [mean (C) | M2 (C) | count (1)]."""
-    row = 2 * C + 1
-    acc_n = tl.zeros([BLOCK_P], dtype=ACC)
-    acc_nm = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    for p0 in range(0, W, BLOCK_P):
-        rows = p0 + tl.arange(0, BLOCK_P)
-        row_ok = rows < W
-        ok = row_ok[:, None] & col_ok[None, :]
-        n_p = tl.load(g_ptr + rows * row + 2 * C, mask=row_ok, other=0.0).to(ACC)
-        acc_n += n_p
-        acc_nm += n_p[:, None] * tl.load(g_ptr + rows[:, None] * row + cols[None, :], mask=ok, other=0.0).to(ACC)
-    count = tl.sum(acc_n, axis=0)
-    mean = tl.sum(acc_nm, axis=0) / count
-    acc_m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    for p0 in range(0, W, BLOCK_P):
-        rows = p0 + tl.arange(0, BLOCK_P)
-        row_ok = rows < W
-        ok = row_ok[:, None] & col_ok[None, :]
-        n_p = tl.load(g_ptr + rows * row + 2 * C, mask=row_ok, other=0.0).to(ACC)
-        mean_p = tl.load(g_ptr + rows[:, None] * row + cols[None, :], mask=ok, other=0.0).to(ACC)
-        m2_p = tl.load(g_ptr + rows[:, None] * row + C + cols[None, :], mask=ok, other=0.0).to(ACC)
-        d = mean_p - mean[None, :]
-        acc_m2 += tl.where(ok, m2_p + n_p[:, None] * d * d, 0.0)
-    return mean, tl.sum(acc_m2, axis=0), count
+def channel_vector(ptr, rows, cols, C, row_ok, col_ok, C_LAST: tl.constexpr, ACC: tl.constexpr, other: tl.constexpr):
+    """A per-channel value for a [rows, cols] tile, broadcastable to it (channels along cols or rows)."""
+    if C_LAST:
+        v = tl.load(ptr + cols, mask=col_ok, other=other).to(ACC)[None, :]
+    else:
+        v = tl.load(ptr + rows % C, mask=row_ok, other=other).to(ACC)[:, None]
+    return v
 
 
 @triton.jit
 def _apply_kernel(
     x_ptr, r_ptr,  # [N, C, HW] views, any strides (r: None without a residual)
-    z_ptr,  # output, dense in NCHW or channels_last order (C_LAST)
-    mask_ptr,  # uint8 ReLU mask in z's memory order (None: not needed)
+    z_ptr,  # output, dense: [ROWS, COLS] = [N*HW, C] (C_LAST) or [N*C, HW]
+    mask_ptr,  # uint8 ReLU mask, ceil(COLS / 8) bytes per row (None: not needed)
     mean_ptr,  # [C] batch mean (stats), or the running mean (FROM_VAR)
     rstd_ptr,  # [C] 1/std (stats + C), or the running variance (FROM_VAR)
     w_ptr, b_ptr,  # [C] affine parameters, or None
     stats_ptr,  # [2C + 1] output in eval mode: the running mean and rstd for backward (None: not needed)
-    n_elements, C, HW, rstd_offset, eps,
+    ROWS, COLS, C, HW, rstd_offset, eps,
     x_sn, x_sc, x_shw,
     r_sn, r_sc, r_shw,
     X_DENSE: tl.constexpr, R_DENSE: tl.constexpr,  # laid out exactly as z
-    C_LAST: tl.constexpr, FROM_VAR: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    C_LAST: tl.constexpr, FROM_VAR: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    o = pid * BLOCK + tl.arange(0, BLOCK)
-    in_range = o < n_elements
-    n, c, hw = nchw_split(o, C, HW, C_LAST)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_k = tl.program_id(1)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < ROWS
+    col_ok = cols < COLS
+    ok = row_ok[:, None] & col_ok[None, :]
     rstd_ptr += rstd_offset
 
-    # Per-channel values: gathers that hit in cache.
-    mean = tl.load(mean_ptr + c, mask=in_range, other=0.0).to(ACC)
+    # BN as one scale and shift per channel, computed once per tile.
+    mean = channel_vector(mean_ptr, rows, cols, C, row_ok, col_ok, C_LAST, ACC, 0.0)
     if FROM_VAR:
-        rstd = rsqrt_rn(tl.load(rstd_ptr + c, mask=in_range, other=1.0).to(ACC) + eps)
+        rstd = rsqrt_rn(channel_vector(rstd_ptr, rows, cols, C, row_ok, col_ok, C_LAST, ACC, 1.0) + eps)
     else:
-        rstd = tl.load(rstd_ptr + c, mask=in_range, other=0.0).to(ACC)
+        rstd = channel_vector(rstd_ptr, rows, cols, C, row_ok, col_ok, C_LAST, ACC, 0.0)
     scale = rstd
     if w_ptr is not None:
-        scale = scale * tl.load(w_ptr + c, mask=in_range, other=0.0).to(ACC)
+        scale = scale * channel_vector(w_ptr, rows, cols, C, row_ok, col_ok, C_LAST, ACC, 0.0)
 
+    z_off = rows[:, None] * COLS + cols[None, :]
     if X_DENSE:
-        x_off = o
+        x_off = z_off
     else:
-        x_off = n * x_sn + c * x_sc + hw * x_shw
-    x = tl.load(x_ptr + x_off, mask=in_range, other=0.0).to(ACC)
+        x_off = tile_offsets(rows, cols, C, HW, x_sn, x_sc, x_shw, C_LAST)
+    x = tl.load(x_ptr + x_off, mask=ok, other=0.0).to(ACC)
     if FROM_VAR:
-        # Eval: BN folded to one scale and shift per channel, as eager folds it.
+        # Eval: folded to x * scale + shift, as eager folds it.
         shift = -mean * scale
         if b_ptr is not None:
-            shift += tl.load(b_ptr + c, mask=in_range, other=0.0).to(ACC)
+            shift += channel_vector(b_ptr, rows, cols, C, row_ok, col_ok, C_LAST, ACC, 0.0)
         y = x * scale + shift
     else:
         y = (x - mean) * scale
         if b_ptr is not None:
-            y += tl.load(b_ptr + c, mask=in_range, other=0.0).to(ACC)
+            y += channel_vector(b_ptr, rows, cols, C, row_ok, col_ok, C_LAST, ACC, 0.0)
     if r_ptr is not None:
         if R_DENSE:
-            r_off = o
+            r_off = z_off
         else:
-            r_off = n * r_sn + c * r_sc + hw * r_shw
-        y += tl.load(r_ptr + r_off, mask=in_range, other=0.0).to(ACC)
+            r_off = tile_offsets(rows, cols, C, HW, r_sn, r_sc, r_shw, C_LAST)
+        y += tl.load(r_ptr + r_off, mask=ok, other=0.0).to(ACC)
     # `y < 0` rather than `y > 0` keeps NaN as NaN, as torch.relu does.
     z = tl.where(y < 0, 0.0, y)
-    tl.store(z_ptr + o, z.to(z_ptr.dtype.element_ty), mask=in_range)
+    tl.store(z_ptr + z_off, z.to(z_ptr.dtype.element_ty), mask=ok)
     if mask_ptr is not None:
         # Eager's relu backward is where(z <= 0, 0, dz): NaN outputs pass dz on.
-        pack_mask(mask_ptr, tl.where(y <= 0, 0, 1), pid, n_elements, BLOCK)
+        keep = tl.where(ok & ~(y <= 0), 1, 0)
+        pack_mask_2d(mask_ptr, keep, rows, pid_k * (BLOCK_K // 8), (COLS + 7) // 8, row_ok, BLOCK_M, BLOCK_K)
     if stats_ptr is not None:
         # Eval: the statistics backward uses, fixed now even if the buffers change later.
-        ch = pid * BLOCK + tl.arange(0, BLOCK)
-        ch_ok = ch < C
+        if C_LAST:
+            first = tl.program_id(0) == 0
+            ch = cols
+            ch_ok = col_ok & first
+        else:
+            first = pid_k == 0
+            ch = rows
+            ch_ok = (rows < C) & first
         tl.store(stats_ptr + ch, tl.load(mean_ptr + ch, mask=ch_ok, other=0.0).to(ACC), mask=ch_ok)
         var = tl.load(rstd_ptr + ch, mask=ch_ok, other=1.0).to(ACC)
         tl.store(stats_ptr + C + ch, rsqrt_rn(var + eps), mask=ch_ok)
@@ -316,7 +314,7 @@ def batch_stats(
         key, (c_blocks, splits, 1), stream(x.device), num_warps,
         x, partial, tickets, stats, running_mean, running_var,
         n, c, hw, *x_strides, per_split, n_tiles, splits, float(momentum), float(eps),
-        per_n, local, tl_dtype(acc), block_r, block_c, block_p,
+        per_n, x_strides[0] == hw * x_strides[2], local, tl_dtype(acc), block_r, block_c, block_p,
     )
 
 
@@ -336,6 +334,22 @@ def combine(
     )
 
 
+def mask_bytes(shape: tuple[int, int, int], c_last: bool) -> int:
+    """Bytes of the ReLU mask of an [N, C, HW] output: whole bytes per row of its [ROWS, COLS] layout."""
+    n, c, hw = shape
+    return n * hw * row_bytes(c) if c_last else n * c * row_bytes(hw)
+
+
+def mask_strides(shape: tuple[int, int, int], c_last: bool) -> tuple[int, int, int]:
+    """[N, C, HW] strides, in bits, of the mask (what locates element (n, c, hw)'s bit)."""
+    n, c, hw = shape
+    if c_last:
+        cols8 = 8 * row_bytes(c)
+        return hw * cols8, 1, cols8
+    cols8 = 8 * row_bytes(hw)
+    return c * cols8, cols8, 1
+
+
 def apply(
     x: torch.Tensor, x_strides: tuple, z: torch.Tensor, z_strides: tuple, shape: tuple[int, int, int],
     mask: torch.Tensor | None, mean: torch.Tensor, rstd_or_var: torch.Tensor, rstd_offset: int,
@@ -347,10 +361,11 @@ def apply(
     Training: ``mean`` and ``rstd_or_var`` are the stats tensor, rstd at
     ``rstd_offset`` (C). ``from_var`` (eval): they are the running mean and
     variance (offset 0), and ``stats_out`` receives ``[mean | rstd]`` for backward.
+    ``mask`` has ``mask_bytes(shape, c_last)`` bytes.
     """
     n, c, hw = shape
-    numel = n * c * hw
-    block, num_warps = elementwise_settings(numel, z.device)
+    rows, cols = (n * hw, c) if c_last else (n * c, hw)
+    block_m, block_k, num_warps = tile_settings(rows, cols, z.device)
     r = residual
     key = (
         shape, x_strides, z_strides, None if r is None else (r_strides, r.dtype, aligned(r)),
@@ -359,9 +374,9 @@ def apply(
         tensor_key(weight), tensor_key(bias),
     )
     apply_kernel(
-        key, (cdiv(numel, block), 1, 1), stream(x.device), num_warps,
+        key, (cdiv(rows, block_m), cdiv(cols, block_k), 1), stream(x.device), num_warps,
         x, r, z, mask, mean, rstd_or_var, weight, bias, stats_out,
-        numel, c, hw, rstd_offset, float(eps), *x_strides, *(x_strides if r is None else r_strides),
+        rows, cols, c, hw, rstd_offset, float(eps), *x_strides, *(x_strides if r is None else r_strides),
         x_strides == z_strides, r is not None and r_strides == z_strides,
-        c_last, from_var, tl_dtype(acc_dtype(x.dtype)), block,
+        c_last, from_var, tl_dtype(acc_dtype(x.dtype)), block_m, block_k,
     )

@@ -11,8 +11,8 @@ launches: ``reduce`` accumulates g and g * xmu per channel in registers over
 its tiles and writes them as partial sums; the last program of each channel
 block (an atomic ticket) adds that block's partials into
 ``sums = [sum(g) (C) | sum(g * xmu) (C)]`` and writes dweight and dbias.
-``elementwise`` then writes dx and dr in one pass over the output's memory
-order. Synchronized batch norm all-reduces ``sums`` between the two.
+``elementwise`` then writes dx and dr in one pass of 2-D tiles over the
+output's memory order, the per-channel coefficients loaded once per tile. Synchronized batch norm all-reduces ``sums`` between the two.
 
 ``stats`` is the forward's ``[mean (C) | rstd (C) | count (1)]``.
 """
@@ -21,18 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_norm import stats_plan
+from .batch_norm import channel_vector, mask_strides, stats_plan
 from .launch import Kernel, aligned, cdiv, counters, scratch, stream, tensor_key
-from .utils import (
-    elementwise_settings, mask_bits_at, nchw_split, tile_rows, tl_dtype,
-    unpack_mask,
-)
+from .utils import tile_index, tile_mask_bits, tile_offsets, tile_settings, tl_dtype, unpack_mask_2d
 
 
 @triton.jit
 def _reduce_kernel(
     dz_ptr, x_ptr,  # [N, C, HW] views, any strides
-    mask_ptr,  # ReLU mask in z's memory order; z's strides locate each bit
+    mask_ptr,  # ReLU mask; (z_sn, z_sc, z_shw) locate each element's bit
     stats_ptr,  # [2C + 1]: mean, rstd, count
     partial_ptr,  # scratch [2, splits, C]: partial sum(g), sum(g * xmu)
     ticket_ptr,  # int32 [c_blocks], zero on entry and on exit
@@ -43,7 +40,7 @@ def _reduce_kernel(
     x_sn, x_sc, x_shw,
     z_sn, z_sc, z_shw,
     tiles_per_split, n_tiles, splits,
-    PER_N: tl.constexpr, ACC: tl.constexpr,
+    PER_N: tl.constexpr, FLAT: tl.constexpr, MASK_TILE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -55,13 +52,12 @@ def _reduce_kernel(
     acc_gx = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
     t0 = split * tiles_per_split
     for t in range(t0, tl.minimum(t0 + tiles_per_split, n_tiles)):
-        dz_rows, row_ok, _ = tile_rows(t, N, HW, dz_sn, dz_shw, PER_N, BLOCK_R)
-        x_rows, _, _ = tile_rows(t, N, HW, x_sn, x_shw, PER_N, BLOCK_R)
-        z_rows, _, _ = tile_rows(t, N, HW, z_sn, z_shw, PER_N, BLOCK_R)
+        n, hw, row_ok, start, _ = tile_index(t, N, HW, PER_N, FLAT, BLOCK_R)
         ok = row_ok[:, None] & col_ok[None, :]
-        keep = mask_bits_at(mask_ptr, z_rows[:, None] + cols[None, :] * z_sc, ok)
-        dz = tl.load(dz_ptr + dz_rows[:, None] + cols[None, :] * dz_sc, mask=ok, other=0.0).to(ACC)
-        x = tl.load(x_ptr + x_rows[:, None] + cols[None, :] * x_sc, mask=ok, other=0.0).to(ACC)
+        keep = tile_mask_bits(mask_ptr, n, hw, start, cols, pid_c * BLOCK_C, C, HW, row_ok, ok, z_sn, z_sc, z_shw,
+                              MASK_TILE, BLOCK_R, BLOCK_C)
+        dz = tl.load(dz_ptr + (n * dz_sn + hw * dz_shw)[:, None] + cols[None, :] * dz_sc, mask=ok, other=0.0).to(ACC)
+        x = tl.load(x_ptr + (n * x_sn + hw * x_shw)[:, None] + cols[None, :] * x_sc, mask=ok, other=0.0).to(ACC)
         # A select, not a product: NaN/Inf in dz where z <= 0 give 0, as in eager.
         g = tl.where(keep, dz, 0.0)
         acc_g += g
@@ -95,49 +91,54 @@ def _reduce_kernel(
 @triton.jit
 def _elementwise_kernel(
     dz_ptr, x_ptr,  # [N, C, HW] views, any strides
-    mask_ptr,  # ReLU mask, in the memory order of dx/dr (z's)
+    mask_ptr,  # ReLU mask, ceil(COLS / 8) bytes per row of the output's [ROWS, COLS] layout
     stats_ptr,  # [2C + 1]: mean, rstd, count
     w_ptr,  # [C], or None
     sums_ptr,  # [2C]: sum(g), sum(g * xmu) (None in eval mode)
-    dx_ptr, dr_ptr,  # outputs, dense in NCHW or channels_last order (C_LAST), or None
-    n_elements, C, HW,
+    dx_ptr, dr_ptr,  # outputs, dense [ROWS, COLS] as the forward output, or None
+    ROWS, COLS, C, HW,
     dz_sn, dz_sc, dz_shw,
     x_sn, x_sc, x_shw,
     DZ_DENSE: tl.constexpr, X_DENSE: tl.constexpr, C_LAST: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    o = pid * BLOCK + tl.arange(0, BLOCK)
-    in_range = o < n_elements
-    n, c, hw = nchw_split(o, C, HW, C_LAST)
-    keep = unpack_mask(mask_ptr, pid, n_elements, BLOCK)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_k = tl.program_id(1)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < ROWS
+    col_ok = cols < COLS
+    ok = row_ok[:, None] & col_ok[None, :]
+    keep = unpack_mask_2d(mask_ptr, rows, pid_k * (BLOCK_K // 8), (COLS + 7) // 8, row_ok, BLOCK_M, BLOCK_K)
+    out_off = rows[:, None] * COLS + cols[None, :]
     if DZ_DENSE:
-        dz_off = o
+        dz_off = out_off
     else:
-        dz_off = n * dz_sn + c * dz_sc + hw * dz_shw
-    dz = tl.load(dz_ptr + dz_off, mask=in_range, other=0.0).to(ACC)
+        dz_off = tile_offsets(rows, cols, C, HW, dz_sn, dz_sc, dz_shw, C_LAST)
+    dz = tl.load(dz_ptr + dz_off, mask=ok, other=0.0).to(ACC)
+    # A select, not a product: NaN/Inf in dz where z <= 0 give 0, as in eager.
     g = tl.where(keep, dz, 0.0)
     if dr_ptr is not None:
-        tl.store(dr_ptr + o, g.to(dr_ptr.dtype.element_ty), mask=in_range)
+        tl.store(dr_ptr + out_off, g.to(dr_ptr.dtype.element_ty), mask=ok)
     if dx_ptr is not None:
-        rstd = tl.load(stats_ptr + C + c, mask=in_range, other=0.0).to(ACC)
+        # Per-channel coefficients, once per tile.
+        rstd = channel_vector(stats_ptr + C, rows, cols, C, row_ok, col_ok, C_LAST, ACC, 0.0)
         scale = rstd
         if w_ptr is not None:
-            scale = scale * tl.load(w_ptr + c, mask=in_range, other=0.0).to(ACC)
+            scale = scale * channel_vector(w_ptr, rows, cols, C, row_ok, col_ok, C_LAST, ACC, 0.0)
         if sums_ptr is not None:
             inv_m = 1.0 / tl.load(stats_ptr + 2 * C).to(ACC)
-            mean = tl.load(stats_ptr + c, mask=in_range, other=0.0).to(ACC)
-            sum_g = tl.load(sums_ptr + c, mask=in_range, other=0.0).to(ACC)
-            sum_gx = tl.load(sums_ptr + C + c, mask=in_range, other=0.0).to(ACC)
+            mean = channel_vector(stats_ptr, rows, cols, C, row_ok, col_ok, C_LAST, ACC, 0.0)
+            mean_g = channel_vector(sums_ptr, rows, cols, C, row_ok, col_ok, C_LAST, ACC, 0.0) * inv_m
+            k = rstd * rstd * channel_vector(sums_ptr + C, rows, cols, C, row_ok, col_ok, C_LAST, ACC, 0.0) * inv_m
             if X_DENSE:
-                x_off = o
+                x_off = out_off
             else:
-                x_off = n * x_sn + c * x_sc + hw * x_shw
-            x = tl.load(x_ptr + x_off, mask=in_range, other=0.0).to(ACC)
-            dx = scale * (g - sum_g * inv_m - (x - mean) * (rstd * rstd * sum_gx * inv_m))
+                x_off = tile_offsets(rows, cols, C, HW, x_sn, x_sc, x_shw, C_LAST)
+            x = tl.load(x_ptr + x_off, mask=ok, other=0.0).to(ACC)
+            dx = scale * (g - mean_g - (x - mean) * k)
         else:
             dx = scale * g
-        tl.store(dx_ptr + o, dx.to(dx_ptr.dtype.element_ty), mask=in_range)
+        tl.store(dx_ptr + out_off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 reduce_kernel = Kernel(_reduce_kernel)
@@ -146,25 +147,29 @@ elementwise_kernel = Kernel(_elementwise_kernel)
 
 def reduce(
     dz: torch.Tensor, dz_strides: tuple, x: torch.Tensor, x_strides: tuple, shape: tuple[int, int, int],
-    z_strides: tuple, mask: torch.Tensor, stats: torch.Tensor, sums: torch.Tensor,
+    mask: torch.Tensor, c_last: bool, stats: torch.Tensor, sums: torch.Tensor,
     dweight: torch.Tensor | None, dbias: torch.Tensor | None,
 ) -> None:
     """``sums = [sum(g) | sum(g * (x - mean))]`` per channel of [N, C, HW] views; fills dweight/dbias if given.
 
-    ``z_strides`` are the forward output's, which locate each element's mask bit.
+    ``mask`` is the forward's, laid out for a channels_last output or not (``c_last``).
     """
     n, c, hw = shape
     per_n, block_r, block_c, splits, per_split, n_tiles, c_blocks, num_warps, block_p = stats_plan(
         shape, x_strides, x.device)
+    z_strides = mask_strides(shape, c_last)
+    # Whole mask bytes per 8 tile elements when the tile runs along the mask's rows.
+    mask_tile = 1 if c_last and not per_n else 2 if not c_last and per_n and block_r % 8 == 0 else 0
     partial = scratch(x.device, 2 * splits * c, stats.dtype)
     tickets = counters(x.device, c_blocks)
-    key = (shape, x_strides, dz_strides, z_strides, x.dtype, dz.dtype, x.device, aligned(x), aligned(dz),
+    key = (shape, x_strides, dz_strides, c_last, x.dtype, dz.dtype, x.device, aligned(x), aligned(dz),
            stats.dtype, tensor_key(dweight), tensor_key(dbias))
     reduce_kernel(
         key, (c_blocks, splits, 1), stream(x.device), num_warps,
         dz, x, mask, stats, partial, tickets, sums, dweight, dbias,
         n, c, hw, *dz_strides, *x_strides, *z_strides, per_split, n_tiles, splits,
-        per_n, tl_dtype(stats.dtype), block_r, block_c, block_p,
+        per_n, all(s[0] == hw * s[2] for s in (dz_strides, x_strides, z_strides)), mask_tile,
+        tl_dtype(stats.dtype), block_r, block_c, block_p,
     )
 
 
@@ -179,15 +184,15 @@ def elementwise(
     x; without it dx = weight * rstd * g.
     """
     n, c, hw = shape
-    numel = n * c * hw
+    rows, cols = (n * hw, c) if c_last else (n * c, hw)
     device = x.device
-    block, num_warps = elementwise_settings(numel, device)
+    block_m, block_k, num_warps = tile_settings(rows, cols, device)
     key = (shape, dz_strides, x_strides, out_strides, dz.dtype, x.dtype, device, aligned(dz), aligned(x),
            stats.dtype, tensor_key(weight), sums is None, tensor_key(dx), tensor_key(dr), c_last)
     elementwise_kernel(
-        key, (cdiv(numel, block), 1, 1), stream(device), num_warps,
+        key, (cdiv(rows, block_m), cdiv(cols, block_k), 1), stream(device), num_warps,
         dz, x, mask, stats, weight, sums, dx, dr,
-        numel, c, hw, *dz_strides, *x_strides,
+        rows, cols, c, hw, *dz_strides, *x_strides,
         dz_strides == out_strides, x_strides == out_strides, c_last,
-        tl_dtype(stats.dtype), block,
+        tl_dtype(stats.dtype), block_m, block_k,
     )

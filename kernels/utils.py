@@ -78,51 +78,74 @@ def mask_bits_at(mask_ptr, offsets, valid):
 
 # --- N x C x HW views (batch norm) ------------------------------------------
 # Batch-norm kernels see every tensor as a 3-D view [N, C, HW] with its own
-# strides (H and W merged; the dispatcher makes sure that is a view). Outputs
+# strides (H and W merged; the ops layer makes sure that is possible). Outputs
 # are dense in NCHW or in channels_last ("C_LAST") order.
 
 
 @triton.jit
-def nchw_split(o, C, HW, C_LAST: tl.constexpr):
-    """(n, c, hw) of the linear indices ``o`` of a dense NCHW / channels_last tensor."""
-    if C_LAST:
-        c = o % C
-        m = o // C
-        n = m // HW
-        hw = m % HW
-    else:
-        hw = o % HW
-        nc = o // HW
-        c = nc % C
-        n = nc // C
-    return n, c, hw
+def tile_index(t, N, HW, PER_N: tl.constexpr, FLAT: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows of reduction tile ``t``: (n, hw, row valid, first row, row count).
 
-
-@triton.jit
-def tile_rows(t, N, HW, s_n, s_hw, PER_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Rows (n, hw pairs) of reduction tile ``t``: (row offsets, row valid, row count).
-
-    PER_N tiles stay inside one sample, so consecutive rows are consecutive hw
-    (NCHW-like layouts, where hw is the fast dim). Otherwise rows run over the
-    flattened n * HW + hw (channels_last-like layouts, where c is the fast dim
-    and a tile should not waste rows at sample boundaries).
+    PER_N tiles stay inside one sample (n a scalar), so consecutive rows are
+    consecutive hw (NCHW-like layouts, where hw is the fast dim). Otherwise
+    rows run over the flattened m = n * HW + hw (channels_last-like layouts,
+    where c is the fast dim and a tile should not waste rows at sample
+    boundaries); with FLAT (every tensor's n stride is HW times its hw
+    stride) that is n = 0, hw = m, with no division. A row's offset in a
+    tensor is then ``n * s_n + hw * s_hw``.
     """
     r = tl.arange(0, BLOCK_R)
     if PER_N:
         per_n = tl.cdiv(HW, BLOCK_R)
-        n = t // per_n
-        hw0 = (t % per_n) * BLOCK_R
-        hw = hw0 + r
+        n = (t // per_n).to(tl.int64)
+        start = (t % per_n) * BLOCK_R
+        hw = start + r
         valid = hw < HW
-        offs = n.to(tl.int64) * s_n + hw * s_hw
-        count = tl.minimum(HW - hw0, BLOCK_R)
+        count = tl.minimum(HW - start, BLOCK_R)
     else:
-        m0 = t * tl.full([], BLOCK_R, tl.int64)  # int64: n * HW may pass 2**31
-        m = m0 + r
+        start = t * tl.full([], BLOCK_R, tl.int64)  # int64: n * HW may pass 2**31
+        m = start + r
         valid = m < N * HW
-        offs = (m // HW) * s_n + (m % HW) * s_hw
-        count = tl.minimum(N * HW - m0, BLOCK_R)
-    return offs, valid, count
+        count = tl.minimum(N * HW - start, BLOCK_R)
+        if FLAT:
+            n = tl.zeros([], tl.int64)
+            hw = m
+        else:
+            n = m // HW
+            hw = m % HW
+    return n, hw, valid, start, count
+
+
+@triton.jit
+def tile_mask_bits(mask_ptr, n, hw, start, cols, col0, C, HW, row_ok, ok, z_sn, z_sc, z_shw,
+                   MASK_TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The ReLU-mask bits of a reduction tile (rows from ``tile_index``, channels ``cols`` from ``col0``).
+
+    MASK_TILE 1: channels_last mask and flat rows (row m's bits are bytes
+    m * ceil(C/8) on, channels along them); 2: NCHW mask and PER_N rows of a
+    multiple of 8 (row (n, c)'s bits run along hw); both read a byte per 8
+    elements. 0: a byte per element, at the bit strides (z_sn, z_sc, z_shw).
+    """
+    if MASK_TILE == 1:
+        row_bytes = (C + 7) // 8
+        rows = start + tl.arange(0, BLOCK_R)
+        if BLOCK_C % 8 == 0:  # the tile's channels start at a byte boundary
+            bits = unpack_mask_2d(mask_ptr, rows, col0 // 8, row_bytes, row_ok, BLOCK_R, BLOCK_C)
+        else:
+            byte = rows[:, None] * row_bytes + (cols[None, :] >> 3)
+            packed = tl.load(mask_ptr + byte, mask=ok, other=0).to(tl.int32)
+            bits = ((packed >> (cols[None, :] & 7)) & 1) != 0
+    elif MASK_TILE == 2:
+        row_bytes = (HW + 7) // 8
+        j = tl.arange(0, BLOCK_R // 8)
+        byte = (n * C + cols[None, :]) * row_bytes + (start // 8 + j)[:, None]
+        ok8 = ((start // 8 + j) < row_bytes)[:, None] & (cols < C)[None, :]
+        packed = tl.load(mask_ptr + byte, mask=ok8, other=0).to(tl.int32)
+        expanded = (packed[:, None, :] >> tl.arange(0, 8)[None, :, None]) & 1
+        bits = tl.reshape(expanded, [BLOCK_R, BLOCK_C]) != 0
+    else:
+        bits = mask_bits_at(mask_ptr, (n * z_sn + hw * z_shw)[:, None] + cols[None, :] * z_sc, ok)
+    return bits & ok
 
 
 def reduction_settings(n: int, c: int, hw: int, per_n: bool, device: torch.device) -> tuple[int, int, int, int, int]:
@@ -210,5 +233,7 @@ def unpack_mask_2d(mask_ptr, rows, col_byte0, ROW_BYTES, row_ok, BLOCK_M: tl.con
 def tile_offsets(rows, cols, C, HW, s_n, s_c, s_hw, C_LAST: tl.constexpr):
     """Memory offsets of tile (rows, cols) in a strided [N, C, HW] tensor (rows/cols as in the output)."""
     if C_LAST:  # rows are n * HW + hw, cols are channels
-        return ((rows // HW) * s_n + (rows % HW) * s_hw)[:, None] + cols[None, :] * s_c
-    return ((rows // C) * s_n + (rows % C) * s_c)[:, None] + cols[None, :] * s_hw  # rows n * C + c, cols hw
+        off = ((rows // HW) * s_n + (rows % HW) * s_hw)[:, None] + cols[None, :] * s_c
+    else:  # rows are n * C + c, cols are hw
+        off = ((rows // C) * s_n + (rows % C) * s_c)[:, None] + cols[None, :] * s_hw
+    return off

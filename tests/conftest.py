@@ -5,11 +5,16 @@ its kernels lazily, so setting it here, first, is enough.
 """
 
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh Inductor cache per run: its FX graph cache does not key on a custom
+# op's fake implementation, so graphs compiled against an older fastres could
+# be replayed with stale output sizes.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastres-inductor-"))
 
 import pytest  # noqa: E402
 

@@ -20,7 +20,6 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from . import apply_function, kernels, require_triton, use_triton
-from .bitmask import new_mask
 
 
 def channels_last(x: Tensor) -> bool:
@@ -55,22 +54,28 @@ def view3(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
 
 
 def out_strides(shape: tuple[int, int, int], c_last: bool) -> tuple[int, int, int]:
-    """[N, C, HW] strides of a dense output (they also locate the mask bits)."""
+    """[N, C, HW] strides of a dense output."""
     n, c, hw = shape
     return (c * hw, 1, c) if c_last else (c * hw, hw, 1)
 
 
-def _shape3(x: Tensor) -> tuple[int, int, int]:
+def shape3(x: Tensor) -> tuple[int, int, int]:
     n, c, h, w = x.shape
     return n, c, h * w
+
+
+def new_bn_mask(shape: tuple[int, int, int], c_last: bool, device: torch.device, needed: bool) -> Tensor:
+    """An uninitialised ReLU mask for an [N, C, HW] output (empty when not ``needed``)."""
+    size = kernels("batch_norm").mask_bytes(shape, c_last) if needed else 0
+    return torch.empty(size, dtype=torch.uint8, device=device)
 
 
 def apply(x, stats, weight, bias, residual, c_last, save_mask):
     """(out, mask) normalised with ``stats`` (training statistics), out laid out as eager's."""
     out = empty_out(x, c_last)
-    mask = new_mask(out.numel(), out.device, save_mask)
+    shape = shape3(x)
+    mask = new_bn_mask(shape, c_last, x.device, save_mask)
     if out.numel():
-        shape = _shape3(x)
         x, xs = view3(x)
         r, rs = view3(residual) if residual is not None else (None, None)
         kernels("batch_norm").apply(
@@ -83,14 +88,14 @@ def apply(x, stats, weight, bias, residual, c_last, save_mask):
 def forward(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, save_mask):
     """(out, stats, mask). In eval, stats come from the running statistics (empty unless ``save_mask``)."""
     c_last = channels_last(x)
-    shape = _shape3(x)
+    shape = shape3(x)
     c = shape[1]
     acc = acc_dtype(x)
     k = kernels("batch_norm")
     x3, xs = view3(x)
     r, rs = view3(residual) if residual is not None else (None, None)
     out = empty_out(x, c_last)
-    mask = new_mask(out.numel(), out.device, save_mask)
+    mask = new_bn_mask(shape, c_last, x.device, save_mask)
     # Eval: backward's statistics are fixed now, even if the buffers change later.
     stats = torch.empty(2 * c + 1 if training or save_mask else 0, dtype=acc, device=x.device)
     if training:
@@ -109,11 +114,11 @@ def backward_reduce(grad, x, mask, stats, weight, bias, c_last, need_dw, need_db
     """(sums [2C], dweight, dbias): the per-channel sums of g and g * (x - mean); dw/db None unless needed."""
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.empty_like(bias) if need_db else None
-    shape = _shape3(x)
+    shape = shape3(x)
     sums = torch.empty(2 * shape[1], dtype=stats.dtype, device=x.device)
     g, gs = view3(grad)
     x, xs = view3(x)
-    kernels("batch_norm_backward").reduce(g, gs, x, xs, shape, out_strides(shape, c_last), mask, stats, sums, dw, db)
+    kernels("batch_norm_backward").reduce(g, gs, x, xs, shape, mask, c_last, stats, sums, dw, db)
     return sums, dw, db
 
 
@@ -122,7 +127,7 @@ def backward_elementwise(grad, x, mask, stats, weight, sums, c_last, need_dx, dr
     dx = empty_out(x, c_last) if need_dx else None
     dr = empty_out(x, c_last, dr_dtype) if dr_dtype is not None else None
     if (dx is not None or dr is not None) and x.numel():
-        shape = _shape3(x)
+        shape = shape3(x)
         g, gs = view3(grad)
         x, xs = view3(x)
         kernels("batch_norm_backward").elementwise(
@@ -158,7 +163,8 @@ def batch_norm_relu_op(
 @batch_norm_relu_op.register_fake
 def _(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, save_mask):
     stats = x.new_empty(2 * x.shape[1] + 1 if training or save_mask else 0, dtype=acc_dtype(x))
-    return empty_out(x, channels_last(x)), stats, new_mask(x.numel(), x.device, save_mask)
+    c_last = channels_last(x)
+    return empty_out(x, c_last), stats, new_bn_mask(shape3(x), c_last, x.device, save_mask)
 
 
 def _none_to_empty(*ts: Tensor | None) -> tuple[Tensor, ...]:

@@ -17,9 +17,8 @@ from torch import Tensor
 
 from . import kernels, require_triton, use_triton
 from .batch_norm import (
-    acc_dtype, apply, backward_elementwise, backward_reduce, channels_last, empty_out, input_grads, view3,
+    acc_dtype, apply, backward_elementwise, backward_reduce, channels_last, empty_out, input_grads, new_bn_mask, shape3, view3,
 )
-from .bitmask import new_mask
 
 
 @torch.library.custom_op("fastres::bn_local_stats", mutates_args=())
@@ -31,8 +30,7 @@ def bn_local_stats_op(x: Tensor) -> Tensor:
         return x.new_zeros(2 * c + 1, dtype=acc_dtype(x))
     local = torch.empty(2 * c + 1, dtype=acc_dtype(x), device=x.device)
     x3, xs = view3(x)
-    kernels("batch_norm").batch_stats(x3, (x.shape[0], c, x.shape[2] * x.shape[3]), xs, local, None, None, 0.0, 0.0,
-                                      local=True)
+    kernels("batch_norm").batch_stats(x3, shape3(x), xs, local, None, None, 0.0, 0.0, local=True)
     return local
 
 
@@ -67,7 +65,8 @@ def bn_relu_apply_op(
 
 @bn_relu_apply_op.register_fake
 def _(x, stats, weight, bias, residual, save_mask):
-    return empty_out(x, channels_last(x)), new_mask(x.numel(), x.device, save_mask)
+    c_last = channels_last(x)
+    return empty_out(x, c_last), new_bn_mask(shape3(x), c_last, x.device, save_mask)
 
 
 @torch.library.custom_op("fastres::bn_relu_backward_reduce", mutates_args=())
