@@ -33,3 +33,18 @@ def check_same_tensor_meta(
             f"{name_a} and {name_b} must have the same shape (no broadcasting), "
             f"got {tuple(a.shape)} and {tuple(b.shape)}"
         )
+
+
+def check_4d(name: str, x: object, owner: str | None = None, channels: int | None = None, expected: str = "") -> None:
+    """``x`` is a 4-D tensor (N, C, H, W), with ``channels`` channels if given.
+
+    ValueError naming the argument (and the module, ``owner``, if any).
+    """
+    prefix = f"{owner}: " if owner else ""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{prefix}{name} must be a 4-D tensor (N, C, H, W), got shape {shape}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(
+            f"{prefix}{name} has {x.shape[1]} channels but {owner or 'the module'} expects {channels} ({expected})"
+        )

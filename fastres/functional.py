@@ -5,18 +5,19 @@ from collections.abc import Sequence
 import torch.distributed as dist
 from torch import Tensor
 
-from ._checks import check_float_tensor, check_same_tensor_meta
+from ._checks import check_4d, check_float_tensor, check_same_tensor_meta
 from .ops import add_relu as _add_relu
 from .ops import batch_norm as _batch_norm
 from . import _ext
 from .ops import dense_block as _dense_block
+from .ops import dense_path as _dense_path
 from .ops.dense_block import BatchNormArgs, DenseLayerArgs
 from .ops import sync_batch_norm as _sync_batch_norm
 from .ops.layout import has_internal_overlap
 
 __all__ = [
     "BatchNormArgs", "DenseLayerArgs", "add_relu", "batch_norm_relu", "bn_relu_conv1x1", "bn_relu_max_pool2d",
-    "dense_block", "extension_available",
+    "dense_block", "extension_available", "recompute_bn_relu_applies", "shared_storage_applies",
     "sync_batch_norm_relu",
 ]
 
@@ -93,8 +94,7 @@ def batch_norm_relu(
 
 def _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual) -> None:
     check_float_tensor("x", x)
-    if x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
+    check_4d("x", x)
     channels = x.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is None:
@@ -143,6 +143,16 @@ def sync_batch_norm_relu(
     )
 
 
+def shared_storage_applies(x: Tensor) -> bool:
+    """Whether ``dense_block`` (and the BN-ReLU-recomputing ops) run on ``x`` here: not under CPU autocast."""
+    return _dense_path.shared_storage_applies(x)
+
+
+def recompute_bn_relu_applies(x: Tensor) -> bool:
+    """Whether recomputing a BN-ReLU of ``x`` in backward saves memory over the fused BN-ReLU (CPU, ``fastres._C`` built)."""
+    return _dense_path.recompute_bn_relu_applies(x)
+
+
 def extension_available() -> bool:
     """Whether ``fastres._C`` (behind ``dense_block``, ``bn_relu_conv1x1``, ``bn_relu_max_pool2d``) is built."""
     return _ext.available()
@@ -169,8 +179,7 @@ def bn_relu_conv1x1(x: Tensor, norm: BatchNormArgs, weight: Tensor) -> Tensor:
     once, in forward. Runs in ``fastres._C``.
     """
     check_float_tensor("x", x)
-    if x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
+    check_4d("x", x)
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 1, 1):
         raise ValueError(f"weight must have shape (out_channels, {x.shape[1]}, 1, 1), got {tuple(weight.shape)}")
     if weight.device != x.device:
@@ -187,8 +196,7 @@ def bn_relu_max_pool2d(x: Tensor, norm: BatchNormArgs, kernel_size: int = 3, str
     ``fastres._C``.
     """
     check_float_tensor("x", x)
-    if x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
+    check_4d("x", x)
     _check_norm_args("norm", norm, x.shape[1], x)
     return _dense_block.bn_relu_max_pool2d(x, norm, kernel_size, stride, padding)
 
@@ -213,8 +221,7 @@ def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
     Runs in ``fastres._C`` (C++ on CPU, CUDA kernels on GPU).
     """
     check_float_tensor("x", x)
-    if x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
+    check_4d("x", x)
     if not layers:
         raise ValueError("layers must hold at least one DenseLayerArgs")
     k = layers[0].conv2_weight.shape[0]

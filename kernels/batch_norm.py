@@ -293,7 +293,7 @@ def stats_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], devic
     return plan
 
 
-def batch_stats(
+def batch_norm_stats(
     x: torch.Tensor, shape: tuple[int, int, int], x_strides: tuple[int, int, int], stats: torch.Tensor,
     running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float, eps: float,
     local: bool = False,
@@ -318,7 +318,7 @@ def batch_stats(
     )
 
 
-def combine(
+def batch_norm_combine(
     gathered: torch.Tensor, stats: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
     momentum: float, eps: float,
 ) -> None:
@@ -350,7 +350,7 @@ def mask_strides(shape: tuple[int, int, int], c_last: bool) -> tuple[int, int, i
     return c * cols8, cols8, 1
 
 
-def apply(
+def batch_norm_relu_apply(
     x: torch.Tensor, x_strides: tuple, z: torch.Tensor, z_strides: tuple, shape: tuple[int, int, int],
     mask: torch.Tensor | None, mean: torch.Tensor, rstd_or_var: torch.Tensor, rstd_offset: int,
     weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None, r_strides: tuple | None,

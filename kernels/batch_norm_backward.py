@@ -145,7 +145,7 @@ reduce_kernel = Kernel(_reduce_kernel)
 elementwise_kernel = Kernel(_elementwise_kernel)
 
 
-def reduce(
+def batch_norm_relu_backward_reduce(
     dz: torch.Tensor, dz_strides: tuple, x: torch.Tensor, x_strides: tuple, shape: tuple[int, int, int],
     mask: torch.Tensor, c_last: bool, stats: torch.Tensor, sums: torch.Tensor,
     dweight: torch.Tensor | None, dbias: torch.Tensor | None,
@@ -173,7 +173,7 @@ def reduce(
     )
 
 
-def elementwise(
+def batch_norm_relu_backward_elementwise(
     dz: torch.Tensor, dz_strides: tuple, x: torch.Tensor, x_strides: tuple, shape: tuple[int, int, int],
     out_strides: tuple, mask: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor | None,
     sums: torch.Tensor | None, dx: torch.Tensor | None, dr: torch.Tensor | None, c_last: bool,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_4d
 from ..nn.batch_norm import norm_relu
 from ..nn.densenet import DenseBlock, Transition, stem_bn_relu_pool
 
@@ -97,9 +98,7 @@ class DenseNet(nn.Module):
         return norm_relu(modules["norm5"], _RELU, x)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"DenseNet: x must be a 4-D tensor (N, 3, H, W), got {shape}")
+        check_4d("x", x, "DenseNet")
         if x.shape[1] != self.features.conv0.in_channels:
             raise ValueError(f"DenseNet: x has {x.shape[1]} channels but conv0 expects {self.features.conv0.in_channels}")
         out = F.adaptive_avg_pool2d(self._features(x), (1, 1))

@@ -11,36 +11,10 @@ SyncBatchNorm instance; the residual blocks call it on their ``bn1``/``bn2``.
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as _module
 
 from ..functional import add_relu, batch_norm_relu, sync_batch_norm_relu
-
-
-def _running_stats_args(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
-    """(running_mean, running_var, bn_training, momentum factor): ``_BatchNorm.forward``'s logic.
-
-    Counts the batch in ``num_batches_tracked`` when training with running stats.
-    """
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
-    use_buffers = not bn.training or bn.track_running_stats
-    return (
-        bn.running_mean if use_buffers else None,
-        bn.running_var if use_buffers else None,
-        bn_training,
-        factor,
-    )
-
-
-def _check_input(bn: nn.Module, x: Tensor) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got {shape}")
-    if x.shape[1] != bn.num_features:
-        raise ValueError(f"x has {x.shape[1]} channels but {type(bn).__name__} expects {bn.num_features} (num_features)")
+from .._checks import check_4d
+from .module_state import FromModule, has_hooks, running_stats_args
 
 
 def _sync_world(bn: nn.SyncBatchNorm, bn_training: bool):
@@ -60,8 +34,8 @@ def bn_relu(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, residual: Tensor | N
     the running-statistic update and ``num_batches_tracked``; a SyncBatchNorm
     synchronizes its statistics when a process group of more than one is up.
     """
-    _check_input(bn, x)
-    running_mean, running_var, bn_training, factor = _running_stats_args(bn)
+    check_4d("x", x, type(bn).__name__, bn.num_features, "num_features")
+    running_mean, running_var, bn_training, factor = running_stats_args(bn)
     if isinstance(bn, nn.SyncBatchNorm):
         sync = _sync_world(bn, bn_training)
         if sync is not None:
@@ -71,13 +45,6 @@ def bn_relu(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, residual: Tensor | N
             )
     return batch_norm_relu(
         x, running_mean, running_var, bn.weight, bn.bias, bn_training, factor, bn.eps, residual
-    )
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(
-        m._forward_hooks or m._forward_pre_hooks
-        or _module._global_forward_hooks or _module._global_forward_pre_hooks
     )
 
 
@@ -93,30 +60,29 @@ def norm_relu(norm: nn.Module, relu: nn.Module, x: Tensor, residual: Tensor | No
     """
     if isinstance(norm, (BatchNormReLU2d, SyncBatchNormReLU2d)):
         return norm(x, residual)  # a module call, so its hooks run
-    if type(norm) in _FUSABLE_NORMS and not (_has_hooks(norm) or _has_hooks(relu)):
+    if type(norm) in _FUSABLE_NORMS and not (has_hooks(norm) or has_hooks(relu)):
         return bn_relu(norm, x, residual)
     out = norm(x)
     if residual is None:
         return relu(out)
-    if type(relu) is nn.ReLU and not _has_hooks(relu):
+    if type(relu) is nn.ReLU and not has_hooks(relu):
         return add_relu(out, residual, inplace=True)
     out += residual
     return relu(out)
 
 
-class _FromBatchNorm:
-    """Building the fused module from an existing one, sharing its state."""
+class _FromBatchNorm(FromModule):
+    """Built from exactly ``_base``, sharing its parameters, buffers and hooks."""
 
     _base: type = nn.Module
 
     @classmethod
-    def from_module(cls, bn: nn.Module):
-        """A fused module sharing ``bn``'s parameters, buffers and hooks (``bn`` must be exactly ``_base``)."""
-        if type(bn) is not cls._base:
-            raise TypeError(f"bn must be a {cls._base.__name__}, got {type(bn).__name__}")
-        fused = cls.__new__(cls)
-        fused.__dict__.update(bn.__dict__)
-        return fused
+    def is_convertible(cls, module: nn.Module) -> bool:
+        return type(module) is cls._base
+
+    @classmethod
+    def convertible_from(cls) -> str:
+        return f"a {cls._base.__name__}"
 
 
 class BatchNormReLU2d(_FromBatchNorm, nn.BatchNorm2d):

@@ -14,33 +14,24 @@ from torch import Tensor, nn
 from torch._prims_common import suggest_memory_format
 
 from ..functional import (
-    BatchNormArgs, DenseLayerArgs, bn_relu_conv1x1, bn_relu_max_pool2d, dense_block, extension_available,
+    BatchNormArgs, DenseLayerArgs, bn_relu_conv1x1, bn_relu_max_pool2d, dense_block, recompute_bn_relu_applies,
+    shared_storage_applies,
 )
-from .batch_norm import BatchNormReLU2d, _has_hooks, _running_stats_args, norm_relu
+from .batch_norm import BatchNormReLU2d, norm_relu
+from .._checks import check_4d
+from .module_state import FromModule, has_hooks, running_stats_args
 
 
 def _check_features(module: nn.Module, x: Tensor, expected: int, name: str = "x") -> None:
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{type(module).__name__}: {name} must be a 4-D tensor (N, C, H, W), got {shape}")
-    if x.shape[1] != expected:
-        raise ValueError(
-            f"{type(module).__name__}: {name} has {x.shape[1]} channels but the module expects "
-            f"{expected} (num_input_features)"
-        )
+    check_4d(name, x, type(module).__name__, expected, "num_input_features")
 
 
 def _norm_args(bn: nn.BatchNorm2d, x_shape: tuple) -> BatchNormArgs:
-    running_mean, running_var, training, momentum = _running_stats_args(bn)
+    running_mean, running_var, training, momentum = running_stats_args(bn)
     if training and x_shape[0] * x_shape[2] * x_shape[3] <= 1:
         # As F.batch_norm: a batch statistic needs more than one value.
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(x_shape)}")
     return BatchNormArgs(running_mean, running_var, bn.weight, bn.bias, training, momentum, bn.eps)
-
-
-def _autocast_allows_sharing(x: Tensor) -> bool:
-    """The C++ CPU ops take float32/float64: under CPU autocast the bottleneck is bf16, so run as written."""
-    return not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
 
 
 def _plain_bn_relu(norm: nn.Module, relu: nn.Module) -> bool:
@@ -56,8 +47,8 @@ def recomputes_bn_relu(x: Tensor, norm: nn.Module, relu: nn.Module, *modules: nn
     about as small, and recomputes nothing, so it is used there.
     """
     return (
-        x.device.type == "cpu" and _autocast_allows_sharing(x) and extension_available()
-        and _plain_bn_relu(norm, relu) and not any(_has_hooks(m) for m in (norm, relu, *modules))
+        recompute_bn_relu_applies(x)
+        and _plain_bn_relu(norm, relu) and not any(has_hooks(m) for m in (norm, relu, *modules))
     )
 
 
@@ -80,8 +71,8 @@ def _is_plain_conv(conv: nn.Module, kernel: int, padding: int) -> bool:
     )
 
 
-class _FromTorchvision:
-    """Conversion of torchvision's module of the same role, sharing its state (for ``fastres.convert``)."""
+class _FromTorchvision(FromModule):
+    """Conversion of torchvision's module of the same role (for ``fastres.convert``)."""
 
     _torchvision_name = ""
     _children: tuple[str, ...] = ()
@@ -91,17 +82,8 @@ class _FromTorchvision:
         return type(module).__name__ == cls._torchvision_name and all(hasattr(module, n) for n in cls._children)
 
     @classmethod
-    def from_module(cls, module: nn.Module):
-        """This class over ``module``'s children, parameters, buffers and hooks (shared, not copied)."""
-        if not cls.is_convertible(module):
-            raise TypeError(f"module must be torchvision's {cls._torchvision_name}, got {type(module).__name__}")
-        fused = cls.__new__(cls)
-        fused.__dict__.update(module.__dict__)
-        fused._adopt()
-        return fused
-
-    def _adopt(self) -> None:
-        """Attributes torchvision's module lacks."""
+    def convertible_from(cls) -> str:
+        return f"torchvision's {cls._torchvision_name}"
 
 
 class DenseLayer(_FromTorchvision, nn.Module):
@@ -140,7 +122,7 @@ class DenseLayer(_FromTorchvision, nn.Module):
         return (
             _plain_bn_relu(self.norm1, self.relu1) and _plain_bn_relu(self.norm2, self.relu2)
             and _is_plain_conv(self.conv1, 1, 0) and _is_plain_conv(self.conv2, 3, 1)
-            and not any(_has_hooks(m) for m in self.modules())
+            and not any(has_hooks(m) for m in self.modules())
         )
 
     def dense_args(self, x_shape: tuple) -> DenseLayerArgs:
@@ -158,7 +140,7 @@ class DenseLayer(_FromTorchvision, nn.Module):
             raise ValueError(f"{type(self).__name__}: input must be a 4-D tensor or a list of 4-D tensors")
         x = prev[0] if len(prev) == 1 else torch.cat(prev, 1)
         _check_features(self, x, self.conv1.in_channels, "input")
-        if self.memory_efficient and self.shares_storage() and _autocast_allows_sharing(x):
+        if self.memory_efficient and self.shares_storage() and shared_storage_applies(x):
             new = dense_block(x, [self.dense_args(tuple(x.shape))])[:, x.shape[1]:]
             return new.contiguous(memory_format=suggest_memory_format(x))  # eager's layout, not a view
         out = self.conv1(norm_relu(self.norm1, self.relu1, x))
@@ -199,7 +181,7 @@ class DenseBlock(_FromTorchvision, nn.ModuleDict):
         _check_features(self, init_features, self.num_input_features, "init_features")
         layers = list(self.values())
         shared = all(isinstance(layer, DenseLayer) and layer.shares_storage() for layer in layers)
-        if self.memory_efficient and shared and not _has_hooks(self) and _autocast_allows_sharing(init_features):
+        if self.memory_efficient and shared and not has_hooks(self) and shared_storage_applies(init_features):
             n, _, h, w = init_features.shape
             return dense_block(init_features, [layer.dense_args((n, layer.conv1.in_channels, h, w)) for layer in layers])
         features = [init_features]
@@ -224,6 +206,6 @@ class Transition(_FromTorchvision, nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         _check_features(self, x, self.norm.num_features)
         if recomputes_bn_relu(x, self.norm, self.relu, self) and _is_plain_conv(self.conv, 1, 0) \
-                and not _has_hooks(self.conv):
+                and not has_hooks(self.conv):
             return self.pool(bn_relu_conv1x1(x, _norm_args(self.norm, tuple(x.shape)), self.conv.weight))
         return self.pool(self.conv(norm_relu(self.norm, self.relu, x)))

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from .batch_norm import norm_relu
+from .._checks import check_4d
+from .module_state import FromModule
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -27,7 +29,7 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
-class _FusedBlock(nn.Module):
+class _FusedBlock(FromModule, nn.Module):
     """What the two blocks share: building one from an existing eager block."""
 
     # Submodules a torchvision-style block of this kind must have.
@@ -43,13 +45,8 @@ class _FusedBlock(nn.Module):
         )
 
     @classmethod
-    def from_module(cls, block: nn.Module):
-        """A fused block that shares ``block``'s submodules, parameters, buffers and hooks."""
-        if not cls.is_convertible(block):
-            raise TypeError(f"block must be a torchvision-style {cls.__name__}, got {type(block).__name__}")
-        fused = cls.__new__(cls)
-        fused.__dict__.update(block.__dict__)  # the same dicts of children, params and hooks
-        return fused
+    def convertible_from(cls) -> str:
+        return f"a torchvision-style {cls.__name__}"
 
     def _tail(self, bn: nn.Module, out: Tensor, identity: Tensor) -> Tensor:
         """``relu(bn(out) + identity)``, fused; identity may differ in dtype (autocast)."""
@@ -62,14 +59,7 @@ class _FusedBlock(nn.Module):
         return norm_relu(bn, self.relu, out, identity)
 
     def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got {shape}")
-        if x.shape[1] != self.conv1.in_channels:
-            raise ValueError(
-                f"x has {x.shape[1]} channels but {type(self).__name__} expects "
-                f"{self.conv1.in_channels} (inplanes)"
-            )
+        check_4d("x", x, type(self).__name__, self.conv1.in_channels, "inplanes")
 
 
 class BasicBlock(_FusedBlock):

@@ -78,7 +78,7 @@ def apply(x, stats, weight, bias, residual, c_last, save_mask):
     if out.numel():
         x, xs = view3(x)
         r, rs = view3(residual) if residual is not None else (None, None)
-        kernels("batch_norm").apply(
+        kernels("batch_norm").batch_norm_relu_apply(
             x, xs, out, out_strides(shape, c_last), shape, mask if save_mask else None, stats, stats, shape[1],
             weight, bias, r, rs, 0.0, False, c_last,
         )
@@ -99,11 +99,11 @@ def forward(x, weight, bias, running_mean, running_var, residual, training, mome
     # Eval: backward's statistics are fixed now, even if the buffers change later.
     stats = torch.empty(2 * c + 1 if training or save_mask else 0, dtype=acc, device=x.device)
     if training:
-        k.batch_stats(x3, shape, xs, stats, running_mean, running_var, momentum, eps)
+        k.batch_norm_stats(x3, shape, xs, stats, running_mean, running_var, momentum, eps)
         mean, rstd_or_var, offset = stats, stats, c
     else:
         mean, rstd_or_var, offset = running_mean, running_var, 0
-    k.apply(
+    k.batch_norm_relu_apply(
         x3, xs, out, out_strides(shape, c_last), shape, mask if save_mask else None, mean, rstd_or_var, offset,
         weight, bias, r, rs, eps, not training, c_last, stats if save_mask and not training else None,
     )
@@ -118,7 +118,9 @@ def backward_reduce(grad, x, mask, stats, weight, bias, c_last, need_dw, need_db
     sums = torch.empty(2 * shape[1], dtype=stats.dtype, device=x.device)
     g, gs = view3(grad)
     x, xs = view3(x)
-    kernels("batch_norm_backward").reduce(g, gs, x, xs, shape, mask, c_last, stats, sums, dw, db)
+    kernels("batch_norm_backward").batch_norm_relu_backward_reduce(
+        g, gs, x, xs, shape, mask, c_last, stats, sums, dw, db,
+    )
     return sums, dw, db
 
 
@@ -130,7 +132,7 @@ def backward_elementwise(grad, x, mask, stats, weight, sums, c_last, need_dx, dr
         shape = shape3(x)
         g, gs = view3(grad)
         x, xs = view3(x)
-        kernels("batch_norm_backward").elementwise(
+        kernels("batch_norm_backward").batch_norm_relu_backward_elementwise(
             g, gs, x, xs, shape, out_strides(shape, c_last), mask, stats, weight, sums, dx, dr, c_last,
         )
     return dx, dr

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from . import kernels, require_triton, use_triton
 from .batch_norm import (
-    acc_dtype, apply, backward_elementwise, backward_reduce, channels_last, empty_out, input_grads, new_bn_mask, shape3, view3,
+    acc_dtype, apply, backward_elementwise, backward_reduce, channels_last, empty_out, input_grads, new_bn_mask,
+    shape3, view3,
 )
 
 
@@ -30,7 +31,7 @@ def bn_local_stats_op(x: Tensor) -> Tensor:
         return x.new_zeros(2 * c + 1, dtype=acc_dtype(x))
     local = torch.empty(2 * c + 1, dtype=acc_dtype(x), device=x.device)
     x3, xs = view3(x)
-    kernels("batch_norm").batch_stats(x3, shape3(x), xs, local, None, None, 0.0, 0.0, local=True)
+    kernels("batch_norm").batch_norm_stats(x3, shape3(x), xs, local, None, None, 0.0, 0.0, local=True)
     return local
 
 
@@ -45,7 +46,7 @@ def bn_gather_stats_op(
 ) -> Tensor:
     """stats = [mean | rstd | count] over all processes from their [W, 2C+1] local stats."""
     stats = torch.empty(gathered.shape[1], dtype=gathered.dtype, device=gathered.device)
-    kernels("batch_norm").combine(gathered.contiguous(), stats, running_mean, running_var, momentum, eps)
+    kernels("batch_norm").batch_norm_combine(gathered.contiguous(), stats, running_mean, running_var, momentum, eps)
     return stats
 
 

@@ -1,0 +1,61 @@
+"""What fastres's modules read off the modules they stand in for: hooks, batch-norm state, and conversion."""
+
+from torch import nn
+from torch.nn.modules import module as _module
+
+
+def has_hooks(m: nn.Module) -> bool:
+    """Whether calling ``m`` runs forward (pre-)hooks, its own or global ones: a fused call would skip them."""
+    return bool(
+        m._forward_hooks or m._forward_pre_hooks
+        or _module._global_forward_hooks or _module._global_forward_pre_hooks
+    )
+
+
+def running_stats_args(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
+    """(running_mean, running_var, bn_training, momentum factor): ``_BatchNorm.forward``'s logic.
+
+    Counts the batch in ``num_batches_tracked`` when training with running stats.
+    """
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_buffers = not bn.training or bn.track_running_stats
+    return (
+        bn.running_mean if use_buffers else None,
+        bn.running_var if use_buffers else None,
+        bn_training,
+        factor,
+    )
+
+
+class FromModule:
+    """Building a fused module over an existing module's state: children, parameters, buffers and hooks shared.
+
+    Subclasses say which modules they take (``is_convertible``) and what they
+    take them as (``convertible_from``, for the error message); ``_adopt`` sets
+    what the fused module has beyond the original's attributes.
+    """
+
+    @classmethod
+    def is_convertible(cls, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def convertible_from(cls) -> str:
+        raise NotImplementedError
+
+    @classmethod
+    def from_module(cls, module: nn.Module):
+        """A ``cls`` sharing ``module``'s state (the same dicts of children, parameters, buffers and hooks)."""
+        if not cls.is_convertible(module):
+            raise TypeError(f"module must be {cls.convertible_from()}, got {type(module).__name__}")
+        fused = cls.__new__(cls)
+        fused.__dict__.update(module.__dict__)
+        fused._adopt()
+        return fused
+
+    def _adopt(self) -> None:
+        """Attributes the original module lacks."""
