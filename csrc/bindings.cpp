@@ -8,8 +8,10 @@
 //   tensor                                 CPU               CUDA
 //   -------------------------------------  ----------------  ----------------------------------
 //   x, grad_out, out, grad_in              float32, float64  float32, float64, float16, bfloat16
-//   mean, var, invstd, weight, bias,       float64 for float64 x, float32 otherwise
-//   sum_dy, sum_dy_xmu ([C])
+//   mean, rstd, weight, bias,              float64 for float64 x, float32 otherwise
+//   sum_g, sum_gx ([C])
+//   running_mean, running_var ([C])        any floating dtype (updated through a copy in the
+//                                          parameter dtype when theirs differs, or when strided)
 //
 // Math runs in double for float64 x and in float otherwise; the CPU sums its
 // reductions in double for float32 too, as eager CPU batch norm does.
@@ -85,16 +87,44 @@ at::Tensor optional_channel_vector(const char* op, const char* name,
 }
 
 struct BnParams {
-  at::Tensor mean, invstd, weight, bias;  // contiguous [C]; weight, bias undefined for None
+  at::Tensor mean, rstd, weight, bias;  // contiguous [C]; weight, bias undefined for None
 };
 
 BnParams bn_params(const char* op, const at::Tensor& x, const at::Tensor& mean,
-                   const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+                   const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
                    const std::optional<at::Tensor>& bias) {
-  return {channel_vector(op, "mean", mean, x), channel_vector(op, "invstd", invstd, x),
+  return {channel_vector(op, "mean", mean, x), channel_vector(op, "rstd", rstd, x),
           optional_channel_vector(op, "weight", weight, x),
           optional_channel_vector(op, "bias", bias, x)};
 }
+
+// A running statistic, updated in place: `work` is what the kernels update
+// (the buffer itself when it is contiguous in the parameter dtype, else a
+// copy that finish() writes back).
+class RunningBuffer {
+ public:
+  RunningBuffer(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                const at::Tensor& x) {
+    if (!t.has_value()) return;
+    target_ = *t;
+    FASTRES_CHECK_SAME_DEVICE(op, name, target_, "x", x);
+    TORCH_CHECK_TYPE(at::isFloatingType(target_.scalar_type()), op, ": ", name,
+                     " must have a floating-point dtype, got ",
+                     fastres::dtype_name(target_.scalar_type()));
+    FASTRES_CHECK_SHAPE(op, name, target_, at::IntArrayRef(x.size(1)), "[C], C = x.size(1)");
+    const bool direct = target_.scalar_type() == param_dtype(x) && target_.is_contiguous();
+    work_ = direct ? target_ : target_.to(param_dtype(x)).contiguous();
+  }
+  bool defined() const { return work_.defined(); }
+  const at::Tensor& work() const { return work_; }
+  void* data() const { return work_.defined() ? work_.data_ptr() : nullptr; }
+  void finish() const {
+    if (work_.defined() && !work_.is_same(target_)) target_.copy_(work_);
+  }
+
+ private:
+  at::Tensor target_, work_;
+};
 
 // ---- the CUDA launchers' arguments ----
 
@@ -134,86 +164,101 @@ void check_cuda_call(const char* op, int error) {
 
 // ---- the ops ----
 
-std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x, int64_t stream) {
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x,
+                                               const std::optional<at::Tensor>& running_mean,
+                                               const std::optional<at::Tensor>& running_var,
+                                               double momentum, double eps, int64_t stream) {
   constexpr const char* op = "batch_stats";
   check_x(op, x);
-  if (x.is_cpu()) return fastres::cpu::batch_stats(x);
-  const at::Tensor mean = at::empty({x.size(1)}, x.options().dtype(param_dtype(x)));
-  const at::Tensor var = at::empty_like(mean);
-  const at::Tensor workspace = reduce_workspace(x);
-  check_cuda_call(op, fastres_cuda_batch_stats(x.get_device(), stream_of(stream), dtype_code(x),
-                                               shape_of(x), x.data_ptr(), strides_of(x),
-                                               mean.data_ptr(), var.data_ptr(),
-                                               workspace.data_ptr()));
-  return {mean, var};
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
+                    ": running_mean and running_var must both be given or both be None");
+  const RunningBuffer rm(op, "running_mean", running_mean, x);
+  const RunningBuffer rv(op, "running_var", running_var, x);
+  TORCH_CHECK_VALUE(!rm.defined() || !rm.work().is_same(rv.work()), op,
+                    ": running_mean and running_var must be different tensors");
+  at::Tensor mean, rstd;
+  if (x.is_cpu()) {
+    std::tie(mean, rstd) = fastres::cpu::batch_stats(x, rm.work(), rv.work(), momentum, eps);
+  } else {
+    mean = at::empty({x.size(1)}, x.options().dtype(param_dtype(x)));
+    rstd = at::empty_like(mean);
+    const at::Tensor workspace = reduce_workspace(x);
+    check_cuda_call(op, fastres_cuda_batch_stats(
+                            x.get_device(), stream_of(stream), dtype_code(x), shape_of(x),
+                            x.data_ptr(), strides_of(x), rm.data(), rv.data(), momentum, eps,
+                            mean.data_ptr(), rstd.data_ptr(), workspace.data_ptr()));
+  }
+  rm.finish();
+  rv.finish();
+  return {mean, rstd};
 }
 
-void bn_relu_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+void bn_relu_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                      const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, const at::Tensor& out,
                      int64_t stream) {
   constexpr const char* op = "bn_relu_forward";
   check_x(op, x);
-  const BnParams bn = bn_params(op, x, mean, invstd, weight, bias);
+  const BnParams bn = bn_params(op, x, mean, rstd, weight, bias);
   check_like_x(op, "out", out, x, /*written=*/true);
   if (x.is_cpu()) {
-    fastres::cpu::bn_relu_forward(x, bn.mean, bn.invstd, bn.weight, bn.bias, out);
+    fastres::cpu::bn_relu_forward(x, bn.mean, bn.rstd, bn.weight, bn.bias, out);
     return;
   }
   check_cuda_call(op, fastres_cuda_bn_relu_forward(
                           x.get_device(), stream_of(stream), dtype_code(x), shape_of(x),
-                          x.data_ptr(), strides_of(x), bn.mean.data_ptr(), bn.invstd.data_ptr(),
+                          x.data_ptr(), strides_of(x), bn.mean.data_ptr(), bn.rstd.data_ptr(),
                           data_or_null(bn.weight), data_or_null(bn.bias), out.data_ptr(),
                           strides_of(out)));
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
-    const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, int64_t stream) {
   constexpr const char* op = "bn_relu_backward_reduce";
   check_x(op, x);
   check_like_x(op, "grad_out", grad_out, x, /*written=*/false);
-  const BnParams bn = bn_params(op, x, mean, invstd, weight, bias);
+  const BnParams bn = bn_params(op, x, mean, rstd, weight, bias);
   if (x.is_cpu()) {
-    return fastres::cpu::bn_relu_backward_reduce(grad_out, x, bn.mean, bn.invstd, bn.weight,
+    return fastres::cpu::bn_relu_backward_reduce(grad_out, x, bn.mean, bn.rstd, bn.weight,
                                                  bn.bias);
   }
-  const at::Tensor sum_dy = at::empty({x.size(1)}, x.options().dtype(param_dtype(x)));
-  const at::Tensor sum_dy_xmu = at::empty_like(sum_dy);
+  const at::Tensor sum_g = at::empty({x.size(1)}, x.options().dtype(param_dtype(x)));
+  const at::Tensor sum_gx = at::empty_like(sum_g);
   const at::Tensor workspace = reduce_workspace(x);
   check_cuda_call(op, fastres_cuda_bn_relu_backward_reduce(
                           x.get_device(), stream_of(stream), dtype_code(x), shape_of(x),
                           grad_out.data_ptr(), strides_of(grad_out), x.data_ptr(), strides_of(x),
-                          bn.mean.data_ptr(), bn.invstd.data_ptr(), data_or_null(bn.weight),
-                          data_or_null(bn.bias), sum_dy.data_ptr(), sum_dy_xmu.data_ptr(),
+                          bn.mean.data_ptr(), bn.rstd.data_ptr(), data_or_null(bn.weight),
+                          data_or_null(bn.bias), sum_g.data_ptr(), sum_gx.data_ptr(),
                           workspace.data_ptr()));
-  return {sum_dy, sum_dy_xmu};
+  return {sum_g, sum_gx};
 }
 
 void bn_relu_backward_input(const at::Tensor& grad_out, const at::Tensor& x,
-                            const at::Tensor& mean, const at::Tensor& invstd,
+                            const at::Tensor& mean, const at::Tensor& rstd,
                             const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& sum_dy,
-                            const at::Tensor& sum_dy_xmu, const at::Tensor& grad_in,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& sum_g,
+                            const at::Tensor& sum_gx, const at::Tensor& grad_in,
                             bool training, int64_t stream) {
   constexpr const char* op = "bn_relu_backward_input";
   check_x(op, x);
   check_like_x(op, "grad_out", grad_out, x, /*written=*/false);
-  const BnParams bn = bn_params(op, x, mean, invstd, weight, bias);
-  const at::Tensor dy_sums = channel_vector(op, "sum_dy", sum_dy, x);
-  const at::Tensor dy_xmu_sums = channel_vector(op, "sum_dy_xmu", sum_dy_xmu, x);
+  const BnParams bn = bn_params(op, x, mean, rstd, weight, bias);
+  const at::Tensor g_sums = channel_vector(op, "sum_g", sum_g, x);
+  const at::Tensor gx_sums = channel_vector(op, "sum_gx", sum_gx, x);
   check_like_x(op, "grad_in", grad_in, x, /*written=*/true);
   if (x.is_cpu()) {
-    fastres::cpu::bn_relu_backward_input(grad_out, x, bn.mean, bn.invstd, bn.weight, bn.bias,
-                                         dy_sums, dy_xmu_sums, grad_in, training);
+    fastres::cpu::bn_relu_backward_input(grad_out, x, bn.mean, bn.rstd, bn.weight, bn.bias,
+                                         g_sums, gx_sums, grad_in, training);
     return;
   }
   check_cuda_call(op, fastres_cuda_bn_relu_backward_input(
                           x.get_device(), stream_of(stream), dtype_code(x), shape_of(x),
                           grad_out.data_ptr(), strides_of(grad_out), x.data_ptr(), strides_of(x),
-                          bn.mean.data_ptr(), bn.invstd.data_ptr(), data_or_null(bn.weight),
-                          data_or_null(bn.bias), dy_sums.data_ptr(), dy_xmu_sums.data_ptr(),
+                          bn.mean.data_ptr(), bn.rstd.data_ptr(), data_or_null(bn.weight),
+                          data_or_null(bn.bias), g_sums.data_ptr(), gx_sums.data_ptr(),
                           grad_in.data_ptr(), strides_of(grad_in), training ? 1 : 0));
 }
 
@@ -231,23 +276,28 @@ int cuda_device_count() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  m.doc() = "fastres C++/CUDA ops for DenseNet's shared feature buffers (see fastres._dispatch.dense_ops)";
+  m.doc() = "fastres C++/CUDA ops for DenseNet's shared feature buffers (see fastres.ops.dense_ops)";
   // The ops release the GIL: CPU work runs on ATen's thread pool.
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
-  m.def("batch_stats", &batch_stats, no_gil, "Per-channel mean and biased variance of x.",
-        py::arg("x"), py::arg("stream") = 0);
+  m.def("batch_stats", &batch_stats, no_gil,
+        "(mean, rstd) per channel of x, rstd = 1 / sqrt(var + eps) of the biased variance; "
+        "running_mean and running_var (or None) are updated in place with momentum and the "
+        "unbiased variance.",
+        py::arg("x"), py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"),
+        py::arg("eps"), py::arg("stream") = 0);
   m.def("bn_relu_forward", &bn_relu_forward, no_gil,
-        "out = relu((x - mean) * invstd * weight + bias).", py::arg("x"), py::arg("mean"),
-        py::arg("invstd"), py::arg("weight"), py::arg("bias"), py::arg("out"),
+        "out = relu((x - mean) * rstd * weight + bias).", py::arg("x"), py::arg("mean"),
+        py::arg("rstd"), py::arg("weight"), py::arg("bias"), py::arg("out"),
         py::arg("stream") = 0);
   m.def("bn_relu_backward_reduce", &bn_relu_backward_reduce, no_gil,
-        "(sum_dy, sum_dy_xmu) per channel, dy = grad_out where not (y <= 0).",
-        py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("invstd"),
+        "(sum_g, sum_gx) per channel: sums of g and g * (x - mean), g = grad_out where not "
+        "(y <= 0).",
+        py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("rstd"),
         py::arg("weight"), py::arg("bias"), py::arg("stream") = 0);
   m.def("bn_relu_backward_input", &bn_relu_backward_input, no_gil,
         "grad_in += dx, through the batch statistics when training.", py::arg("grad_out"),
-        py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("bias"),
-        py::arg("sum_dy"), py::arg("sum_dy_xmu"), py::arg("grad_in"), py::arg("training"),
+        py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("bias"),
+        py::arg("sum_g"), py::arg("sum_gx"), py::arg("grad_in"), py::arg("training"),
         py::arg("stream") = 0);
   m.def("cuda_kernels_compiled", [] { return fastres_cuda_kernels_compiled() != 0; },
         "Whether the CUDA kernels were compiled and linked in.");

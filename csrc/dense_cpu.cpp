@@ -36,9 +36,11 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <vector>
 
 #include "checks.h"
@@ -306,7 +308,7 @@ struct ReduceArgs {
   Strides gs;
   const T *mean, *scale, *shift;  // [C] (gradient sums only)
   int64_t begin, end;             // items
-  double *out0, *out1;            // partials: sum, M2 or sum_dy, sum_dy_xmu
+  double *out0, *out1;            // partials: sum, M2 or sum_g, sum_gx
 };
 
 // Per item: the chunk's sum and sum of squared deviations from its mean.
@@ -541,7 +543,7 @@ struct ElementArgs {
   Strides gs;
   T* out;  // out or grad_in
   Strides os;
-  const T *mean, *scale, *shift, *mean_dy, *proj;  // [C]; mean_dy, proj: backward only
+  const T *mean, *scale, *shift, *mean_g, *proj;  // [C]; mean_g, proj: backward only
   bool training;
   int64_t begin, end;  // rows n * C + c, or positions
 };
@@ -571,10 +573,10 @@ FASTRES_INLINE void forward_channels_impl(const ElementArgs<T>& a) {
 // grad_in += dx. Eval takes dx = dy * scale alone: 0 * (x - mean) would turn an
 // infinite x into NaN.
 template <typename T, bool kTraining>
-FASTRES_INLINE T grad_input(T xv, T gv, T mean, T scale, T shift, T mean_dy, T proj) {
+FASTRES_INLINE T grad_input(T xv, T gv, T mean, T scale, T shift, T mean_g, T proj) {
   const T xmu = xv - mean;
   const T dy = relu_grad(xmu * scale + shift, gv);
-  return kTraining ? (dy - mean_dy - xmu * proj) * scale : dy * scale;
+  return kTraining ? (dy - mean_g - xmu * proj) * scale : dy * scale;
 }
 
 template <typename T, bool kTraining>
@@ -586,9 +588,9 @@ FASTRES_INLINE void backward_input_rows(const ElementArgs<T>& a) {
     const T* g = a.g + n * a.gs.n + c * a.gs.c;
     T* out = a.out + n * a.os.n + c * a.os.c;
     const T mean = a.mean[c], scale = a.scale[c], shift = a.shift[c];
-    const T mean_dy = a.mean_dy[c], proj = a.proj[c];
+    const T mean_g = a.mean_g[c], proj = a.proj[c];
     for (int64_t p = 0; p < a.d.hw; ++p)
-      out[p] += grad_input<T, kTraining>(x[p], g[p], mean, scale, shift, mean_dy, proj);
+      out[p] += grad_input<T, kTraining>(x[p], g[p], mean, scale, shift, mean_g, proj);
   }
 }
 
@@ -601,7 +603,7 @@ FASTRES_INLINE void backward_input_channels(const ElementArgs<T>& a) {
     T* out = a.out + w.offset(a.os);
     for (int64_t c = 0; c < a.d.c; ++c)
       out[c] += grad_input<T, kTraining>(x[c], g[c], a.mean[c], a.scale[c], a.shift[c],
-                                         a.mean_dy[c], a.proj[c]);
+                                         a.mean_g[c], a.proj[c]);
   }
 }
 
@@ -634,15 +636,15 @@ FASTRES_KERNEL(backward_input_channels, ElementArgs)
 // Per-channel constants: y = (x - mean) * scale + shift.
 template <typename T>
 struct ChannelConsts {
-  std::vector<T> mean, scale, shift, mean_dy, proj;
+  std::vector<T> mean, scale, shift, mean_g, proj;
 };
 
 template <typename T>
-ChannelConsts<T> channel_consts(const at::Tensor& mean, const at::Tensor& invstd,
+ChannelConsts<T> channel_consts(const at::Tensor& mean, const at::Tensor& rstd,
                                 const at::Tensor& weight, const at::Tensor& bias) {
   const int64_t channels = mean.numel();
   const T* mean_p = mean.data_ptr<T>();
-  const T* invstd_p = invstd.data_ptr<T>();
+  const T* rstd_p = rstd.data_ptr<T>();
   const T* weight_p = weight.defined() ? weight.data_ptr<T>() : nullptr;
   const T* bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
   ChannelConsts<T> k;
@@ -650,7 +652,7 @@ ChannelConsts<T> channel_consts(const at::Tensor& mean, const at::Tensor& invstd
   k.scale.resize(channels);
   k.shift.resize(channels);
   for (int64_t c = 0; c < channels; ++c) {
-    k.scale[c] = weight_p ? invstd_p[c] * weight_p[c] : invstd_p[c];
+    k.scale[c] = weight_p ? rstd_p[c] * weight_p[c] : rstd_p[c];
     k.shift[c] = bias_p ? bias_p[c] : T(0);
   }
   return k;
@@ -767,7 +769,7 @@ struct DeviationOp {
 };
 
 struct GradSums {
-  double dy, dy_xmu;
+  double g, gx;  // sum(g), sum(g * (x - mean))
 };
 
 template <typename T>
@@ -777,15 +779,17 @@ struct GradSumsOp {
   void add(GradSums& s, int64_t n, int64_t c, int64_t p) const {
     const T xmu = x(n, c, p) - k->mean[c];
     const T dy = relu_grad(xmu * k->scale[c] + k->shift[c], grad_out(n, c, p));
-    s.dy += dy;
-    s.dy_xmu += static_cast<double>(dy) * static_cast<double>(xmu);
+    s.g += dy;
+    s.gx += static_cast<double>(dy) * static_cast<double>(xmu);
   }
 };
 
 // ---- the ops ----
 
 template <typename T>
-void batch_stats_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var) {
+void batch_stats_impl(const at::Tensor& x, const at::Tensor& running_mean,
+                      const at::Tensor& running_var, double momentum, double eps,
+                      const at::Tensor& mean, const at::Tensor& rstd) {
   const Dims d = dims_of(x);
   const double m = static_cast<double>(d.positions());  // 0 gives NaN, like an empty mean
   std::vector<double> sum(d.c), m2(d.c);
@@ -828,12 +832,25 @@ void batch_stats_impl(const at::Tensor& x, const at::Tensor& mean, const at::Ten
     }
   }
 
+  // Mean, rstd and the running statistics' update, all in double (as eager
+  // CPU batch norm), rounded once.
   T* mean_out = mean.data_ptr<T>();
-  T* var_out = var.data_ptr<T>();
+  T* rstd_out = rstd.data_ptr<T>();
+  T* running_mean_p = running_mean.defined() ? running_mean.data_ptr<T>() : nullptr;
+  T* running_var_p = running_var.defined() ? running_var.data_ptr<T>() : nullptr;
   for (int64_t c = 0; c < d.c; ++c) {
-    const double v = m2[c] / m;
-    mean_out[c] = static_cast<T>(sum[c] / m);
-    var_out[c] = static_cast<T>(v < 0 ? 0.0 : v);  // not std::max: NaN must stay NaN
+    const double m2_c = m2[c] < 0 ? 0.0 : m2[c];  // not std::max: NaN must stay NaN
+    const double mu = sum[c] / m, var = m2_c / m;
+    mean_out[c] = static_cast<T>(mu);
+    rstd_out[c] = static_cast<T>(1.0 / std::sqrt(var + eps));
+    if (running_mean_p != nullptr) {
+      // No elements: NaN, as the launchers of dense_cuda.cu give.
+      const double unbiased = m > 0 ? m2_c / (m - 1) : std::numeric_limits<double>::quiet_NaN();
+      running_mean_p[c] =
+          static_cast<T>(momentum * mu + (1 - momentum) * static_cast<double>(running_mean_p[c]));
+      running_var_p[c] = static_cast<T>(momentum * unbiased +
+                                        (1 - momentum) * static_cast<double>(running_var_p[c]));
+    }
   }
 }
 
@@ -869,11 +886,11 @@ void parallel_elements(const ElementArgs<T>& a, bool rows, RowsTask rows_task,
 }
 
 template <typename T>
-void bn_relu_forward_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+void bn_relu_forward_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                           const at::Tensor& weight, const at::Tensor& bias,
                           const at::Tensor& out) {
   const Dims d = dims_of(x);
-  const ChannelConsts<T> k = channel_consts<T>(mean, invstd, weight, bias);
+  const ChannelConsts<T> k = channel_consts<T>(mean, rstd, weight, bias);
   const bool channels_inner = channels_innermost(out);
   const Layout layout = layout_of({&x, &out}, channels_inner);
   if (layout == Layout::kStrided) {
@@ -891,19 +908,19 @@ void bn_relu_forward_impl(const at::Tensor& x, const at::Tensor& mean, const at:
 
 template <typename T>
 void bn_relu_backward_reduce_impl(const at::Tensor& grad_out, const at::Tensor& x,
-                                  const at::Tensor& mean, const at::Tensor& invstd,
+                                  const at::Tensor& mean, const at::Tensor& rstd,
                                   const at::Tensor& weight, const at::Tensor& bias,
-                                  const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu) {
+                                  const at::Tensor& sum_g, const at::Tensor& sum_gx) {
   const Dims d = dims_of(x);
-  const ChannelConsts<T> k = channel_consts<T>(mean, invstd, weight, bias);
-  std::vector<double> dy(d.c), dy_xmu(d.c);
+  const ChannelConsts<T> k = channel_consts<T>(mean, rstd, weight, bias);
+  std::vector<double> g(d.c), gx(d.c);
   const Layout layout = layout_of({&x, &grad_out}, channels_innermost(x));
   if (layout == Layout::kStrided) {
     const GradSumsOp<T> op{view_of<const T>(grad_out), view_of<const T>(x), &k};
     const std::vector<GradSums> sums = reduce_channels<GradSums>(d, channels_innermost(x), op);
     for (int64_t c = 0; c < d.c; ++c) {
-      dy[c] = sums[c].dy;
-      dy_xmu[c] = sums[c].dy_xmu;
+      g[c] = sums[c].g;
+      gx[c] = sums[c].gx;
     }
   } else {
     ReduceArgs<T> a{};
@@ -915,44 +932,44 @@ void bn_relu_backward_reduce_impl(const at::Tensor& grad_out, const at::Tensor& 
     a.mean = k.mean.data();
     a.scale = k.scale.data();
     a.shift = k.shift.data();
-    std::vector<double> part_dy, part_dy_xmu;
-    run_reduction<T>(layout, a, part_dy, part_dy_xmu, grad_sums_rows, grad_sums_channels);
+    std::vector<double> part_g, part_gx;
+    run_reduction<T>(layout, a, part_g, part_gx, grad_sums_rows, grad_sums_channels);
     const bool rows = layout == Layout::kRows;
     const int64_t chunks = rows ? row_chunks(d).count : position_chunks(d).count;
     const int64_t step = rows ? 1 : d.c;  // channel c's chunks, in order
     for (int64_t c = 0; c < d.c; ++c) {
       const int64_t first = rows ? c * chunks : c;
       for (int64_t i = 0; i < chunks; ++i) {
-        dy[c] += part_dy[first + i * step];
-        dy_xmu[c] += part_dy_xmu[first + i * step];
+        g[c] += part_g[first + i * step];
+        gx[c] += part_gx[first + i * step];
       }
     }
   }
-  T* dy_out = sum_dy.data_ptr<T>();
-  T* dy_xmu_out = sum_dy_xmu.data_ptr<T>();
+  T* g_out = sum_g.data_ptr<T>();
+  T* gx_out = sum_gx.data_ptr<T>();
   for (int64_t c = 0; c < d.c; ++c) {
-    dy_out[c] = static_cast<T>(dy[c]);
-    dy_xmu_out[c] = static_cast<T>(dy_xmu[c]);
+    g_out[c] = static_cast<T>(g[c]);
+    gx_out[c] = static_cast<T>(gx[c]);
   }
 }
 
 template <typename T>
 void bn_relu_backward_input_impl(const at::Tensor& grad_out, const at::Tensor& x,
-                                 const at::Tensor& mean, const at::Tensor& invstd,
+                                 const at::Tensor& mean, const at::Tensor& rstd,
                                  const at::Tensor& weight, const at::Tensor& bias,
-                                 const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                                 const at::Tensor& sum_g, const at::Tensor& sum_gx,
                                  const at::Tensor& grad_in, bool training) {
   const Dims d = dims_of(x);
-  ChannelConsts<T> k = channel_consts<T>(mean, invstd, weight, bias);
+  ChannelConsts<T> k = channel_consts<T>(mean, rstd, weight, bias);
   const T inv_m = T(1) / static_cast<T>(d.positions());
-  const T* invstd_p = invstd.data_ptr<T>();
-  const T* sum_dy_p = sum_dy.data_ptr<T>();
-  const T* sum_dy_xmu_p = sum_dy_xmu.data_ptr<T>();
-  k.mean_dy.resize(d.c);
+  const T* rstd_p = rstd.data_ptr<T>();
+  const T* sum_g_p = sum_g.data_ptr<T>();
+  const T* sum_gx_p = sum_gx.data_ptr<T>();
+  k.mean_g.resize(d.c);
   k.proj.resize(d.c);
-  for (int64_t c = 0; c < d.c; ++c) {  // sum_dy / m and invstd^2 * sum_dy_xmu / m
-    k.mean_dy[c] = sum_dy_p[c] * inv_m;
-    k.proj[c] = invstd_p[c] * invstd_p[c] * sum_dy_xmu_p[c] * inv_m;
+  for (int64_t c = 0; c < d.c; ++c) {  // sum_g / m and rstd^2 * sum_gx / m
+    k.mean_g[c] = sum_g_p[c] * inv_m;
+    k.proj[c] = rstd_p[c] * rstd_p[c] * sum_gx_p[c] * inv_m;
   }
 
   const bool channels_inner = channels_innermost(grad_in);
@@ -964,7 +981,7 @@ void bn_relu_backward_input_impl(const at::Tensor& grad_out, const at::Tensor& x
       constexpr bool kTraining = decltype(training_tag)::value;
       for_each_element(d, channels_inner, [&](int64_t n, int64_t c, int64_t p) {
         iv(n, c, p) += grad_input<T, kTraining>(xv(n, c, p), gv(n, c, p), k.mean[c], k.scale[c],
-                                                k.shift[c], k.mean_dy[c], k.proj[c]);
+                                                k.shift[c], k.mean_g[c], k.proj[c]);
       });
     };
     training ? run(std::true_type{}) : run(std::false_type{});
@@ -973,7 +990,7 @@ void bn_relu_backward_input_impl(const at::Tensor& grad_out, const at::Tensor& x
   ElementArgs<T> a = element_args(d, x, grad_in, k);
   a.g = grad_out.const_data_ptr<T>();
   a.gs = strides_of(grad_out);
-  a.mean_dy = k.mean_dy.data();
+  a.mean_g = k.mean_g.data();
   a.proj = k.proj.data();
   a.training = training;
   parallel_elements(a, layout == Layout::kRows,
@@ -983,41 +1000,44 @@ void bn_relu_backward_input_impl(const at::Tensor& grad_out, const at::Tensor& x
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x) {
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x, const at::Tensor& running_mean,
+                                               const at::Tensor& running_var, double momentum,
+                                               double eps) {
   const at::Tensor mean = at::empty({x.size(1)}, x.options());
-  const at::Tensor var = at::empty({x.size(1)}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_stats",
-                             [&] { batch_stats_impl<scalar_t>(x, mean, var); });
-  return {mean, var};
+  const at::Tensor rstd = at::empty({x.size(1)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_stats", [&] {
+    batch_stats_impl<scalar_t>(x, running_mean, running_var, momentum, eps, mean, rstd);
+  });
+  return {mean, rstd};
 }
 
-void bn_relu_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+void bn_relu_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                      const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_forward", [&] {
-    bn_relu_forward_impl<scalar_t>(x, mean, invstd, weight, bias, out);
+    bn_relu_forward_impl<scalar_t>(x, mean, rstd, weight, bias, out);
   });
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
-    const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias) {
-  const at::Tensor sum_dy = at::empty({x.size(1)}, x.options());
-  const at::Tensor sum_dy_xmu = at::empty({x.size(1)}, x.options());
+    const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& bias) {
+  const at::Tensor sum_g = at::empty({x.size(1)}, x.options());
+  const at::Tensor sum_gx = at::empty({x.size(1)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_backward_reduce", [&] {
-    bn_relu_backward_reduce_impl<scalar_t>(grad_out, x, mean, invstd, weight, bias, sum_dy,
-                                           sum_dy_xmu);
+    bn_relu_backward_reduce_impl<scalar_t>(grad_out, x, mean, rstd, weight, bias, sum_g,
+                                           sum_gx);
   });
-  return {sum_dy, sum_dy_xmu};
+  return {sum_g, sum_gx};
 }
 
 void bn_relu_backward_input(const at::Tensor& grad_out, const at::Tensor& x,
-                            const at::Tensor& mean, const at::Tensor& invstd,
+                            const at::Tensor& mean, const at::Tensor& rstd,
                             const at::Tensor& weight, const at::Tensor& bias,
-                            const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                            const at::Tensor& sum_g, const at::Tensor& sum_gx,
                             const at::Tensor& grad_in, bool training) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_backward_input", [&] {
-    bn_relu_backward_input_impl<scalar_t>(grad_out, x, mean, invstd, weight, bias, sum_dy,
-                                          sum_dy_xmu, grad_in, training);
+    bn_relu_backward_input_impl<scalar_t>(grad_out, x, mean, rstd, weight, bias, sum_g,
+                                          sum_gx, grad_in, training);
   });
 }
 

@@ -2,80 +2,118 @@
 // dense_cuda.h). No torch headers: this file compiles and links on machines
 // without a GPU or a CUDA build of torch.
 //
-// Reductions are deterministic (no atomics): a block per (channel group, chunk
-// of the N*HW positions) writes one partial per channel to the workspace, then
-// one thread per channel merges the chunks in order, in double. Elementwise
-// kernels walk [rows, inner] tiles with the written tensor's smallest stride
-// innermost, so consecutive threads touch consecutive addresses.
+// How threads walk a tensor. Every kernel sees its [N, C, HW] views through
+// one of two mappings, chosen on the host from the strides:
+//
+//   rows      (NCHW slices, H*W innermost) a column is one channel; its items
+//             are the vectors of V consecutive positions of the rows (n, c),
+//             flattened over (n, q), q < Q = HW / V.
+//   channels  (channels_last slices, C innermost) a column is V consecutive
+//             channels; its items are the positions (n, p), q = p < Q = HW.
+//
+// A block holds `cols` columns of `lanes` threads each (lanes are consecutive
+// threads in the rows mapping, columns in the channels one, so that a warp
+// reads consecutive addresses), and a range (chunk) of items given by
+// blockIdx.y; lane l of a column takes items begin + l, begin + l + lanes, ...
+// Each thread loads its column's per-channel values once, and steps its item's
+// (q, offsets) by additions (no division in the loops). V is 16 bytes' worth of
+// elements (4 float, 2 double, 8 half/bfloat16) when the innermost stride is 1,
+// the other strides and the extent along the vector are multiples of V, and
+// the data are 16-byte aligned, for every tensor of the op (checked on the host
+// per call: the views are channel slices of larger buffers); otherwise V = 1
+// and any strides work.
+//
+// Reductions are deterministic (no atomics, a fixed order everywhere): each
+// block merges its lanes in shared memory along a fixed tree and writes one
+// partial per channel and chunk to the workspace; a finalize kernel (a block
+// per group of channels, threads over chunks, then the same tree) merges them.
+// The batch statistics keep a thread's sums of x - t0 and (x - t0)^2, t0 the
+// thread's first value (a shift within the data: a large mean costs no
+// precision), turn them into (count, mean, M2) once per thread, and merge those
+// with Chan et al.'s formula in the block; means are kept relative to the
+// channel's first element K = x[0, c, 0], so merges see numbers of the size of
+// the spread. The finalize merges the chunks in double in two passes (the
+// count-weighted mean, then sum(M2_j + n_j (mean_j - mean)^2)), writes mean and
+// rstd, and updates the running statistics.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "dense_cuda.h"
 
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int64_t kTargetBlocks = 1024;        // reduction blocks to aim for (~8 per H100 SM)
-constexpr int64_t kMinBlockElements = 4096;    // smallest chunk worth a block
-constexpr int64_t kMaxChunk = int64_t(1) << 24;  // keeps a block's float element count exact
+// __launch_bounds__'s minimum blocks per SM: caps registers at 128. (With the
+// thread count alone, ptxas spills a few bytes in some kernels.)
+constexpr int kMinBlocksPerSm = 2;
+constexpr int kReduceColumns = 32;                    // most columns of a reduction block
+constexpr int kFinalizeChannels = 32;                 // most channels of a finalize block
+constexpr int64_t kTargetReduceBlocks = 1024;         // ~8 per H100 SM
+constexpr int64_t kMinBlockElements = 4096;           // smallest reduction chunk worth a block
+constexpr int64_t kMaxChunkElements = int64_t(1) << 24;  // per channel: float counts stay exact
+constexpr int64_t kTargetElementwiseBlocks = 2048;
+constexpr int64_t kMinItemsPerThread = 4;             // elementwise: amortizes a thread's setup
+constexpr int64_t kMaxChunkItems = int64_t(1) << 30;  // 32-bit item counts in the kernels
 constexpr int64_t kMaxGridY = 65535;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-__host__ __device__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-// ---- scalars: loads widen to the accumulation type, stores round to nearest ----
+int pow2_at_least(int64_t v) {
+  int p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+// ---- scalars and 16-byte vectors ----
 
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
+template <typename T> using Acc = typename AccOf<T>::type;
+
+// Elements of T in 16 bytes.
+template <typename T> constexpr int kVecOf = int(16 / sizeof(T));
 
 __device__ __forceinline__ float widen(float v) { return v; }
 __device__ __forceinline__ double widen(double v) { return v; }
 __device__ __forceinline__ float widen(__half v) { return __half2float(v); }
 __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-// A 4-D tensor seen as [N, C, HW] through its strides.
-template <typename T>
-struct View {
-  T* data;
-  int64_t stride_n, stride_c, stride_hw;
-  __device__ __forceinline__ T* at(int64_t n, int64_t c, int64_t p) const {
-    return data + n * stride_n + c * stride_c + p * stride_hw;
-  }
+// Rounds to nearest into T.
+template <typename T> struct Narrow;
+template <> struct Narrow<float> {
+  __device__ static float of(float v) { return v; }
+};
+template <> struct Narrow<double> {
+  __device__ static double of(double v) { return v; }
+};
+template <> struct Narrow<__half> {
+  __device__ static __half of(float v) { return __float2half_rn(v); }
+};
+template <> struct Narrow<__nv_bfloat16> {
+  __device__ static __nv_bfloat16 of(float v) { return __float2bfloat16_rn(v); }
 };
 
-template <typename T>
-View<const T> input_view(const void* data, FastresStrides s) {
-  return {static_cast<const T*>(data), s.n, s.c, s.hw};
-}
-
-template <typename T>
-View<T> output_view(void* data, FastresStrides s) {
-  return {static_cast<T*>(data), s.n, s.c, s.hw};
-}
-
-// y = (x - mean) * scale + shift of BatchNorm; weight, bias may be null (1, 0).
-template <typename A>
-struct BnAffine {
-  const A *mean, *invstd, *weight, *bias;  // [C]
-  __device__ __forceinline__ A scale(int64_t c) const {
-    return weight ? invstd[c] * weight[c] : invstd[c];
-  }
-  __device__ __forceinline__ A shift(int64_t c) const { return bias ? bias[c] : A(0); }
+// V consecutive elements, loaded and stored as one access (16 bytes when V > 1).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
 };
 
-template <typename A>
-BnAffine<A> affine_of(const void* mean, const void* invstd, const void* weight, const void* bias) {
-  return {static_cast<const A*>(mean), static_cast<const A*>(invstd),
-          static_cast<const A*>(weight), static_cast<const A*>(bias)};
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
+  *reinterpret_cast<Pack<T, V>*>(p) = v;
 }
 
 template <typename A>
@@ -89,24 +127,153 @@ __device__ __forceinline__ A relu_grad(A y, A g) {
   return y <= A(0) ? A(0) : g;
 }
 
-__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
-  if (((a | b) >> 32) == 0) {  // 32-bit division is several times cheaper
-    const uint32_t q32 = static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
-    q = q32;
-    r = a - q * b;
-  } else {
-    q = a / b;
-    r = a - q * b;
-  }
+// A shift for the statistics: v, or 0 when v is NaN or infinite (a shift of
+// Inf would turn every value of the channel into NaN). A channel holding Inf
+// or NaN gets a non-finite mean (NaN or Inf) and a NaN variance, as in eager.
+template <typename A>
+__device__ __forceinline__ A finite_or_zero(A v) {
+  return isfinite(v) ? v : A(0);
 }
 
-// ---- reduction partial states, their warp shuffles and merges ----
+// ---- how a launch walks its tensors ----
+
+// One tensor as the threads of a launch walk it: item (n, q) of column `col`
+// is at element offset col * col_stride + n * n_stride + q * q_stride.
+struct TensorWalk {
+  int64_t col_stride, n_stride, q_stride;
+  int64_t step;  // offset change when an item index advances by `lanes` ...
+  int64_t wrap;  // ... and the further change when q passes Q
+};
+
+template <int NT>
+struct Walks {
+  TensorWalk t[NT];
+};
+
+// What every kernel needs of its launch plan (see make_plan).
+struct Launch {
+  int cols, lanes, lanes_pow2;  // cols * lanes <= kThreads; lanes_pow2 >= lanes
+  int64_t columns;              // columns in all: C, or C / V in the channels mapping
+  int64_t q_extent;             // Q
+  int64_t items;                // items per column: N * Q
+  int64_t chunk_len;            // items per blockIdx.y
+  int64_t step_q;               // lanes % Q
+  double inv_q;                 // 1 / Q, to split a thread's first item without a division
+};
+
+// Where a thread is: its column and lane, and its block's chunk of items.
+struct Place {
+  int lane;
+  bool in_block;  // one of the block's cols * lanes threads
+  bool active;    // ... and its column exists
+  int column;     // < 2^31 (fits() checks): 32 bits keep it in one register
+  int64_t begin, end;
+};
+
+template <bool CH>
+__device__ __forceinline__ Place place_of(const Launch& g) {
+  const int t = threadIdx.x;
+  const int col = CH ? t % g.cols : t / g.lanes;  // once per thread
+  Place p;
+  p.lane = CH ? t / g.cols : t % g.lanes;
+  p.in_block = col < g.cols && p.lane < g.lanes;
+  p.column = int(blockIdx.x) * g.cols + col;
+  p.active = p.in_block && p.column < g.columns;
+  p.begin = int64_t(blockIdx.y) * g.chunk_len;
+  p.end = min64(g.items, p.begin + g.chunk_len);
+  return p;
+}
+
+// Steps a thread's items: (q, one offset per tensor), by additions only.
+template <int NT>
+struct Walker {
+  int64_t q;
+  int64_t off[NT];
+
+  __device__ __forceinline__ Walker(const Launch& g, const Walks<NT>& w, int64_t column,
+                                    int64_t item) {
+    // n = item / Q: the quotient through the reciprocal is within 1 of the
+    // truth (item < 2^52), and one correction makes it exact. Integer division
+    // of 64-bit values would be a call (and spills) in every kernel.
+    int64_t n = static_cast<int64_t>(static_cast<double>(item) * g.inv_q);
+    q = item - n * g.q_extent;
+    if (q < 0) {
+      --n;
+      q += g.q_extent;
+    } else if (q >= g.q_extent) {
+      ++n;
+      q -= g.q_extent;
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+      off[t] = column * w.t[t].col_stride + n * w.t[t].n_stride + q * w.t[t].q_stride;
+  }
+
+  __device__ __forceinline__ void next(const Launch& g, const Walks<NT>& w) {
+    q += g.step_q;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) off[t] += w.t[t].step;
+    if (q >= g.q_extent) {
+      q -= g.q_extent;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) off[t] += w.t[t].wrap;
+    }
+  }
+};
+
+// How many items a thread takes: first, first + lanes, ... < end. The plan
+// keeps a chunk under 2^31 items, so 32-bit division suffices (the compiler
+// would otherwise emit a 64-bit division, a call, to unroll the loops).
+__device__ __forceinline__ int items_from(int64_t first, int64_t end, int lanes) {
+  return first < end ? int(uint32_t(end - first - 1) / uint32_t(lanes)) + 1 : 0;
+}
+
+// Channel of element k of a thread's vectors.
+template <int V, bool CH>
+__device__ __forceinline__ int64_t channel_of(int64_t column, int k) {
+  return CH ? column * V + k : column;
+}
+
+// ---- per-channel values, loaded once per thread ----
+
+// y = (x - mean) * scale + shift of BatchNorm; weight, bias may be null (1, 0).
+template <typename A>
+struct BnArgs {
+  const A *mean, *rstd, *weight, *bias;  // [C]
+};
+
+// A thread's per-channel values: element k of its vectors belongs to channel
+// channel_of(column, k); in the rows mapping that is one channel for all k.
+template <typename A, int V, bool CH>
+struct Affine {
+  A mean[V], scale[V], shift[V];
+
+  __device__ __forceinline__ Affine(const BnArgs<A>& bn, int64_t column) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if (CH || k == 0) {
+        const int64_t c = channel_of<V, CH>(column, k);
+        const A rstd = bn.rstd[c];
+        mean[k] = bn.mean[c];
+        scale[k] = bn.weight ? rstd * bn.weight[c] : rstd;
+        shift[k] = bn.bias ? bn.bias[c] : A(0);
+      } else {
+        mean[k] = mean[0];
+        scale[k] = scale[0];
+        shift[k] = shift[0];
+      }
+    }
+  }
+};
+
+// ---- reduction states and the block's merge ----
 
 template <typename A>
 struct Welford {
-  A count, mean, m2;
+  A count, mean, m2;  // mean relative to the channel's shift K
 };
 
+// Chan et al.: the (count, mean, M2) of the union of two sets.
 template <typename A>
 __device__ __forceinline__ void merge(Welford<A>& a, const Welford<A>& b) {
   if (b.count == A(0)) return;
@@ -123,273 +290,455 @@ __device__ __forceinline__ void merge(Welford<A>& a, const Welford<A>& b) {
 }
 
 template <typename A>
-__device__ __forceinline__ Welford<A> shfl_down(const Welford<A>& s, int offset) {
-  return {__shfl_down_sync(0xffffffffu, s.count, offset),
-          __shfl_down_sync(0xffffffffu, s.mean, offset),
-          __shfl_down_sync(0xffffffffu, s.m2, offset)};
-}
-
-template <typename A>
 struct GradSums {
-  A dy, dy_xmu;
+  A g, gx;  // sum(g), sum(g * (x - mean))
 };
 
 template <typename A>
 __device__ __forceinline__ void merge(GradSums<A>& a, const GradSums<A>& b) {
-  a.dy += b.dy;
-  a.dy_xmu += b.dy_xmu;
+  a.g += b.g;
+  a.gx += b.gx;
+}
+
+struct Sums2 {
+  double a, b;
+};
+
+__device__ __forceinline__ void merge(Sums2& x, const Sums2& y) {
+  x.a += y.a;
+  x.b += y.b;
+}
+
+// Merges the states of each column's lanes (thread t's lane + s sits at
+// t + s * lane_stride) along a fixed tree; lane 0 of each column gets the
+// result. Every thread of the block must call it.
+template <class S, int KV>
+__device__ __forceinline__ void block_reduce(S (&state)[KV], const Place& p, int lanes,
+                                             int lanes_pow2, int lane_stride) {
+  __shared__ S shared[kThreads][KV];
+  const int t = threadIdx.x;
+#pragma unroll
+  for (int k = 0; k < KV; ++k) shared[t][k] = state[k];
+  __syncthreads();
+  for (int s = lanes_pow2 / 2; s > 0; s /= 2) {
+    if (p.in_block && p.lane < s && p.lane + s < lanes) {
+#pragma unroll
+      for (int k = 0; k < KV; ++k) merge(shared[t][k], shared[t + s * lane_stride][k]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int k = 0; k < KV; ++k) state[k] = shared[t][k];
+}
+
+// ---- batch statistics ----
+
+// (count, mean relative to K, M2) from the sums of u = x - t0 over `count` values.
+template <typename A>
+__device__ __forceinline__ Welford<A> welford_of(A count, A t0_minus_k, A s1, A s2) {
+  if (count == A(0)) return {A(0), A(0), A(0)};
+  const A mean_u = s1 / count;
+  const A m2 = s2 - s1 * mean_u;
+  return {count, t0_minus_k + mean_u, m2 < A(0) ? A(0) : m2};  // NaN stays NaN
+}
+
+template <typename T, int V, bool CH>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    stats_partials_kernel(Launch g, const T* x, Walks<1> w, int64_t channels,
+                          Welford<Acc<T>>* partials) {  // [chunks][C]
+  using A = Acc<T>;
+  constexpr int KV = CH ? V : 1;  // channels per thread
+  const Place p = place_of<CH>(g);
+  Welford<A> state[KV];
+#pragma unroll
+  for (int k = 0; k < KV; ++k) state[k] = {A(0), A(0), A(0)};
+  const int64_t first = p.begin + p.lane;  // the thread's items: first, first + lanes, ...
+  if (p.active && first < p.end) {
+    Walker<1> it(g, w, p.column, first);
+    A t0[V], s1[V], s2[V];
+    {
+      const Pack<T, V> v0 = load_pack<T, V>(x + it.off[0]);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        t0[k] = finite_or_zero(widen(v0.v[CH ? k : 0]));
+        s1[k] = s2[k] = A(0);
+      }
+    }
+    const int count = items_from(first, p.end, g.lanes);  // < 2^24: the plan bounds a chunk
+    for (int i = 0; i < count; ++i) {
+      const Pack<T, V> v = load_pack<T, V>(x + it.off[0]);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const A u = widen(v.v[k]) - t0[k];
+        s1[k] += u;
+        s2[k] = fma(u, u, s2[k]);
+      }
+      it.next(g, w);
+    }
+    // K = x[0, c, 0] of each channel: column start, n = q = 0.
+    const Pack<T, V> head = load_pack<T, V>(x + p.column * w.t[0].col_stride);
+    if (CH) {
+#pragma unroll
+      for (int k = 0; k < KV; ++k)
+        state[k] = welford_of(A(count), t0[k] - finite_or_zero(widen(head.v[k])), s1[k], s2[k]);
+    } else {  // one channel, one shift: the V lanes add up
+      A sum1 = A(0), sum2 = A(0);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        sum1 += s1[k];
+        sum2 += s2[k];
+      }
+      state[0] = welford_of(A(count * V), t0[0] - finite_or_zero(widen(head.v[0])), sum1, sum2);
+    }
+  }
+  block_reduce(state, p, g.lanes, g.lanes_pow2, CH ? g.cols : 1);
+  if (p.active && p.lane == 0) {
+#pragma unroll
+    for (int k = 0; k < KV; ++k)
+      partials[int64_t(blockIdx.y) * channels + channel_of<V, CH>(p.column, k)] = state[k];
+  }
+}
+
+// The block layout of both finalize kernels: `cols` channels (threads
+// t % cols) by `lanes` chunk lanes (t / cols), so that a warp reads
+// consecutive channels of a chunk's partials.
+struct FinalizeLaunch {
+  int cols, lanes, lanes_pow2;
+};
+
+__device__ __forceinline__ Place finalize_place(const FinalizeLaunch& f, int64_t channels) {
+  const int t = threadIdx.x;
+  Place p;
+  p.lane = t / f.cols;
+  p.in_block = p.lane < f.lanes;
+  p.column = int(blockIdx.x) * f.cols + t % f.cols;
+  p.active = p.in_block && p.column < channels;
+  p.begin = p.end = 0;
+  return p;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    stats_finalize_kernel(FinalizeLaunch f, int64_t channels, int chunks,
+                          const Welford<Acc<T>>* partials, const T* x, int64_t x_stride_c,
+                          double momentum, double eps, Acc<T>* mean_out, Acc<T>* rstd_out,
+                          Acc<T>* running_mean, Acc<T>* running_var) {
+  using A = Acc<T>;
+  const Place p = finalize_place(f, channels);
+  const int64_t c = p.column;
+  // Pass 1: count and count-weighted mean (relative to K).
+  Sums2 first[1] = {{0.0, 0.0}};
+  if (p.active) {
+    for (int j = p.lane; j < chunks; j += f.lanes) {
+      const Welford<A> part = partials[int64_t(j) * channels + c];
+      first[0].a += double(part.count);
+      first[0].b += double(part.count) * double(part.mean);
+    }
+  }
+  block_reduce(first, p, f.lanes, f.lanes_pow2, f.cols);
+  __shared__ double channel_mean[kFinalizeChannels];  // per column of the block
+  if (p.in_block && p.lane == 0) channel_mean[threadIdx.x] = first[0].b / first[0].a;
+  __syncthreads();
+  const double count = first[0].a;  // meaningful in lane 0
+  const double mean_k = p.in_block ? channel_mean[threadIdx.x % f.cols] : 0.0;
+  // Pass 2: M2 = sum(M2_j + n_j * (mean_j - mean)^2).
+  Sums2 second[1] = {{0.0, 0.0}};
+  if (p.active) {
+    for (int j = p.lane; j < chunks; j += f.lanes) {
+      const Welford<A> part = partials[int64_t(j) * channels + c];
+      const double d = double(part.mean) - mean_k;
+      second[0].a += double(part.m2) + double(part.count) * d * d;
+    }
+  }
+  block_reduce(second, p, f.lanes, f.lanes_pow2, f.cols);
+  if (!p.active || p.lane != 0) return;
+  const double nan = __longlong_as_double(0x7ff8000000000000LL);
+  double mean = nan, var = nan, unbiased = nan;
+  if (count > 0) {  // else no elements: NaN, like the mean of an empty tensor
+    const double m2 = second[0].a;
+    mean = double(finite_or_zero(widen(x[c * x_stride_c]))) + mean_k;
+    var = m2 / count;
+    unbiased = m2 / (count - 1.0);
+  }
+  mean_out[c] = A(mean);
+  rstd_out[c] = A(1.0 / sqrt(var + eps));
+  if (running_mean != nullptr) {
+    running_mean[c] = A(momentum * mean + (1.0 - momentum) * double(running_mean[c]));
+    running_var[c] = A(momentum * unbiased + (1.0 - momentum) * double(running_var[c]));
+  }
+}
+
+// ---- bn_relu_backward_reduce ----
+
+template <typename T, int V, bool CH>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    grad_partials_kernel(Launch g, const T* grad_out, const T* x, Walks<2> w,  // [grad_out, x]
+                         BnArgs<Acc<T>> bn, int64_t channels,
+                         GradSums<Acc<T>>* partials) {  // [chunks][C]
+  using A = Acc<T>;
+  constexpr int KV = CH ? V : 1;
+  const Place p = place_of<CH>(g);
+  GradSums<A> state[KV];
+#pragma unroll
+  for (int k = 0; k < KV; ++k) state[k] = {A(0), A(0)};
+  const int64_t first = p.begin + p.lane;
+  if (p.active && first < p.end) {
+    const Affine<A, V, CH> bn_c(bn, p.column);
+    A sg[V], sgx[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) sg[k] = sgx[k] = A(0);
+    Walker<2> it(g, w, p.column, first);
+    for (int i = 0, count = items_from(first, p.end, g.lanes); i < count; ++i) {
+      const Pack<T, V> gv = load_pack<T, V>(grad_out + it.off[0]);
+      const Pack<T, V> xv = load_pack<T, V>(x + it.off[1]);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const A xmu = widen(xv.v[k]) - bn_c.mean[k];
+        const A gk = relu_grad(xmu * bn_c.scale[k] + bn_c.shift[k], widen(gv.v[k]));
+        sg[k] += gk;
+        sgx[k] = fma(gk, xmu, sgx[k]);
+      }
+      it.next(g, w);
+    }
+    if (CH) {
+#pragma unroll
+      for (int k = 0; k < KV; ++k) state[k] = {sg[k], sgx[k]};
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        state[0].g += sg[k];
+        state[0].gx += sgx[k];
+      }
+    }
+  }
+  block_reduce(state, p, g.lanes, g.lanes_pow2, CH ? g.cols : 1);
+  if (p.active && p.lane == 0) {
+#pragma unroll
+    for (int k = 0; k < KV; ++k)
+      partials[int64_t(blockIdx.y) * channels + channel_of<V, CH>(p.column, k)] = state[k];
+  }
 }
 
 template <typename A>
-__device__ __forceinline__ GradSums<A> shfl_down(const GradSums<A>& s, int offset) {
-  return {__shfl_down_sync(0xffffffffu, s.dy, offset),
-          __shfl_down_sync(0xffffffffu, s.dy_xmu, offset)};
-}
-
-// Thread t holds a partial for channel t % CPB of the block; returns the
-// block's merged partial in threads t < CPB (for channel t), in a fixed order.
-template <int CPB, class S>
-__device__ __forceinline__ S block_reduce(S s) {
-  static_assert(32 % CPB == 0, "channels per block must divide the warp");
-  for (int offset = 16; offset >= CPB; offset /= 2) merge(s, shfl_down(s, offset));
-  __shared__ S warp_partials[kWarps][CPB];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane < CPB) warp_partials[warp][lane] = s;
-  __syncthreads();
-  if (threadIdx.x < CPB) {
-    s = warp_partials[0][threadIdx.x];
-    for (int w = 1; w < kWarps; ++w) merge(s, warp_partials[w][threadIdx.x]);
-  }
-  return s;
-}
-
-// Calls f(n, p) for positions begin, begin + STEP, ... < end of the flattened
-// [N, HW] grid, stepping (n, p) without a division per position.
-template <int STEP, class F>
-__device__ __forceinline__ void for_positions(int64_t begin, int64_t end, int64_t hw, F&& f) {
-  if (begin >= end) return;
-  int64_t n = begin / hw, p = begin - n * hw;
-  const int64_t step_n = STEP / hw, step_p = STEP - step_n * hw;
-  for (int64_t i = begin; i < end; i += STEP) {
-    f(n, p);
-    n += step_n;
-    p += step_p;
-    if (p >= hw) {
-      p -= hw;
-      ++n;
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    grad_finalize_kernel(FinalizeLaunch f, int64_t channels, int chunks,
+                         const GradSums<A>* partials, A* sum_g, A* sum_gx) {
+  const Place p = finalize_place(f, channels);
+  const int64_t c = p.column;
+  Sums2 sums[1] = {{0.0, 0.0}};
+  if (p.active) {
+    for (int j = p.lane; j < chunks; j += f.lanes) {
+      const GradSums<A> part = partials[int64_t(j) * channels + c];
+      sums[0].a += double(part.g);
+      sums[0].b += double(part.gx);
     }
   }
+  block_reduce(sums, p, f.lanes, f.lanes_pow2, f.cols);
+  if (!p.active || p.lane != 0) return;
+  sum_g[c] = A(sums[0].a);
+  sum_gx[c] = A(sums[0].b);
 }
 
-// How a reduction splits the work: CPB channels per block (32 when channels
-// are innermost in memory, so a warp reads 32 adjacent channels), `chunks`
-// chunks of `chunk_len` positions.
-struct ReducePlan {
-  int cpb;
-  int64_t groups, chunks, chunk_len;
-};
+// ---- elementwise: forward and backward_input ----
 
+template <typename T, int V, bool CH>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    forward_kernel(Launch g, const T* x, T* out, Walks<2> w,  // [x, out]
+                   BnArgs<Acc<T>> bn) {
+  using A = Acc<T>;
+  const Place p = place_of<CH>(g);
+  const int64_t first = p.begin + p.lane;
+  if (!p.active || first >= p.end) return;
+  const Affine<A, V, CH> bn_c(bn, p.column);
+  Walker<2> it(g, w, p.column, first);
+  for (int i = 0, count = items_from(first, p.end, g.lanes); i < count; ++i) {
+    const Pack<T, V> xv = load_pack<T, V>(x + it.off[0]);
+    Pack<T, V> y;
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+      y.v[k] = Narrow<T>::of(relu((widen(xv.v[k]) - bn_c.mean[k]) * bn_c.scale[k] + bn_c.shift[k]));
+    store_pack<T, V>(out + it.off[1], y);
+    it.next(g, w);
+  }
+}
+
+// grad_in += dx. Eval takes dx = g * scale alone: 0 * (x - mean) would turn an
+// infinite x into NaN.
+template <typename T, int V, bool CH, bool TRAINING>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    backward_input_kernel(Launch g, const T* grad_out, const T* x, T* grad_in,
+                          Walks<3> w,  // [grad_out, x, grad_in]
+                          BnArgs<Acc<T>> bn, const Acc<T>* sum_g, const Acc<T>* sum_gx,
+                          Acc<T> inv_m) {  // 1 / (N * H * W)
+  using A = Acc<T>;
+  const Place p = place_of<CH>(g);
+  const int64_t first = p.begin + p.lane;
+  if (!p.active || first >= p.end) return;
+  const Affine<A, V, CH> bn_c(bn, p.column);
+  A mean_g[V], proj[V];  // sum_g / m and rstd^2 * sum_gx / m
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    if (!TRAINING) {
+      mean_g[k] = proj[k] = A(0);
+    } else if (CH || k == 0) {
+      const int64_t c = channel_of<V, CH>(p.column, k);
+      const A rstd = bn.rstd[c];
+      mean_g[k] = sum_g[c] * inv_m;
+      proj[k] = rstd * rstd * sum_gx[c] * inv_m;
+    } else {
+      mean_g[k] = mean_g[0];
+      proj[k] = proj[0];
+    }
+  }
+  Walker<3> it(g, w, p.column, first);
+  for (int i = 0, count = items_from(first, p.end, g.lanes); i < count; ++i) {
+    const Pack<T, V> gv = load_pack<T, V>(grad_out + it.off[0]);
+    const Pack<T, V> xv = load_pack<T, V>(x + it.off[1]);
+    Pack<T, V> acc = load_pack<T, V>(grad_in + it.off[2]);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const A scale = bn_c.scale[k];
+      const A xmu = widen(xv.v[k]) - bn_c.mean[k];
+      const A gk = relu_grad(xmu * scale + bn_c.shift[k], widen(gv.v[k]));
+      const A dx = TRAINING ? (gk - mean_g[k] - xmu * proj[k]) * scale : gk * scale;
+      acc.v[k] = Narrow<T>::of(widen(acc.v[k]) + dx);
+    }
+    store_pack<T, V>(grad_in + it.off[2], acc);
+    it.next(g, w);
+  }
+}
+
+// ---- host: plans ----
+
+// Channels are the innermost axis of t (channels_last): the channels mapping.
 bool channels_innermost(FastresShape d, FastresStrides s) {
   const int64_t position_stride = d.hw > 1 ? s.hw : s.n;
   return d.c > 1 && s.c < position_stride;
 }
 
-ReducePlan reduce_plan(FastresShape d, FastresStrides x) {
-  ReducePlan plan;
-  plan.cpb = channels_innermost(d, x) ? 32 : 1;
-  plan.groups = ceil_div(d.c, plan.cpb);
-  const int64_t m = d.n * d.hw;
-  int64_t chunks = ceil_div(kTargetBlocks, max64(plan.groups, 1));
-  chunks = min64(chunks, ceil_div(m * plan.cpb, kMinBlockElements));
-  chunks = max64(chunks, ceil_div(m, kMaxChunk));
-  chunks = max64(1, min64(chunks, kMaxGridY));
-  plan.chunk_len = max64(1, ceil_div(m, chunks));
-  plan.chunks = max64(1, ceil_div(m, plan.chunk_len));
-  return plan;
+// Whether the shape allows vectors of `vec` elements in a mapping.
+bool shape_allows(FastresShape d, bool ch, int vec) {
+  return vec == 1 || (ch ? d.c % vec == 0 : d.hw % vec == 0);
 }
 
-// ---- batch_stats ----
-
-// Welford per thread on x - x[0, c, 0], a shift shared by the whole channel
-// and exact for values near it (Sterbenz): a large mean costs no precision.
-// Partials keep the shifted mean; the finalize kernel adds the shift back.
-template <typename T, int CPB>
-__global__ void __launch_bounds__(kThreads)
-    stats_partials_kernel(FastresShape d, View<const T> x,  // x [N, C, HW]
-                          int64_t chunk_len, Welford<typename AccOf<T>::type>* partials) {
-  using A = typename AccOf<T>::type;
-  const int64_t c = int64_t(blockIdx.x) * CPB + threadIdx.x % CPB;
-  const int64_t begin = int64_t(blockIdx.y) * chunk_len;
-  const int64_t end = min64(d.n * d.hw, begin + chunk_len);
-  Welford<A> s{A(0), A(0), A(0)};
-  if (c < d.c) {
-    const A shift = widen(*x.at(0, c, 0));
-    for_positions<kThreads / CPB>(begin + threadIdx.x / CPB, end, d.hw, [&](int64_t n, int64_t p) {
-      const A v = widen(*x.at(n, c, p)) - shift;
-      s.count += A(1);
-      const A delta = v - s.mean;
-      s.mean += delta / s.count;
-      s.m2 += delta * (v - s.mean);
-    });
-  }
-  s = block_reduce<CPB>(s);
-  const int64_t out_c = int64_t(blockIdx.x) * CPB + threadIdx.x;
-  if (threadIdx.x < CPB && out_c < d.c) partials[int64_t(blockIdx.y) * d.c + out_c] = s;
+// Whether a tensor allows them: stride 1 along the vector, the other strides
+// multiples of it (where the extent exceeds 1), 16-byte aligned data.
+bool tensor_allows(FastresShape d, bool ch, int vec, const void* data, FastresStrides s) {
+  if (vec == 1) return true;
+  if (!shape_allows(d, ch, vec) || reinterpret_cast<uintptr_t>(data) % 16 != 0) return false;
+  const int64_t inner = ch ? s.c : s.hw, inner_extent = ch ? d.c : d.hw;
+  const int64_t other = ch ? s.hw : s.c, other_extent = ch ? d.hw : d.c;
+  return (inner_extent <= 1 || inner == 1) && (other_extent <= 1 || other % vec == 0) &&
+         (d.n <= 1 || s.n % vec == 0);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    stats_finalize_kernel(FastresShape d, View<const T> x,  // x for the shift x[0, c, 0]
-                          int64_t chunks, const Welford<typename AccOf<T>::type>* partials,
-                          typename AccOf<T>::type* mean, typename AccOf<T>::type* var) {
-  using A = typename AccOf<T>::type;
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= d.c) return;
-  double count = 0, shifted_mean = 0, m2 = 0;
-  for (int64_t j = 0; j < chunks; ++j) {
-    const Welford<A> part = partials[j * d.c + c];
-    if (part.count == A(0)) continue;
-    const double part_count = part.count, total = count + part_count;
-    const double delta = double(part.mean) - shifted_mean;
-    shifted_mean += delta * part_count / total;
-    m2 += double(part.m2) + delta * delta * count * part_count / total;
-    count = total;
-  }
-  if (count == 0) {  // no elements: NaN, like the mean of an empty tensor
-    mean[c] = var[c] = A(__longlong_as_double(0x7ff8000000000000LL));
-    return;
-  }
-  mean[c] = A(double(widen(*x.at(0, c, 0))) + shifted_mean);
-  var[c] = A(m2 / count);
-}
-
-// ---- bn_relu_backward_reduce ----
-
-template <typename T, int CPB>
-__global__ void __launch_bounds__(kThreads)
-    grad_sums_partials_kernel(FastresShape d,
-                              View<const T> grad_out,  // [N, C, HW]
-                              View<const T> x,         // [N, C, HW]
-                              BnAffine<typename AccOf<T>::type> bn, int64_t chunk_len,
-                              GradSums<typename AccOf<T>::type>* partials) {
-  using A = typename AccOf<T>::type;
-  const int64_t c = int64_t(blockIdx.x) * CPB + threadIdx.x % CPB;
-  const int64_t begin = int64_t(blockIdx.y) * chunk_len;
-  const int64_t end = min64(d.n * d.hw, begin + chunk_len);
-  GradSums<A> s{A(0), A(0)};
-  if (c < d.c) {
-    const A mean = bn.mean[c], scale = bn.scale(c), shift = bn.shift(c);
-    for_positions<kThreads / CPB>(begin + threadIdx.x / CPB, end, d.hw, [&](int64_t n, int64_t p) {
-      const A xmu = widen(*x.at(n, c, p)) - mean;
-      const A dy = relu_grad(xmu * scale + shift, widen(*grad_out.at(n, c, p)));
-      s.dy += dy;
-      s.dy_xmu += dy * xmu;
-    });
-  }
-  s = block_reduce<CPB>(s);
-  const int64_t out_c = int64_t(blockIdx.x) * CPB + threadIdx.x;
-  if (threadIdx.x < CPB && out_c < d.c) partials[int64_t(blockIdx.y) * d.c + out_c] = s;
-}
-
-template <typename A>
-__global__ void __launch_bounds__(kThreads)
-    grad_sums_finalize_kernel(int64_t channels, int64_t chunks, const GradSums<A>* partials,
-                              A* sum_dy, A* sum_dy_xmu) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
-  double dy = 0, dy_xmu = 0;
-  for (int64_t j = 0; j < chunks; ++j) {
-    dy += partials[j * channels + c].dy;
-    dy_xmu += partials[j * channels + c].dy_xmu;
-  }
-  sum_dy[c] = A(dy);
-  sum_dy_xmu[c] = A(dy_xmu);
-}
-
-// ---- elementwise: forward and backward_input ----
-
-// Calls op(n, c, p) for every element. Rows are (n, c) with H*W inner, or
-// (n, p) with C inner when CHANNELS_INNER; a block covers
-// kThreads / threads_per_row rows of one tile of threads_per_row inner indices.
-template <bool CHANNELS_INNER, class Op>
-__global__ void __launch_bounds__(kThreads)
-    elementwise_kernel(FastresShape d, int threads_per_row, Op op) {
-  const int64_t rows = CHANNELS_INNER ? d.n * d.hw : d.n * d.c;
-  const int64_t inner = CHANNELS_INNER ? d.c : d.hw;
-  const int64_t row_split = CHANNELS_INNER ? d.hw : d.c;  // row = n * row_split + rest
-  const int rows_per_block = kThreads / threads_per_row;
-  const int64_t i = int64_t(blockIdx.x) * threads_per_row + threadIdx.x % threads_per_row;
-  if (i >= inner) return;
-  const int64_t row_step = int64_t(gridDim.y) * rows_per_block;
-  for (int64_t row = int64_t(blockIdx.y) * rows_per_block + threadIdx.x / threads_per_row;
-       row < rows; row += row_step) {
-    int64_t n, rest;
-    divmod(row, row_split, n, rest);
-    if (CHANNELS_INNER) {
-      op(n, i, rest);
-    } else {
-      op(n, rest, i);
-    }
-  }
-}
-
-template <typename T>
-struct ForwardOp {
-  using A = typename AccOf<T>::type;
-  View<const T> x;
-  View<T> out;
-  BnAffine<A> bn;
-  __device__ __forceinline__ void operator()(int64_t n, int64_t c, int64_t p) const {
-    const A y = (widen(*x.at(n, c, p)) - bn.mean[c]) * bn.scale(c) + bn.shift(c);
-    store(out.at(n, c, p), relu(y));
-  }
+struct Plan {
+  bool ch;  // the channels mapping
+  int vec;  // V
+  Launch g;
+  int64_t groups, chunks;  // grid.x, grid.y
+  int64_t step_n;          // lanes / Q
 };
 
-// grad_in += dx. Eval takes dx = dy * scale alone: 0 * (x - mean) would turn an
-// infinite x into NaN.
-template <typename T, bool TRAINING>
-struct GradInputOp {
-  using A = typename AccOf<T>::type;
-  View<const T> grad_out, x;
-  View<T> grad_in;
-  BnAffine<A> bn;
-  const A *sum_dy, *sum_dy_xmu;  // [C]
-  A inv_m;                       // 1 / (N * H * W)
-  __device__ __forceinline__ void operator()(int64_t n, int64_t c, int64_t p) const {
-    const A scale = bn.scale(c);
-    const A xmu = widen(*x.at(n, c, p)) - bn.mean[c];
-    const A dy = relu_grad(xmu * scale + bn.shift(c), widen(*grad_out.at(n, c, p)));
-    A dx;
-    if (TRAINING) {
-      const A invstd = bn.invstd[c];
-      const A proj = invstd * invstd * sum_dy_xmu[c] * inv_m;
-      dx = (dy - sum_dy[c] * inv_m - xmu * proj) * scale;
-    } else {
-      dx = dy * scale;
-    }
-    T* g = grad_in.at(n, c, p);
-    store(g, widen(*g) + dx);
+Plan make_plan(FastresShape d, bool ch, int vec, bool reduction) {
+  Plan p{};
+  p.ch = ch;
+  p.vec = vec;
+  Launch& g = p.g;
+  g.columns = ch ? d.c / vec : d.c;
+  g.q_extent = ch ? d.hw : d.hw / vec;
+  g.items = d.n * g.q_extent;
+  if (ch) {  // columns side by side, lanes down the positions
+    g.cols = int(clamp64(g.columns, 1, reduction ? kReduceColumns : kThreads));
+    g.lanes = kThreads / g.cols;
+  } else {  // a column's lanes along its rows, several short channels per block
+    g.lanes = int(clamp64(g.items, 1, kThreads));
+    g.cols = kThreads / g.lanes;
   }
-};
-
-template <class Op>
-cudaError_t launch_elementwise(FastresShape d, FastresStrides written, const Op& op,
-                               cudaStream_t stream) {
-  if (d.n * d.c * d.hw == 0) return cudaSuccess;
-  const bool channels_inner = channels_innermost(d, written);
-  const int64_t rows = channels_inner ? d.n * d.hw : d.n * d.c;
-  const int64_t inner = channels_inner ? d.c : d.hw;
-  int threads_per_row = 1;  // a power of two, so that rows pack a block exactly
-  while (threads_per_row < inner && threads_per_row < kThreads) threads_per_row *= 2;
-  const int rows_per_block = kThreads / threads_per_row;
-  const dim3 grid(static_cast<unsigned>(ceil_div(inner, threads_per_row)),
-                  static_cast<unsigned>(min64(ceil_div(rows, rows_per_block), kMaxGridY)));
-  if (channels_inner) {
-    elementwise_kernel<true><<<grid, kThreads, 0, stream>>>(d, threads_per_row, op);
+  g.lanes_pow2 = pow2_at_least(g.lanes);
+  p.groups = max64(1, ceil_div(g.columns, g.cols));
+  int64_t chunks;
+  if (reduction) {
+    const int64_t channel_elements_per_item = ch ? 1 : vec;
+    chunks = ceil_div(kTargetReduceBlocks, p.groups);
+    chunks = min64(chunks, ceil_div(g.items * g.cols * vec, kMinBlockElements));
+    chunks = max64(chunks, ceil_div(g.items * channel_elements_per_item, kMaxChunkElements));
   } else {
-    elementwise_kernel<false><<<grid, kThreads, 0, stream>>>(d, threads_per_row, op);
+    chunks = ceil_div(kTargetElementwiseBlocks, p.groups);
+    chunks = min64(chunks, ceil_div(g.items, int64_t(g.lanes) * kMinItemsPerThread));
   }
-  return cudaGetLastError();
+  chunks = max64(chunks, ceil_div(g.items, kMaxChunkItems));
+  chunks = clamp64(chunks, 1, kMaxGridY);  // beyond, chunk_len > kMaxChunkItems: fits() says no
+  g.chunk_len = max64(1, ceil_div(g.items, chunks));
+  p.chunks = max64(1, ceil_div(g.items, g.chunk_len));
+  p.step_n = g.q_extent > 0 ? g.lanes / g.q_extent : 0;
+  g.step_q = g.q_extent > 0 ? g.lanes % g.q_extent : 0;
+  g.inv_q = g.q_extent > 0 ? 1.0 / static_cast<double>(g.q_extent) : 0.0;
+  return p;
+}
+
+// Whether the kernels can take the plan: a chunk under 2^31 items (more than
+// 65535 * 2^30 items per channel, which no memory holds, cannot be) and
+// column indices under 2^31.
+bool fits(const Plan& p) {
+  return p.g.chunk_len <= kMaxChunkItems && p.groups * p.g.cols < (int64_t(1) << 31);
+}
+
+TensorWalk walk_of(const Plan& p, FastresStrides s) {
+  TensorWalk w;
+  w.col_stride = p.ch ? s.c * p.vec : s.c;
+  w.n_stride = s.n;
+  w.q_stride = p.ch ? s.hw : s.hw * p.vec;
+  w.step = p.step_n * w.n_stride + p.g.step_q * w.q_stride;
+  w.wrap = w.n_stride - p.g.q_extent * w.q_stride;
+  return w;
+}
+
+dim3 grid_of(const Plan& p) {
+  return dim3(static_cast<unsigned>(p.groups), static_cast<unsigned>(p.chunks));
+}
+
+FinalizeLaunch finalize_launch(int64_t channels) {
+  FinalizeLaunch f;
+  f.cols = int(clamp64(channels, 1, kFinalizeChannels));
+  f.lanes = kThreads / f.cols;
+  f.lanes_pow2 = pow2_at_least(f.lanes);
+  return f;
+}
+
+unsigned finalize_blocks(const FinalizeLaunch& f, int64_t channels) {
+  return static_cast<unsigned>(ceil_div(channels, f.cols));
+}
+
+template <int V> using IntTag = std::integral_constant<int, V>;
+template <bool B> using BoolTag = std::integral_constant<bool, B>;
+
+// Calls f(IntTag<V>, BoolTag<CH>) for the plan's vector width and mapping.
+template <typename T, class F>
+cudaError_t with_variant(const Plan& p, F&& f) {
+  constexpr int V = kVecOf<T>;
+  if (p.vec == V) return p.ch ? f(IntTag<V>{}, BoolTag<true>{}) : f(IntTag<V>{}, BoolTag<false>{});
+  return p.ch ? f(IntTag<1>{}, BoolTag<true>{}) : f(IntTag<1>{}, BoolTag<false>{});
+}
+
+// The plan of an op over tensors of shape d: the mapping of `layout` (x for
+// reductions, the written tensor for elementwise ops), vectors when every
+// tensor allows them.
+template <typename T, int NT>
+Plan plan_for(FastresShape d, FastresStrides layout, const void* const (&data)[NT],
+              const FastresStrides (&strides)[NT], bool reduction) {
+  const bool ch = channels_innermost(d, layout);
+  int vec = kVecOf<T>;
+  for (int t = 0; t < NT; ++t)
+    if (!tensor_allows(d, ch, vec, data[t], strides[t])) vec = 1;
+  return make_plan(d, ch, vec, reduction);
+}
+
+template <int NT>
+Walks<NT> walks_of(const Plan& p, const FastresStrides (&strides)[NT]) {
+  Walks<NT> w;
+  for (int t = 0; t < NT; ++t) w.t[t] = walk_of(p, strides[t]);
+  return w;
 }
 
 // ---- host plumbing ----
@@ -429,8 +778,10 @@ cudaError_t dispatch_dtype(int dtype, F&& f) {
   }
 }
 
-int64_t partial_bytes(int dtype) {
-  return dtype == FASTRES_FLOAT64 ? sizeof(Welford<double>) : sizeof(Welford<float>);
+template <typename A>
+BnArgs<A> bn_args(const void* mean, const void* rstd, const void* weight, const void* bias) {
+  return {static_cast<const A*>(mean), static_cast<const A*>(rstd), static_cast<const A*>(weight),
+          static_cast<const A*>(bias)};
 }
 
 }  // namespace
@@ -448,31 +799,47 @@ extern "C" int fastres_cuda_device_count(int* count) {
 
 extern "C" int64_t fastres_cuda_reduce_workspace_bytes(int dtype, FastresShape shape,
                                                        FastresStrides x_strides) {
-  // Welford partials are the larger state; the gradient sums fit in the same space.
-  return reduce_plan(shape, x_strides).chunks * shape.c * partial_bytes(dtype);
+  // Welford partials are the larger state; the gradient sums fit in the same
+  // space. Which vector width a call takes depends on its pointers: room for both.
+  const int64_t acc_bytes = dtype == FASTRES_FLOAT64 ? 8 : 4;
+  const int vec = dtype == FASTRES_FLOAT64 ? 2 : (dtype == FASTRES_FLOAT32 ? 4 : 8);
+  const bool ch = channels_innermost(shape, x_strides);
+  int64_t chunks = make_plan(shape, ch, 1, true).chunks;
+  if (shape_allows(shape, ch, vec)) chunks = max64(chunks, make_plan(shape, ch, vec, true).chunks);
+  return chunks * shape.c * 3 * acc_bytes;
 }
 
 extern "C" int fastres_cuda_batch_stats(int device, cudaStream_t stream, int dtype,
                                         FastresShape d, const void* x, FastresStrides x_strides,
-                                        void* mean, void* var, void* workspace) {
+                                        void* running_mean, void* running_var, double momentum,
+                                        double eps, void* mean, void* rstd, void* workspace) {
   const DeviceScope scope(device);
   if (scope.error() != cudaSuccess) return scope.error();
   if (d.c == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    using A = typename AccOf<T>::type;
-    const ReducePlan plan = reduce_plan(d, x_strides);
-    const View<const T> xv = input_view<T>(x, x_strides);
+    using A = Acc<T>;
+    const T* xt = static_cast<const T*>(x);
     auto* partials = static_cast<Welford<A>*>(workspace);
     const bool any_elements = d.n * d.hw > 0;
+    const void* const data[1] = {x};
+    const FastresStrides strides[1] = {x_strides};
+    const Plan plan = plan_for<T>(d, x_strides, data, strides, /*reduction=*/true);
+    if (!fits(plan)) return cudaErrorInvalidValue;
     if (any_elements) {
-      auto kernel = plan.cpb == 32 ? stats_partials_kernel<T, 32> : stats_partials_kernel<T, 1>;
-      const dim3 grid(static_cast<unsigned>(plan.groups), static_cast<unsigned>(plan.chunks));
-      kernel<<<grid, kThreads, 0, stream>>>(d, xv, plan.chunk_len, partials);
+      const cudaError_t error = with_variant<T>(plan, [&](auto v, auto ch) -> cudaError_t {
+        stats_partials_kernel<T, decltype(v)::value, decltype(ch)::value>
+            <<<grid_of(plan), kThreads, 0, stream>>>(plan.g, xt, walks_of(plan, strides), d.c,
+                                                     partials);
+        return cudaGetLastError();
+      });
+      if (error != cudaSuccess) return error;
     }
-    stats_finalize_kernel<T><<<static_cast<unsigned>(ceil_div(d.c, kThreads)), kThreads, 0,
-                               stream>>>(d, xv, any_elements ? plan.chunks : 0, partials,
-                                         static_cast<A*>(mean), static_cast<A*>(var));
+    const FinalizeLaunch f = finalize_launch(d.c);
+    stats_finalize_kernel<T><<<finalize_blocks(f, d.c), kThreads, 0, stream>>>(
+        f, d.c, any_elements ? int(plan.chunks) : 0, partials, xt, x_strides.c, momentum, eps,
+        static_cast<A*>(mean), static_cast<A*>(rstd), static_cast<A*>(running_mean),
+        static_cast<A*>(running_var));
     return cudaGetLastError();
   });
 }
@@ -480,47 +847,60 @@ extern "C" int fastres_cuda_batch_stats(int device, cudaStream_t stream, int dty
 extern "C" int fastres_cuda_bn_relu_forward(int device, cudaStream_t stream, int dtype,
                                             FastresShape d, const void* x,
                                             FastresStrides x_strides, const void* mean,
-                                            const void* invstd, const void* weight,
+                                            const void* rstd, const void* weight,
                                             const void* bias, void* out,
                                             FastresStrides out_strides) {
   const DeviceScope scope(device);
   if (scope.error() != cudaSuccess) return scope.error();
+  if (d.n * d.c * d.hw == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    using A = typename AccOf<T>::type;
-    const ForwardOp<T> op{input_view<T>(x, x_strides), output_view<T>(out, out_strides),
-                          affine_of<A>(mean, invstd, weight, bias)};
-    return launch_elementwise(d, out_strides, op, stream);
+    using A = Acc<T>;
+    const void* const data[2] = {x, out};
+    const FastresStrides strides[2] = {x_strides, out_strides};
+    const Plan plan = plan_for<T>(d, out_strides, data, strides, /*reduction=*/false);
+    if (!fits(plan)) return cudaErrorInvalidValue;
+    return with_variant<T>(plan, [&](auto v, auto ch) -> cudaError_t {
+      forward_kernel<T, decltype(v)::value, decltype(ch)::value>
+          <<<grid_of(plan), kThreads, 0, stream>>>(plan.g, static_cast<const T*>(x),
+                                                   static_cast<T*>(out), walks_of(plan, strides),
+                                                   bn_args<A>(mean, rstd, weight, bias));
+      return cudaGetLastError();
+    });
   });
 }
 
 extern "C" int fastres_cuda_bn_relu_backward_reduce(
     int device, cudaStream_t stream, int dtype, FastresShape d, const void* grad_out,
     FastresStrides grad_out_strides, const void* x, FastresStrides x_strides, const void* mean,
-    const void* invstd, const void* weight, const void* bias, void* sum_dy, void* sum_dy_xmu,
+    const void* rstd, const void* weight, const void* bias, void* sum_g, void* sum_gx,
     void* workspace) {
   const DeviceScope scope(device);
   if (scope.error() != cudaSuccess) return scope.error();
   if (d.c == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    using A = typename AccOf<T>::type;
-    const ReducePlan plan = reduce_plan(d, x_strides);
+    using A = Acc<T>;
     auto* partials = static_cast<GradSums<A>*>(workspace);
     const bool any_elements = d.n * d.hw > 0;
+    const void* const data[2] = {grad_out, x};
+    const FastresStrides strides[2] = {grad_out_strides, x_strides};
+    const Plan plan = plan_for<T>(d, x_strides, data, strides, /*reduction=*/true);
+    if (!fits(plan)) return cudaErrorInvalidValue;
     if (any_elements) {
-      auto kernel =
-          plan.cpb == 32 ? grad_sums_partials_kernel<T, 32> : grad_sums_partials_kernel<T, 1>;
-      const dim3 grid(static_cast<unsigned>(plan.groups), static_cast<unsigned>(plan.chunks));
-      kernel<<<grid, kThreads, 0, stream>>>(d, input_view<T>(grad_out, grad_out_strides),
-                                            input_view<T>(x, x_strides),
-                                            affine_of<A>(mean, invstd, weight, bias),
-                                            plan.chunk_len, partials);
+      const cudaError_t error = with_variant<T>(plan, [&](auto v, auto ch) -> cudaError_t {
+        grad_partials_kernel<T, decltype(v)::value, decltype(ch)::value>
+            <<<grid_of(plan), kThreads, 0, stream>>>(
+                plan.g, static_cast<const T*>(grad_out), static_cast<const T*>(x),
+                walks_of(plan, strides), bn_args<A>(mean, rstd, weight, bias), d.c, partials);
+        return cudaGetLastError();
+      });
+      if (error != cudaSuccess) return error;
     }
-    grad_sums_finalize_kernel<A><<<static_cast<unsigned>(ceil_div(d.c, kThreads)), kThreads, 0,
-                                   stream>>>(d.c, any_elements ? plan.chunks : 0, partials,
-                                             static_cast<A*>(sum_dy),
-                                             static_cast<A*>(sum_dy_xmu));
+    const FinalizeLaunch f = finalize_launch(d.c);
+    grad_finalize_kernel<A><<<finalize_blocks(f, d.c), kThreads, 0, stream>>>(
+        f, d.c, any_elements ? int(plan.chunks) : 0, partials, static_cast<A*>(sum_g),
+        static_cast<A*>(sum_gx));
     return cudaGetLastError();
   });
 }
@@ -528,25 +908,37 @@ extern "C" int fastres_cuda_bn_relu_backward_reduce(
 extern "C" int fastres_cuda_bn_relu_backward_input(
     int device, cudaStream_t stream, int dtype, FastresShape d, const void* grad_out,
     FastresStrides grad_out_strides, const void* x, FastresStrides x_strides, const void* mean,
-    const void* invstd, const void* weight, const void* bias, const void* sum_dy,
-    const void* sum_dy_xmu, void* grad_in, FastresStrides grad_in_strides, int training) {
+    const void* rstd, const void* weight, const void* bias, const void* sum_g,
+    const void* sum_gx, void* grad_in, FastresStrides grad_in_strides, int training) {
   const DeviceScope scope(device);
   if (scope.error() != cudaSuccess) return scope.error();
+  if (d.n * d.c * d.hw == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    using A = typename AccOf<T>::type;
-    const View<const T> g = input_view<T>(grad_out, grad_out_strides);
-    const View<const T> xv = input_view<T>(x, x_strides);
-    const View<T> gi = output_view<T>(grad_in, grad_in_strides);
-    const BnAffine<A> bn = affine_of<A>(mean, invstd, weight, bias);
-    const auto* dy_sums = static_cast<const A*>(sum_dy);
-    const auto* dy_xmu_sums = static_cast<const A*>(sum_dy_xmu);
+    using A = Acc<T>;
+    const void* const data[3] = {grad_out, x, grad_in};
+    const FastresStrides strides[3] = {grad_out_strides, x_strides, grad_in_strides};
+    const Plan plan = plan_for<T>(d, grad_in_strides, data, strides, /*reduction=*/false);
+    if (!fits(plan)) return cudaErrorInvalidValue;
+    const BnArgs<A> bn = bn_args<A>(mean, rstd, weight, bias);
+    const auto* g_sums = static_cast<const A*>(sum_g);
+    const auto* gx_sums = static_cast<const A*>(sum_gx);
     const A inv_m = A(1) / A(d.n * d.hw);
-    if (training) {
-      const GradInputOp<T, true> op{g, xv, gi, bn, dy_sums, dy_xmu_sums, inv_m};
-      return launch_elementwise(d, grad_in_strides, op, stream);
-    }
-    const GradInputOp<T, false> op{g, xv, gi, bn, dy_sums, dy_xmu_sums, inv_m};
-    return launch_elementwise(d, grad_in_strides, op, stream);
+    return with_variant<T>(plan, [&](auto v, auto ch) -> cudaError_t {
+      constexpr int V = decltype(v)::value;
+      constexpr bool CH = decltype(ch)::value;
+      const Walks<3> w = walks_of(plan, strides);
+      const auto* go = static_cast<const T*>(grad_out);
+      const auto* xt = static_cast<const T*>(x);
+      auto* gi = static_cast<T*>(grad_in);
+      if (training) {
+        backward_input_kernel<T, V, CH, true><<<grid_of(plan), kThreads, 0, stream>>>(
+            plan.g, go, xt, gi, w, bn, g_sums, gx_sums, inv_m);
+      } else {
+        backward_input_kernel<T, V, CH, false><<<grid_of(plan), kThreads, 0, stream>>>(
+            plan.g, go, xt, gi, w, bn, g_sums, gx_sums, inv_m);
+      }
+      return cudaGetLastError();
+    });
   });
 }

@@ -24,7 +24,7 @@ int fastres_cuda_device_count(int* count) {
 int64_t fastres_cuda_reduce_workspace_bytes(int, FastresShape, FastresStrides) { return 0; }
 
 int fastres_cuda_batch_stats(int, cudaStream_t, int, FastresShape, const void*, FastresStrides,
-                             void*, void*, void*) {
+                             void*, void*, double, double, void*, void*, void*) {
   return kNotCompiled;
 }
 

@@ -71,16 +71,14 @@ def _conv_dtype(x: Tensor) -> torch.dtype:
 
 
 def _statistics(x: Tensor, bn: BatchNormArgs) -> tuple[Tensor, Tensor]:
-    """(mean, invstd) that normalise ``x``; updates the running statistics when training."""
+    """(mean, rstd) that normalise ``x``, ``rstd = 1 / sqrt(var + eps)``.
+
+    Training: the batch statistics, with the running ones (when tracked)
+    updated in place by the same call (``fastres._C``'s finalize).
+    """
     if not bn.training:
         return bn.running_mean.clone(), torch.rsqrt(bn.running_var + bn.eps)
-    mean, var = dense_ops.batch_stats(x)
-    if bn.running_mean is not None:
-        m = x.numel() // x.shape[1]
-        bn.running_mean.mul_(1 - bn.momentum).add_(mean.to(bn.running_mean.dtype), alpha=bn.momentum)
-        unbiased = var * (m / (m - 1))
-        bn.running_var.mul_(1 - bn.momentum).add_(unbiased.to(bn.running_var.dtype), alpha=bn.momentum)
-    return mean, torch.rsqrt(var + bn.eps)
+    return dense_ops.batch_stats(x, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
 
 
 def _scratch_view(storage: Tensor, shape: tuple, memory_format: torch.memory_format) -> Tensor:
@@ -101,18 +99,18 @@ def _scratch(x: Tensor, c0: int, k: int, layers: Sequence[DenseLayerArgs], conv_
     return scratch1, scratch2
 
 
-def _bn_relu_into(x: Tensor, mean: Tensor, invstd: Tensor, bn: BatchNormArgs, out: Tensor) -> Tensor:
-    dense_ops.bn_relu_forward(x, mean, invstd, bn.weight, bn.bias, out)
+def _bn_relu_into(x: Tensor, mean: Tensor, rstd: Tensor, bn: BatchNormArgs, out: Tensor) -> Tensor:
+    dense_ops.bn_relu_forward(x, mean, rstd, bn.weight, bn.bias, out)
     return out
 
 
-def _bn_relu_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, bn: BatchNormArgs, grad_x: Tensor):
+def _bn_relu_backward(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, bn: BatchNormArgs, grad_x: Tensor):
     """Accumulates the input gradient into ``grad_x``; returns (dweight, dbias) or Nones."""
-    sum_dy, sum_dy_xmu = dense_ops.bn_relu_backward_reduce(grad, x, mean, invstd, bn.weight, bn.bias)
-    dense_ops.bn_relu_backward_input(grad, x, mean, invstd, bn.weight, bn.bias, sum_dy, sum_dy_xmu, grad_x, bn.training)
+    sum_g, sum_gx = dense_ops.bn_relu_backward_reduce(grad, x, mean, rstd, bn.weight, bn.bias)
+    dense_ops.bn_relu_backward_input(grad, x, mean, rstd, bn.weight, bn.bias, sum_g, sum_gx, grad_x, bn.training)
     if bn.weight is None:
         return None, None
-    return (sum_dy_xmu * invstd).to(bn.weight.dtype), sum_dy.to(bn.bias.dtype)
+    return (sum_gx * rstd).to(bn.weight.dtype), sum_g.to(bn.bias.dtype)
 
 
 def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, padding: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -169,17 +167,17 @@ class DenseBlockFunction(torch.autograd.Function):
         for i, layer in enumerate(layers):
             c = c0 + i * k
             concat = features[:, :c]
-            mean1, invstd1 = _statistics(concat, layer.norm1)
-            a1 = _bn_relu_into(concat, mean1, invstd1, layer.norm1, _scratch_view(scratch1, concat.shape, fmt))
+            mean1, rstd1 = _statistics(concat, layer.norm1)
+            a1 = _bn_relu_into(concat, mean1, rstd1, layer.norm1, _scratch_view(scratch1, concat.shape, fmt))
             b = F.conv2d(a1, layer.conv1_weight)
-            mean2, invstd2 = _statistics(b, layer.norm2)
-            a2 = _bn_relu_into(b, mean2, invstd2, layer.norm2, _scratch_view(scratch2, b.shape, fmt))
+            mean2, rstd2 = _statistics(b, layer.norm2)
+            a2 = _bn_relu_into(b, mean2, rstd2, layer.norm2, _scratch_view(scratch2, b.shape, fmt))
             new = F.conv2d(a2, layer.conv2_weight, padding=1)
             mask = None
             if layer.drop_rate > 0 and layer.dropout:
                 new, mask = torch.native_dropout(new, layer.drop_rate, True)  # F.dropout's RNG use
             features[:, c : c + k].copy_(new)
-            saved += [b, mean1, invstd1, mean2, invstd2]
+            saved += [b, mean1, rstd1, mean2, rstd2]
             masks.append(mask)
         ctx.save_for_backward(features, *saved, *masks)
         ctx.layers, ctx.conv_dtype = layers, conv_dtype
@@ -201,23 +199,23 @@ class DenseBlockFunction(torch.autograd.Function):
         grads = [None] * (len(layers) * _PARAMS_PER_LAYER)
         for i in reversed(range(len(layers))):
             layer, c = layers[i], c0 + i * k
-            b, mean1, invstd1, mean2, invstd2 = saved[5 * i : 5 * i + 5]
+            b, mean1, rstd1, mean2, rstd2 = saved[5 * i : 5 * i + 5]
             grad_new = grad_buffer[:, c : c + k]
             if masks[i] is not None:
                 grad_new = torch.ops.aten.native_dropout_backward(grad_new, masks[i], 1 / (1 - layer.drop_rate))
             grad_new = grad_new.contiguous(memory_format=fmt)
 
-            a2 = _bn_relu_into(b, mean2, invstd2, layer.norm2, _scratch_view(scratch2, b.shape, fmt))
+            a2 = _bn_relu_into(b, mean2, rstd2, layer.norm2, _scratch_view(scratch2, b.shape, fmt))
             grad_a2, grad_conv2 = _conv_backward(grad_new, a2, layer.conv2_weight, 1, ctx.conv_dtype)
             grad_b = a2.zero_()  # a2 is dead: its scratch holds b's gradient
-            grad_w2, grad_b2 = _bn_relu_backward(grad_a2, b, mean2, invstd2, layer.norm2, grad_b)
+            grad_w2, grad_b2 = _bn_relu_backward(grad_a2, b, mean2, rstd2, layer.norm2, grad_b)
             del grad_a2
 
             concat = features[:, :c]
-            a1 = _bn_relu_into(concat, mean1, invstd1, layer.norm1, _scratch_view(scratch1, concat.shape, fmt))
+            a1 = _bn_relu_into(concat, mean1, rstd1, layer.norm1, _scratch_view(scratch1, concat.shape, fmt))
             grad_a1, grad_conv1 = _conv1x1_backward_in_place(grad_b, a1, layer.conv1_weight, ctx.conv_dtype)
             del grad_b
-            grad_w1, grad_b1 = _bn_relu_backward(grad_a1, concat, mean1, invstd1, layer.norm1, grad_buffer[:, :c])
+            grad_w1, grad_b1 = _bn_relu_backward(grad_a1, concat, mean1, rstd1, layer.norm1, grad_buffer[:, :c])
             del grad_a1
             grads[_PARAMS_PER_LAYER * i : _PARAMS_PER_LAYER * (i + 1)] = [
                 grad_w1, grad_b1, grad_conv1, grad_w2, grad_b2, grad_conv2,
@@ -251,19 +249,19 @@ class BnReluConv1x1Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, norm: BatchNormArgs, weight: Tensor, *bn_params: Tensor) -> Tensor:
         fmt = _memory_format(x)
-        mean, invstd = _statistics(x, norm)
-        out = F.conv2d(_bn_relu_into(x, mean, invstd, norm, torch.empty_like(x, memory_format=fmt)), weight)
-        ctx.save_for_backward(x, mean, invstd)
+        mean, rstd = _statistics(x, norm)
+        out = F.conv2d(_bn_relu_into(x, mean, rstd, norm, torch.empty_like(x, memory_format=fmt)), weight)
+        ctx.save_for_backward(x, mean, rstd)
         ctx.norm, ctx.weight, ctx.fmt, ctx.conv_dtype = norm, weight, fmt, _conv_dtype(x)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, mean, invstd = ctx.saved_tensors
-        a = _bn_relu_into(x, mean, invstd, ctx.norm, torch.empty_like(x, memory_format=ctx.fmt))
+        x, mean, rstd = ctx.saved_tensors
+        a = _bn_relu_into(x, mean, rstd, ctx.norm, torch.empty_like(x, memory_format=ctx.fmt))
         grad_a, grad_weight = _conv1x1_backward_in_place(grad_out, a, ctx.weight, ctx.conv_dtype)
         grad_x = _mark_owned(torch.zeros_like(x, memory_format=ctx.fmt))
-        grad_w, grad_b = _bn_relu_backward(grad_a, x, mean, invstd, ctx.norm, grad_x)
+        grad_w, grad_b = _bn_relu_backward(grad_a, x, mean, rstd, ctx.norm, grad_x)
         return grad_x, None, grad_weight, grad_w, grad_b
 
 
@@ -277,20 +275,20 @@ class BnReluMaxPoolFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, norm: BatchNormArgs, pool: tuple, *bn_params: Tensor) -> Tensor:
         fmt = _memory_format(x)
-        mean, invstd = _statistics(x, norm)
-        a = _bn_relu_into(x, mean, invstd, norm, torch.empty_like(x, memory_format=fmt))
+        mean, rstd = _statistics(x, norm)
+        a = _bn_relu_into(x, mean, rstd, norm, torch.empty_like(x, memory_format=fmt))
         out, indices = torch.ops.aten.max_pool2d_with_indices(a, *pool)
-        ctx.save_for_backward(x, mean, invstd, indices)
+        ctx.save_for_backward(x, mean, rstd, indices)
         ctx.norm, ctx.pool, ctx.fmt = norm, pool, fmt
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, mean, invstd, indices = ctx.saved_tensors
+        x, mean, rstd, indices = ctx.saved_tensors
         # The pool's input only lends its shape and layout: x has both.
         grad_a = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, *ctx.pool, indices)
         grad_x = torch.zeros_like(x, memory_format=ctx.fmt)
-        grad_w, grad_b = _bn_relu_backward(grad_a, x, mean, invstd, ctx.norm, grad_x)
+        grad_w, grad_b = _bn_relu_backward(grad_a, x, mean, rstd, ctx.norm, grad_x)
         return grad_x, None, None, grad_w, grad_b
 
 

@@ -7,9 +7,10 @@ stream on x's device to the kernels (CUDA tensors), or run the C++ CPU
 implementation (CPU tensors).
 
 x, grad_out, out and grad_in: [N, C, H, W], float32 or float64 (CUDA: float16
-and bfloat16 too), any strides under which H and W merge. Per-channel tensors:
-[C], float64 for float64 x, float32 otherwise; weight and bias may be None
-(affine=False: 1 and 0). m = N * H * W.
+and bfloat16 too), any strides under which H and W merge. Per-channel tensors
+(mean, rstd, weight, bias, sum_g, sum_gx): [C], float64 for float64 x, float32
+otherwise; weight and bias may be None (affine=False: 1 and 0). m = N * H * W.
+``rstd`` is ``1 / sqrt(var + eps)``; ``g`` is the gradient through the ReLU.
 """
 
 import torch
@@ -23,54 +24,69 @@ def _stream(x: Tensor) -> int:
     return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
 
 
-def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel ``(mean, var)`` of x over N, H, W; var is biased (divides by m)."""
-    return _ext.load().batch_stats(x, _stream(x))
+def batch_stats(
+    x: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, rstd)`` of x over N, H, W, ``rstd = 1 / sqrt(var + eps)`` (var biased).
+
+    When ``running_mean`` and ``running_var`` are given (both, or neither:
+    [C] tensors of a floating dtype on x's device) they are updated in place
+    as ``F.batch_norm`` does in training:
+    ``running = (1 - momentum) * running + momentum * batch``, with the
+    unbiased variance ``var * m / (m - 1)``. One reduction and one finalize
+    kernel on CUDA; no other ops.
+    """
+    return _ext.load().batch_stats(x, running_mean, running_var, float(momentum), float(eps), _stream(x))
 
 
 def bn_relu_forward(
-    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tensor
+    x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tensor
 ) -> None:
-    """``out = relu((x - mean) * invstd * weight + bias)``, written into ``out`` (x's shape)."""
-    _ext.load().bn_relu_forward(x, mean, invstd, weight, bias, out, _stream(x))
+    """``out = relu((x - mean) * rstd * weight + bias)``, written into ``out`` (x's shape)."""
+    _ext.load().bn_relu_forward(x, mean, rstd, weight, bias, out, _stream(x))
 
 
 def bn_relu_backward_reduce(
     grad_out: Tensor,
     x: Tensor,
     mean: Tensor,
-    invstd: Tensor,
+    rstd: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-channel ``(sum_dy, sum_dy_xmu)``: sums of dy and of dy * (x - mean).
+    """Per-channel ``(sum_g, sum_gx)``: sums of g and of g * (x - mean).
 
-    y is recomputed from x; ``dy = grad_out`` where not ``y <= 0``, else 0
-    (torch's threshold_backward: a NaN y passes the gradient).
+    y is recomputed from x; ``g = grad_out`` where not ``y <= 0``, else 0
+    (torch's threshold_backward: a NaN y passes the gradient). BatchNorm's
+    parameter gradients are ``dbias = sum_g`` and ``dweight = sum_gx * rstd``.
     """
-    return _ext.load().bn_relu_backward_reduce(grad_out, x, mean, invstd, weight, bias, _stream(x))
+    return _ext.load().bn_relu_backward_reduce(grad_out, x, mean, rstd, weight, bias, _stream(x))
 
 
 def bn_relu_backward_input(
     grad_out: Tensor,
     x: Tensor,
     mean: Tensor,
-    invstd: Tensor,
+    rstd: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    sum_dy: Tensor,
-    sum_dy_xmu: Tensor,
+    sum_g: Tensor,
+    sum_gx: Tensor,
     grad_in: Tensor,
     training: bool,
 ) -> None:
     """``grad_in += dx``, in place (grad_in is typically a slice of a shared gradient buffer).
 
-    Training (mean, invstd are the batch statistics)::
+    Training (mean, rstd are the batch statistics)::
 
-        dx = weight * invstd * (dy - sum_dy / m - (x - mean) * invstd**2 * sum_dy_xmu / m)
+        dx = weight * rstd * (g - sum_g / m - (x - mean) * rstd**2 * sum_gx / m)
 
-    Eval (running statistics, constants): ``dx = dy * weight * invstd``.
+    Eval (running statistics, constants): ``dx = g * weight * rstd``.
     """
     _ext.load().bn_relu_backward_input(
-        grad_out, x, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, grad_in, training, _stream(x)
+        grad_out, x, mean, rstd, weight, bias, sum_g, sum_gx, grad_in, training, _stream(x)
     )
