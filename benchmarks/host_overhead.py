@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--repeat", type=int, default=200, help="timed calls per case (median reported)")
     args = parser.parse_args(argv)
+    # One intra-op thread: on tiny tensors eager's thread pool only adds
+    # stalls, which dominate when another process holds the other cores.
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     rows = measure(args.repeat)
     print(_table(rows))
