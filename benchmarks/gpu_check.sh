@@ -59,7 +59,8 @@ stage bench_resnet50 70 $PY -m pytest benchmarks/test_training_step.py "${BENCH[
 stage bench_densenet121 50 $PY -m pytest benchmarks/test_densenet.py "${BENCH[@]}" \
     -k "densenet121 and bfloat16" --benchmark-json "$OUT/densenet121_step.json"
 for f in "$OUT"/add_relu.json "$OUT"/batch_norm.json "$OUT"/resnet50_step.json "$OUT"/densenet121_step.json; do
-    [ -s "$f" ] && $PY benchmarks/report.py "$f" --out "$OUT" >> "$OUT/report.log" 2>&1
+    # One folder per suite: each report writes its own report.md and plots.
+    [ -s "$f" ] && $PY benchmarks/report.py "$f" --out "$OUT/report-$(basename "$f" .json)" >> "$OUT/report.log" 2>&1
 done
 
 {
