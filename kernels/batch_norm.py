@@ -31,7 +31,7 @@ import triton.language as tl
 from .launch import Kernel, aligned, cdiv, counters, next_power_of_2, scratch, stream, tensor_key
 from .utils import (
     acc_dtype, pack_mask_2d, partial_block, reduction_settings, row_bytes, rsqrt_rn, tile_index, tile_offsets,
-    tile_settings, tl_dtype,
+    tile_2d, tile_settings, tl_dtype,
 )
 
 
@@ -202,12 +202,7 @@ def _apply_kernel(
     C_LAST: tl.constexpr, FROM_VAR: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pid_k = tl.program_id(1)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_ok = rows < ROWS
-    col_ok = cols < COLS
-    ok = row_ok[:, None] & col_ok[None, :]
+    rows, pid_k, cols, row_ok, col_ok, ok = tile_2d(ROWS, COLS, BLOCK_M, BLOCK_K)
     rstd_ptr += rstd_offset
 
     # BN as one scale and shift per channel, computed once per tile.
@@ -307,11 +302,12 @@ def batch_norm_stats(
     per_n, block_r, block_c, splits, per_split, n_tiles, c_blocks, num_warps, block_p = stats_plan(
         shape, x_strides, x.device)
     acc = stats.dtype
-    partial = scratch(x.device, splits * (2 * c + c_blocks), acc)
-    tickets = counters(x.device, c_blocks)
+    s = stream(x.device)
+    partial = scratch(x.device, s, splits * (2 * c + c_blocks), acc)
+    tickets = counters(x.device, s, c_blocks)
     key = (shape, x_strides, x.dtype, x.device, aligned(x), tensor_key(running_mean), tensor_key(running_var), local)
     stats_kernel(
-        key, (c_blocks, splits, 1), stream(x.device), num_warps,
+        key, (c_blocks, splits, 1), s, num_warps,
         x, partial, tickets, stats, running_mean, running_var,
         n, c, hw, *x_strides, per_split, n_tiles, splits, float(momentum), float(eps),
         per_n, x_strides[0] == hw * x_strides[2], local, tl_dtype(acc), block_r, block_c, block_p,

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .batch_norm import channel_vector, mask_strides, stats_plan
 from .launch import Kernel, aligned, cdiv, counters, scratch, stream, tensor_key
-from .utils import tile_index, tile_mask_bits, tile_offsets, tile_settings, tl_dtype, unpack_mask_2d
+from .utils import tile_2d, tile_index, tile_mask_bits, tile_offsets, tile_settings, tl_dtype, unpack_mask_2d
 
 
 @triton.jit
@@ -102,12 +102,7 @@ def _elementwise_kernel(
     DZ_DENSE: tl.constexpr, X_DENSE: tl.constexpr, C_LAST: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pid_k = tl.program_id(1)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_ok = rows < ROWS
-    col_ok = cols < COLS
-    ok = row_ok[:, None] & col_ok[None, :]
+    rows, pid_k, cols, row_ok, col_ok, ok = tile_2d(ROWS, COLS, BLOCK_M, BLOCK_K)
     keep = unpack_mask_2d(mask_ptr, rows, pid_k * (BLOCK_K // 8), (COLS + 7) // 8, row_ok, BLOCK_M, BLOCK_K)
     out_off = rows[:, None] * COLS + cols[None, :]
     if DZ_DENSE:
@@ -160,12 +155,13 @@ def batch_norm_relu_backward_reduce(
     z_strides = mask_strides(shape, c_last)
     # Whole mask bytes per 8 tile elements when the tile runs along the mask's rows.
     mask_tile = 1 if c_last and not per_n else 2 if not c_last and per_n and block_r % 8 == 0 else 0
-    partial = scratch(x.device, 2 * splits * c, stats.dtype)
-    tickets = counters(x.device, c_blocks)
+    s = stream(x.device)
+    partial = scratch(x.device, s, 2 * splits * c, stats.dtype)
+    tickets = counters(x.device, s, c_blocks)
     key = (shape, x_strides, dz_strides, c_last, x.dtype, dz.dtype, x.device, aligned(x), aligned(dz),
            stats.dtype, tensor_key(dweight), tensor_key(dbias))
     reduce_kernel(
-        key, (c_blocks, splits, 1), stream(x.device), num_warps,
+        key, (c_blocks, splits, 1), s, num_warps,
         dz, x, mask, stats, partial, tickets, sums, dweight, dbias,
         n, c, hw, *dz_strides, *x_strides, *z_strides, per_split, n_tiles, splits,
         per_n, all(s[0] == hw * s[2] for s in (dz_strides, x_strides, z_strides)), mask_tile,

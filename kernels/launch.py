@@ -115,13 +115,14 @@ _scratch: dict = {}
 _retired: list = []  # grown-out buffers stay allocated: a captured CUDA graph may point at them
 
 
-def scratch(device: torch.device, numel: int, dtype: torch.dtype) -> torch.Tensor:
+def scratch(device: torch.device, stream_: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """At least ``numel`` uninitialised elements for partial results that die within one op's launches.
 
-    One buffer per (device, stream, dtype): launches on a stream run in its
+    ``stream_`` is ``stream(device)``, which the caller has at hand for its
+    launches. One buffer per (device, stream, dtype): launches on a stream run in its
     order, so the next op's kernels only touch it after this op's are done.
     """
-    key = (device, stream(device), dtype)
+    key = (device, stream_, dtype)
     buf = _scratch.get(key)
     if buf is None or buf.numel() < numel:
         if buf is not None:
@@ -130,14 +131,14 @@ def scratch(device: torch.device, numel: int, dtype: torch.dtype) -> torch.Tenso
     return buf
 
 
-def counters(device: torch.device, n: int) -> torch.Tensor:
-    """``n`` int32 zeros that kernels on the current stream of ``device`` may count in.
+def counters(device: torch.device, stream_: int, n: int) -> torch.Tensor:
+    """``n`` int32 zeros that kernels on ``stream_`` (``stream(device)``) may count in.
 
     Kernels that finish with their last program (an atomic ticket per block)
     leave every counter at zero again, so one buffer per stream serves every
     launch in that stream's order, with no memset per launch.
     """
-    key = (device, stream(device))
+    key = (device, stream_)
     buf = _counters.get(key)
     if buf is None or buf.numel() < n:
         if buf is not None:

@@ -210,6 +210,17 @@ def row_bytes(cols: int) -> int:
 
 
 @triton.jit
+def tile_2d(ROWS, COLS, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's tile: (rows, column block, cols, row valid, col valid, both)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_k = tl.program_id(1)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < ROWS
+    col_ok = cols < COLS
+    return rows, pid_k, cols, row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
 def pack_mask_2d(mask_ptr, keep, rows, col_byte0, ROW_BYTES, row_ok, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Store ``keep`` ([BLOCK_M, BLOCK_K] int32 0/1) as bits of rows ``rows`` from byte ``col_byte0`` on."""
     bits = tl.reshape(keep, [BLOCK_M, BLOCK_K // 8, 8])
