@@ -7,7 +7,7 @@
 import importlib
 from types import ModuleType
 
-import torch  # noqa: F401  (_C links against torch's libraries: load them first)
+import torch  # (_C links against torch's libraries: load them first)
 
 _module: ModuleType | None = None
 
@@ -28,6 +28,7 @@ def load() -> ModuleType:
     return _module
 
 
+@torch.compiler.assume_constant_result  # an import: traced once, as a constant
 def available() -> bool:
     """Whether ``fastres._C`` imports."""
     try:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_4d
+from ..nn.module_state import NotScriptable
 from ..nn.batch_norm import norm_relu
 from ..nn.densenet import DenseBlock, Transition, stem_bn_relu_pool
 
@@ -29,7 +30,7 @@ _OLD_LAYER_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\
 _RELU = nn.ReLU(inplace=True)  # the final ReLU, a function call in torchvision's forward
 
 
-class DenseNet(nn.Module):
+class DenseNet(NotScriptable, nn.Module):
     """Densely connected network (Huang et al., 2017), torchvision's ``DenseNet``.
 
     Args:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.batch_norm import norm_relu
+from ..nn.module_state import NotScriptable
 from ..nn.resnet_blocks import BasicBlock, Bottleneck, conv1x1
 
 __all__ = [
@@ -22,7 +23,7 @@ __all__ = [
 ]
 
 
-class ResNet(nn.Module):
+class ResNet(NotScriptable, nn.Module):
     def __init__(
         self,
         block: type[BasicBlock | Bottleneck],

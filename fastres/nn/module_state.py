@@ -31,7 +31,23 @@ def running_stats_args(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
     )
 
 
-class FromModule:
+class NotScriptable:
+    """Makes ``torch.jit.script`` of a fastres module (or a model holding one) fail with one clear error.
+
+    The forward passes pick fused kernels at run time, which TorchScript
+    cannot compile; ``torch.compile`` and ``torch.export`` take them, and
+    ``torch.jit.trace`` records eager PyTorch's ops.
+    """
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__} is a fastres module, which torch.jit.script cannot compile (its forward "
+            "chooses fused kernels at run time). Use torch.compile or torch.export instead, or torch.jit.trace, "
+            "which records eager PyTorch's ops"
+        )
+
+
+class FromModule(NotScriptable):
     """Building a fused module over an existing module's state: children, parameters, buffers and hooks shared.
 
     Subclasses say which modules they take (``is_convertible``) and what they

@@ -4,6 +4,7 @@
 - CPU tensors run the eager PyTorch reference, except when ``TRITON_INTERPRET=1``
   is set: then they run the same Triton kernels through Triton's interpreter,
   which is how the kernel code is exercised without a GPU.
+- ``torch.jit.trace`` records the eager reference on every device.
 
 Triton is imported lazily, so ``import fastres`` works where it is absent.
 """
@@ -32,7 +33,13 @@ def triton_available() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether the op on ``t`` runs the Triton kernel (else the eager reference)."""
+    """Whether the op on ``t`` runs the Triton kernel (else the eager reference).
+
+    Never under ``torch.jit.trace``: the tracer records only ATen ops, so a
+    traced graph holds eager PyTorch's computation (which it can also save).
+    """
+    if torch.jit.is_tracing():
+        return False
     if t.device.type == "cuda":
         if triton_available():
             return True

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import apply_function, kernels, require_triton, use_triton
-from .bitmask import new_mask
+from .bitmask import new_mask, unpack_mask
 from .layout import elementwise_output, memory_order
 
 
@@ -109,26 +109,38 @@ def _(grad: Tensor, mask: Tensor, order: list[int]) -> Tensor:
 
 
 class AddReLU(torch.autograd.Function):
-    """Autograd for the fused merge; saves the 1-bit mask and nothing else."""
+    """Autograd for the fused merge; saves the 1-bit mask and nothing else.
+
+    ``forward`` returns ``(out, mask)`` (the mask non-differentiable) so that
+    ``setup_context`` can save it: the form functorch transforms require.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, identity: Tensor, inplace: bool) -> Tensor:
+    def forward(x: Tensor, identity: Tensor, inplace: bool) -> tuple[Tensor, Tensor]:
         compiling = torch.compiler.is_compiling()
         if inplace:
-            mask = (torch.ops.fastres.add_relu_ if compiling else _add_relu_inplace)(x, identity, True)
-            ctx.mark_dirty(x)
-            out = x
-        else:
-            out, mask = (torch.ops.fastres.add_relu if compiling else _add_relu)(x, identity, True)
-        ctx.out = (out.shape, out.stride(), _dense(out))
-        ctx.save_for_backward(mask)
-        return out
+            return x, (torch.ops.fastres.add_relu_ if compiling else _add_relu_inplace)(x, identity, True)
+        return (torch.ops.fastres.add_relu if compiling else _add_relu)(x, identity, True)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def setup_context(ctx, inputs, output) -> None:
+        out, mask = output
+        if inputs[2]:
+            ctx.mark_dirty(inputs[0])
+        ctx.mark_non_differentiable(mask)
+        ctx.set_materialize_grads(False)
+        ctx.out = (out.shape, out.stride(), _dense(out))
+        ctx.save_for_backward(mask)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None, _: None) -> tuple[Tensor | None, Tensor | None, None]:
+        if grad is None:
+            return None, None, None
         (mask,) = ctx.saved_tensors
         shape, strides, dense = ctx.out
-        if torch.compiler.is_compiling():
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+            g = torch.where(unpack_mask(mask, shape, _order(shape, strides)), grad, 0)
+        elif torch.compiler.is_compiling():
             g = torch.ops.fastres.add_relu_backward(grad, mask, _order(shape, strides))
         elif dense and grad.stride() == strides:  # laid out as the forward output: walked flat
             g = torch.empty_like(grad)
@@ -148,7 +160,7 @@ def add_relu(x: Tensor, identity: Tensor, inplace: bool) -> Tensor:
     if not use_triton(x):
         return x.add_(identity).relu_() if inplace else torch.relu(x + identity)
     if torch.is_grad_enabled() and (x.requires_grad or identity.requires_grad):
-        return apply_function(AddReLU, x, identity, inplace)
+        return apply_function(AddReLU, x, identity, inplace)[0]
     compiling = torch.compiler.is_compiling()
     if inplace:
         (torch.ops.fastres.add_relu_ if compiling else _add_relu_inplace)(x, identity, False)

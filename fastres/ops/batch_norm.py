@@ -20,6 +20,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from . import apply_function, kernels, require_triton, use_triton
+from .bitmask import unpack_mask
 
 
 def channels_last(x: Tensor) -> bool:
@@ -205,28 +206,77 @@ def input_grads(ctx, n_inputs: int, dx, dw, db, dr) -> tuple:
     return tuple(grads)
 
 
+def unpack_bn_mask(mask: Tensor, x: Tensor, c_last: bool) -> Tensor:
+    """The ReLU mask as a bool tensor shaped like x (True: the gradient passes)."""
+    n, c, hw = shape3(x)
+    rows, cols, order = (n * hw, c, [0, 2, 3, 1]) if c_last else (n * c, hw, [0, 1, 2, 3])
+    return unpack_mask(mask, x.shape, order, rows, cols)
+
+
+def differentiable_backward(grad, x, mask, stats, weight, bias, training, eps, dr_dtype, need):
+    """(dx, dweight, dbias, dresidual) as a graph of torch ops: the backward of a backward.
+
+    The ReLU is piecewise linear, so its saved mask is all of it that the
+    second derivative needs; BatchNorm is recomputed from x (eager's own
+    batch norm in training, the saved statistics in eval).
+    """
+    c = x.shape[1]
+    if training:
+        y = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    else:
+        scale = stats[c : 2 * c] if weight is None else stats[c : 2 * c] * weight
+        y = (x - stats[:c, None, None]) * scale[:, None, None]
+        y = y if bias is None else y + bias[:, None, None]
+    # Eager's ReLU backward, threshold_backward(grad, out), is a function of the output with a zero
+    # derivative: a stand-in output, positive where the mask passes, ties the result to x, weight and
+    # bias as eager's does (their second-order gradients are zeros, not None).
+    magnitude = y.abs() + 1
+    g = torch.ops.aten.threshold_backward(grad, torch.where(unpack_bn_mask(mask, x, channels_last(x)), magnitude, -magnitude), 0)
+    inputs = [t for t, n in zip((x, weight, bias), need) if n]
+    grads = iter(torch.autograd.grad(y, inputs, g, create_graph=True) if inputs else ())
+    dx, dw, db = (next(grads) if n else None for n in need[:3])
+    return dx, dw, db, g.to(dr_dtype) if dr_dtype is not None else None
+
+
 class BatchNormReLU(torch.autograd.Function):
-    """Autograd for the fused op: saves x, stats and the 1-bit ReLU mask."""
+    """Autograd for the fused op: saves x, stats and the 1-bit ReLU mask.
+
+    ``forward`` returns ``(out, stats, mask)`` (the last two
+    non-differentiable) so that ``setup_context`` can save them: the form
+    functorch transforms require.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, residual, training, momentum, eps):
+    def forward(x, weight, bias, running_mean, running_var, residual, training, momentum, eps):
         args = (x, weight, bias, running_mean, running_var, residual, training, momentum, eps, True)
         if torch.compiler.is_compiling():
-            out, stats, mask = torch.ops.fastres.batch_norm_relu(*args)
-        else:
-            require_triton(x, "fastres::batch_norm_relu")
-            out, stats, mask = forward(*args)
-        ctx.save_for_backward(x, weight, bias, stats, mask)
-        ctx.training = training
-        ctx.residual_dtype = None if residual is None else residual.dtype
-        return out
+            return torch.ops.fastres.batch_norm_relu(*args)
+        require_triton(x, "fastres::batch_norm_relu")
+        return forward(*args)
 
     @staticmethod
-    def backward(ctx, grad):
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _, _, residual, training, _, eps = inputs
+        _, stats, mask = output
+        ctx.mark_non_differentiable(stats, mask)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, bias, stats, mask)
+        ctx.training, ctx.eps = training, eps
+        ctx.residual_dtype = None if residual is None else residual.dtype
+
+    @staticmethod
+    def backward(ctx, grad, _stats, _mask):
+        if grad is None:
+            return (None,) * 9
         x, weight, bias, stats, mask = ctx.saved_tensors
         need = ctx.needs_input_grad
-        args = (grad, x, mask, stats, weight, bias, ctx.training, need[0], need[1], need[2],
-                ctx.residual_dtype if need[5] else None)
+        dr_dtype = ctx.residual_dtype if need[5] else None
+        if torch.is_grad_enabled():  # create_graph=True
+            dx, dw, db, dr = differentiable_backward(
+                grad, x, mask, stats, weight, bias, ctx.training, ctx.eps, dr_dtype, need[:3]
+            )
+            return input_grads(ctx, 9, dx, dw, db, dr)
+        args = (grad, x, mask, stats, weight, bias, ctx.training, need[0], need[1], need[2], dr_dtype)
         if torch.compiler.is_compiling():
             dx, dw, db, dr = torch.ops.fastres.batch_norm_relu_backward(*args)
         else:
@@ -251,7 +301,7 @@ def batch_norm_relu(x, running_mean, running_var, weight, bias, training, moment
         x.requires_grad or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad) or (residual is not None and residual.requires_grad)
     ):
-        return apply_function(BatchNormReLU, *args)
+        return apply_function(BatchNormReLU, *args)[0]
     if torch.compiler.is_compiling():
         return torch.ops.fastres.batch_norm_relu(*args, False)[0]
     return forward(*args, False)[0]

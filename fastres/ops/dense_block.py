@@ -59,6 +59,11 @@ def _params(layer: DenseLayerArgs) -> tuple:
 _PARAMS_PER_LAYER = 6
 
 
+def _drops(layer: DenseLayerArgs) -> bool:
+    """Whether the layer applies dropout (and saves its mask)."""
+    return layer.drop_rate > 0 and layer.dropout
+
+
 def _memory_format(x: Tensor) -> torch.memory_format:
     """The layout eager's batch norm would give x's output, which the BN-ReLU scratch takes."""
     return torch.channels_last if channels_last(x) else torch.contiguous_format
@@ -150,9 +155,19 @@ def _conv1x1_backward_in_place(grad: Tensor, a: Tensor, weight: Tensor, dtype: t
     return a, grad_weight.to(weight.dtype)
 
 
+_NO_DOUBLE_BACKWARD = (
+    "fastres's shared-storage dense blocks do not support double backward (create_graph=True): they keep "
+    "no activations to differentiate their backward through. Build the DenseNet (or DenseBlock/DenseLayer) "
+    "with memory_efficient=False for gradient penalties and other higher-order gradients"
+)
+
+
 class DenseBlockFunction(torch.autograd.Function):
+    """``forward`` returns ``(features, *saved)``, the saved tensors non-differentiable, so that
+    ``setup_context`` can save them: the form functorch transforms require."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, layers: Sequence[DenseLayerArgs], *params: Tensor) -> Tensor:
+    def forward(x: Tensor, layers: Sequence[DenseLayerArgs], *params: Tensor) -> tuple:
         n, c0, h, w = x.shape
         k = layers[0].conv2_weight.shape[0]
         fmt = _memory_format(x)
@@ -174,22 +189,31 @@ class DenseBlockFunction(torch.autograd.Function):
             a2 = _bn_relu_into(b, mean2, rstd2, layer.norm2, _scratch_view(scratch2, b.shape, fmt))
             new = F.conv2d(a2, layer.conv2_weight, padding=1)
             mask = None
-            if layer.drop_rate > 0 and layer.dropout:
+            if _drops(layer):
                 new, mask = torch.native_dropout(new, layer.drop_rate, True)  # F.dropout's RNG use
             features[:, c : c + k].copy_(new)
             saved += [b, mean1, rstd1, mean2, rstd2]
-            masks.append(mask)
-        ctx.save_for_backward(features, *saved, *masks)
-        ctx.layers, ctx.conv_dtype = layers, conv_dtype
-        return features
+            if mask is not None:
+                masks.append(mask)
+        return (features, *saved, *masks)
 
     @staticmethod
-    def backward(ctx, grad_features: Tensor):
+    def setup_context(ctx, inputs, output) -> None:
+        x, layers = inputs[:2]
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*output)
+        ctx.layers, ctx.conv_dtype = layers, _conv_dtype(x)
+
+    @staticmethod
+    def backward(ctx, grad_features: Tensor, *_saved):
+        if torch.is_grad_enabled():
+            raise RuntimeError(_NO_DOUBLE_BACKWARD)
         layers = ctx.layers
         features, *saved = ctx.saved_tensors
         k = layers[0].conv2_weight.shape[0]
         c0, fmt = features.shape[1] - len(layers) * k, _memory_format(features)
-        saved, masks = saved[: 5 * len(layers)], saved[5 * len(layers) :]
+        saved, dropped = saved[: 5 * len(layers)], iter(saved[5 * len(layers) :])
+        masks = [next(dropped) if _drops(layer) else None for layer in layers]
         if _owned(grad_features) and grad_features.is_contiguous(memory_format=fmt):
             grad_buffer = grad_features  # a transition's fresh gradient: accumulate into it
         else:
@@ -239,25 +263,62 @@ def _owned(t: Tensor) -> bool:
     return getattr(t, _OWNED, False) and t._base is None
 
 
+def _eager_bn_relu(x: Tensor, mean: Tensor, rstd: Tensor, norm: BatchNormArgs) -> Tensor:
+    """``relu(batch_norm(x))`` as a graph of torch ops, for the backward of a backward.
+
+    Training: eager's batch norm on x's batch statistics (a function of x);
+    eval: the saved statistics, constants.
+    """
+    if norm.training:
+        return F.relu(F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps))
+    c = (1, -1, 1, 1)
+    y = (x - mean.view(c)) * rstd.view(c)
+    y = y if norm.weight is None else y * norm.weight.view(c)
+    return F.relu(y if norm.bias is None else y + norm.bias.view(c))
+
+
+def _differentiable_grads(ctx, fn, x: Tensor, mean: Tensor, rstd: Tensor, grad_out: Tensor, wrt) -> tuple:
+    """Backward's return value for ``fn(relu(bn(x)))`` at ``grad_out``, built as a graph (create_graph=True).
+
+    ``wrt``: (tensor, input index) pairs; the needed ones are differentiated.
+    """
+    needed = [(t, i) for t, i in wrt if ctx.needs_input_grad[i]]
+    out = fn(_eager_bn_relu(x, mean, rstd, ctx.norm))
+    grads = torch.autograd.grad(out, [t for t, _ in needed], grad_out, create_graph=True) if needed else ()
+    result = [None] * len(ctx.needs_input_grad)
+    for (_, i), g in zip(needed, grads):
+        result[i] = g
+    return tuple(result)
+
+
 class BnReluConv1x1Function(torch.autograd.Function):
     """``conv1x1(relu(bn(x)))`` keeping only x and two per-channel vectors: BN-ReLU is recomputed in backward.
 
     A DenseNet transition reads the block's feature buffer, which the block
     keeps anyway, so the transition adds no activation memory of its own.
+    ``forward`` returns ``(out, mean, rstd)``: ``setup_context`` saves them.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, norm: BatchNormArgs, weight: Tensor, *bn_params: Tensor) -> Tensor:
-        fmt = _memory_format(x)
+    def forward(x: Tensor, norm: BatchNormArgs, weight: Tensor, *bn_params: Tensor) -> tuple:
         mean, rstd = _statistics(x, norm)
-        out = F.conv2d(_bn_relu_into(x, mean, rstd, norm, torch.empty_like(x, memory_format=fmt)), weight)
-        ctx.save_for_backward(x, mean, rstd)
-        ctx.norm, ctx.weight, ctx.fmt, ctx.conv_dtype = norm, weight, fmt, _conv_dtype(x)
-        return out
+        out = F.conv2d(_bn_relu_into(x, mean, rstd, norm, torch.empty_like(x, memory_format=_memory_format(x))), weight)
+        return out, mean, rstd
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def setup_context(ctx, inputs, output) -> None:
+        x, norm, weight = inputs[:3]
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(x, *output[1:])
+        ctx.norm, ctx.weight, ctx.fmt, ctx.conv_dtype = norm, weight, _memory_format(x), _conv_dtype(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, *_stats):
         x, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: recompute eagerly, differentiably
+            weight, norm = ctx.weight, ctx.norm
+            return _differentiable_grads(ctx, lambda a: F.conv2d(a, weight), x, mean, rstd, grad_out,
+                                         ((x, 0), (weight, 2), (norm.weight, 3), (norm.bias, 4)))
         a = _bn_relu_into(x, mean, rstd, ctx.norm, torch.empty_like(x, memory_format=ctx.fmt))
         grad_a, grad_weight = _conv1x1_backward_in_place(grad_out, a, ctx.weight, ctx.conv_dtype)
         grad_x = _mark_owned(torch.zeros_like(x, memory_format=ctx.fmt))
@@ -269,22 +330,31 @@ class BnReluMaxPoolFunction(torch.autograd.Function):
     """``max_pool2d(relu(bn(x)))`` keeping x, two per-channel vectors and the pool's indices.
 
     The BN-ReLU output, which eager keeps for the pool, is recomputed: the
-    pool's backward needs only where each maximum came from.
+    pool's backward needs only where each maximum came from. ``forward``
+    returns ``(out, mean, rstd, indices)``: ``setup_context`` saves them.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, norm: BatchNormArgs, pool: tuple, *bn_params: Tensor) -> Tensor:
-        fmt = _memory_format(x)
+    def forward(x: Tensor, norm: BatchNormArgs, pool: tuple, *bn_params: Tensor) -> tuple:
         mean, rstd = _statistics(x, norm)
-        a = _bn_relu_into(x, mean, rstd, norm, torch.empty_like(x, memory_format=fmt))
+        a = _bn_relu_into(x, mean, rstd, norm, torch.empty_like(x, memory_format=_memory_format(x)))
         out, indices = torch.ops.aten.max_pool2d_with_indices(a, *pool)
-        ctx.save_for_backward(x, mean, rstd, indices)
-        ctx.norm, ctx.pool, ctx.fmt = norm, pool, fmt
-        return out
+        return out, mean, rstd, indices
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def setup_context(ctx, inputs, output) -> None:
+        x, norm, pool = inputs[:3]
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(x, *output[1:])
+        ctx.norm, ctx.pool, ctx.fmt = norm, pool, _memory_format(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, *_saved):
         x, mean, rstd, indices = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: recompute eagerly, differentiably
+            pool, norm = ctx.pool, ctx.norm
+            return _differentiable_grads(ctx, lambda a: F.max_pool2d(a, *pool[:4], ceil_mode=pool[4]), x, mean, rstd,
+                                         grad_out, ((x, 0), (norm.weight, 3), (norm.bias, 4)))
         # The pool's input only lends its shape and layout: x has both.
         grad_a = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, *ctx.pool, indices)
         grad_x = torch.zeros_like(x, memory_format=ctx.fmt)
@@ -295,15 +365,15 @@ class BnReluMaxPoolFunction(torch.autograd.Function):
 def bn_relu_max_pool2d(x: Tensor, norm: BatchNormArgs, kernel_size: int, stride: int, padding: int) -> Tensor:
     """``max_pool2d(relu(batch_norm(x)), kernel_size, stride, padding)``, recomputing the BN-ReLU in backward."""
     pool = ([kernel_size] * 2, [stride] * 2, [padding] * 2, [1, 1], False)
-    return BnReluMaxPoolFunction.apply(x, norm, pool, norm.weight, norm.bias)
+    return BnReluMaxPoolFunction.apply(x, norm, pool, norm.weight, norm.bias)[0]
 
 
 def bn_relu_conv1x1(x: Tensor, norm: BatchNormArgs, weight: Tensor) -> Tensor:
     """``conv2d(relu(batch_norm(x)), weight)`` for a 1x1 ``weight``, recomputing the BN-ReLU in backward."""
-    return BnReluConv1x1Function.apply(x, norm, weight, norm.weight, norm.bias)
+    return BnReluConv1x1Function.apply(x, norm, weight, norm.weight, norm.bias)[0]
 
 
 def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
     """``cat([x, new_1, ..., new_L], 1)`` of a dense block, through shared storage."""
     params = [p for layer in layers for p in _params(layer)]
-    return DenseBlockFunction.apply(x, tuple(layers), *params)
+    return DenseBlockFunction.apply(x, tuple(layers), *params)[0]

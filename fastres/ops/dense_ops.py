@@ -6,6 +6,11 @@ A dense block keeps every layer's features in one buffer [N, C_total, H, W]
 stream on x's device to the kernels (CUDA tensors), or run the C++ CPU
 implementation (CPU tensors).
 
+Each is also a ``torch.library`` custom op (``fastres::dense_*``) with a fake
+implementation: under ``torch.compile`` and ``torch.export`` the graph holds
+those ops; in eager mode the extension is called directly (the dispatcher's
+custom-op handling costs more host time than the call).
+
 x, grad_out, out and grad_in: [N, C, H, W], float32 or float64 (CUDA: float16
 and bfloat16 too), any strides under which H and W merge. Per-channel tensors
 (mean, rstd, weight, bias, sum_g, sum_gx): [C], float64 for float64 x, float32
@@ -24,6 +29,66 @@ def _stream(x: Tensor) -> int:
     return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
 
 
+def _traced() -> bool:
+    """Whether the call is being recorded into a graph (compile, export): then the custom op is called."""
+    return torch.compiler.is_compiling()
+
+
+def _channel_vector(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+@torch.library.custom_op("fastres::dense_batch_stats", mutates_args=("running_mean", "running_var"))
+def _batch_stats_op(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    return _ext.load().batch_stats(x, running_mean, running_var, momentum, eps, _stream(x))
+
+
+@_batch_stats_op.register_fake
+def _(x, running_mean, running_var, momentum, eps):
+    return _channel_vector(x), _channel_vector(x)
+
+
+@torch.library.custom_op("fastres::dense_bn_relu_forward", mutates_args=("out",))
+def _bn_relu_forward_op(
+    x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tensor
+) -> None:
+    _ext.load().bn_relu_forward(x, mean, rstd, weight, bias, out, _stream(x))
+
+
+@_bn_relu_forward_op.register_fake
+def _(x, mean, rstd, weight, bias, out):
+    return None
+
+
+@torch.library.custom_op("fastres::dense_bn_relu_backward_reduce", mutates_args=())
+def _bn_relu_backward_reduce_op(
+    grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    return _ext.load().bn_relu_backward_reduce(grad_out, x, mean, rstd, weight, bias, _stream(x))
+
+
+@_bn_relu_backward_reduce_op.register_fake
+def _(grad_out, x, mean, rstd, weight, bias):
+    return _channel_vector(x), _channel_vector(x)
+
+
+@torch.library.custom_op("fastres::dense_bn_relu_backward_input", mutates_args=("grad_in",))
+def _bn_relu_backward_input_op(
+    grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+    sum_g: Tensor, sum_gx: Tensor, grad_in: Tensor, training: bool,
+) -> None:
+    _ext.load().bn_relu_backward_input(
+        grad_out, x, mean, rstd, weight, bias, sum_g, sum_gx, grad_in, training, _stream(x)
+    )
+
+
+@_bn_relu_backward_input_op.register_fake
+def _(grad_out, x, mean, rstd, weight, bias, sum_g, sum_gx, grad_in, training):
+    return None
+
+
 def batch_stats(
     x: Tensor,
     running_mean: Tensor | None = None,
@@ -40,6 +105,8 @@ def batch_stats(
     unbiased variance ``var * m / (m - 1)``. One reduction and one finalize
     kernel on CUDA; no other ops.
     """
+    if _traced():
+        return torch.ops.fastres.dense_batch_stats(x, running_mean, running_var, float(momentum), float(eps))
     return _ext.load().batch_stats(x, running_mean, running_var, float(momentum), float(eps), _stream(x))
 
 
@@ -47,7 +114,10 @@ def bn_relu_forward(
     x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tensor
 ) -> None:
     """``out = relu((x - mean) * rstd * weight + bias)``, written into ``out`` (x's shape)."""
-    _ext.load().bn_relu_forward(x, mean, rstd, weight, bias, out, _stream(x))
+    if _traced():
+        torch.ops.fastres.dense_bn_relu_forward(x, mean, rstd, weight, bias, out)
+    else:
+        _ext.load().bn_relu_forward(x, mean, rstd, weight, bias, out, _stream(x))
 
 
 def bn_relu_backward_reduce(
@@ -64,6 +134,8 @@ def bn_relu_backward_reduce(
     (torch's threshold_backward: a NaN y passes the gradient). BatchNorm's
     parameter gradients are ``dbias = sum_g`` and ``dweight = sum_gx * rstd``.
     """
+    if _traced():
+        return torch.ops.fastres.dense_bn_relu_backward_reduce(grad_out, x, mean, rstd, weight, bias)
     return _ext.load().bn_relu_backward_reduce(grad_out, x, mean, rstd, weight, bias, _stream(x))
 
 
@@ -87,6 +159,11 @@ def bn_relu_backward_input(
 
     Eval (running statistics, constants): ``dx = g * weight * rstd``.
     """
-    _ext.load().bn_relu_backward_input(
-        grad_out, x, mean, rstd, weight, bias, sum_g, sum_gx, grad_in, training, _stream(x)
-    )
+    if _traced():
+        torch.ops.fastres.dense_bn_relu_backward_input(
+            grad_out, x, mean, rstd, weight, bias, sum_g, sum_gx, grad_in, training
+        )
+    else:
+        _ext.load().bn_relu_backward_input(
+            grad_out, x, mean, rstd, weight, bias, sum_g, sum_gx, grad_in, training, _stream(x)
+        )

@@ -15,9 +15,17 @@ def shared_storage_applies(x: Tensor) -> bool:
     """Whether ``dense_block`` and the BN-ReLU-recomputing ops take ``x``.
 
     Not under CPU autocast: the C++ CPU ops take float32/float64, and autocast
-    makes the bottleneck bfloat16 there (CUDA kernels take every float dtype).
+    makes the bottleneck bfloat16 there, and not for half-precision CPU
+    tensors (CUDA kernels take every float dtype). Not under
+    ``torch.jit.trace``, which records only ATen ops, nor under functorch
+    transforms (``torch.func.grad``, ``vmap``...), which may differentiate the
+    backward itself: shared storage keeps nothing to differentiate it through.
     """
-    return not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
+    if torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")
+    return True
 
 
 def recompute_bn_relu_applies(x: Tensor) -> bool:
