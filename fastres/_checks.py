@@ -48,3 +48,26 @@ def check_4d(name: str, x: object, owner: str | None = None, channels: int | Non
         raise ValueError(
             f"{prefix}{name} has {x.shape[1]} channels but {owner or 'the module'} expects {channels} ({expected})"
         )
+
+
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def check_batch_norm_dtypes(x: torch.Tensor, params: dict[str, torch.Tensor | None]) -> None:
+    """``F.batch_norm``'s dtype rule for its per-channel tensors (``None`` ones skipped).
+
+    All of x's dtype, or, for a float16/bfloat16 ``x``, all float32 (eager's
+    mixed-precision case). Anything else eager refuses on CPU and CUDA alike;
+    TypeError naming the first tensor that breaks the rule.
+    """
+    given = [(name, t) for name, t in params.items() if t is not None]
+    if all(t.dtype == x.dtype for _, t in given):
+        return
+    wanted = torch.float32 if x.dtype in _REDUCED else x.dtype
+    for name, t in given:
+        if t.dtype != wanted:
+            allowed = f"{x.dtype}, or all torch.float32" if x.dtype in _REDUCED else f"{x.dtype}"
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but x has {x.dtype}: {', '.join(params)} must all have "
+                f"dtype {allowed} (as F.batch_norm requires)"
+            )

@@ -1,9 +1,13 @@
 """Swap fused blocks into an existing model, keeping its weights."""
 
+import sys
+
 from torch import nn
 
+from .models.densenet import DenseNet
 from .nn.batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d
 from .nn.densenet import DenseBlock, DenseLayer, Transition
+from .nn.module_state import has_hooks
 from .nn.resnet_blocks import BasicBlock, Bottleneck
 
 _FUSED_BLOCKS = (BasicBlock, Bottleneck, DenseBlock, DenseLayer, Transition)
@@ -18,29 +22,38 @@ def convert(model: nn.Module) -> nn.Module:
     - torchvision's DenseNet ``_DenseBlock``/``_DenseLayer``/``_Transition``
       become ``DenseBlock``/``DenseLayer``/``Transition`` with
       ``memory_efficient=True`` (shared storage, in place of checkpointing).
+    - A torchvision ``DenseNet`` (its own class, with torchvision's layout of
+      ``features``) becomes a ``fastres.models.DenseNet``, in place: the same
+      computation, with the stem's BN-ReLU-max-pool and the final BN-ReLU
+      fused as in fastres's builders (so the same activation memory).
     - BatchNorm2d -> ReLU pairs become one ``BatchNormReLU2d`` (a
       ``SyncBatchNormReLU2d`` for SyncBatchNorm) followed by ``nn.Identity``:
-      the stem of a torchvision ResNet (``bn1``, ``relu``), and consecutive
-      pairs in any ``nn.Sequential``.
+      the stem of a torchvision ``ResNet`` whose forward is torchvision's, and
+      consecutive pairs in any plain ``nn.Sequential`` (one whose forward is
+      ``nn.Sequential.forward``; a subclass with its own forward may return
+      or use the BN's output, so it is left alone).
 
-    Fused modules share the old ones' parameters, buffers and hooks, so
-    optimizers and state_dict keys are unaffected. A pair where either module
-    has forward hooks is left alone (fusing would change what the hooks see).
-    Returns ``model`` (or the fused block, if ``model`` itself is a block).
+    fastres's own modules (built by fastres or already converted) are left as
+    they are. Fused modules share the old ones' parameters, buffers and hooks,
+    so optimizers and state_dict keys are unaffected. A pair where either
+    module has forward hooks is left alone (fusing would change what the
+    hooks see). Returns ``model`` (or the fused block, if ``model`` itself is
+    a block).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     fused = _fused_version(model)
-    if fused is not None:
-        return fused
-    for parent in list(model.modules()):
+    root = model if fused is None else fused
+    for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
             fused = _fused_version(child)
             if fused is not None:
                 setattr(parent, name, fused)
-    for parent in list(model.modules()):
-        _fuse_bn_relu_pairs(parent)
-    return model
+    for module in list(root.modules()):
+        if _is_torchvision_densenet(module):
+            module.__class__ = DenseNet
+    _fuse_pairs_outside_fastres(root)
+    return root
 
 
 def _fused_version(module: nn.Module) -> nn.Module | None:
@@ -50,14 +63,59 @@ def _fused_version(module: nn.Module) -> nn.Module | None:
     return None
 
 
+def _is_fastres(module: nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "fastres"
+
+
+def _torchvision_class(module_name: str, class_name: str) -> type | None:
+    """torchvision's class, if torchvision is imported (a torchvision model implies it is)."""
+    return getattr(sys.modules.get(module_name), class_name, None)
+
+
+def _has_known_forward(module: nn.Module, cls: type | None, *methods: str) -> bool:
+    """``module`` is a ``cls`` whose ``methods`` are ``cls``'s own (not overridden by a subclass)."""
+    return cls is not None and isinstance(module, cls) and all(
+        getattr(type(module), m, None) is getattr(cls, m) for m in methods
+    )
+
+
+def _is_torchvision_densenet(module: nn.Module) -> bool:
+    """torchvision's DenseNet itself, with the children ``fastres.models.DenseNet.forward`` runs, in its order.
+
+    That forward runs the stem and the blocks/transitions of ``features``
+    without calling ``features`` itself, so ``features`` must be a plain
+    Sequential without hooks holding exactly torchvision's layout.
+    """
+    if type(module) is not _torchvision_class("torchvision.models.densenet", "DenseNet"):
+        return False
+    features, classifier = module._modules.get("features"), module._modules.get("classifier")
+    if type(features) is not nn.Sequential or has_hooks(features) or type(classifier) is not nn.Linear:
+        return False
+    names = list(features._modules)
+    if names[:4] != ["conv0", "norm0", "relu0", "pool0"] or names[-1:] != ["norm5"]:
+        return False
+    blocks = names[4:-1]
+    expected = [f"{kind}{i // 2 + 1}" for i, kind in zip(range(len(blocks)), ["denseblock", "transition"] * len(blocks))]
+    return bool(blocks) and blocks == expected and blocks[-1].startswith("denseblock")
+
+
 def _pairs(module: nn.Module) -> list[tuple[str, str]]:
-    """(norm, relu) child names that ``module``'s forward runs back to back."""
-    if isinstance(module, nn.Sequential):
+    """(norm, relu) child names that ``module``'s forward (a known one) runs back to back."""
+    if type(module).forward is nn.Sequential.forward:  # a plain Sequential: each child's output feeds the next
         names = list(module._modules)
         return list(zip(names, names[1:]))
-    if type(module).__name__ == "ResNet" and hasattr(module, "layer1"):
+    resnet = _torchvision_class("torchvision.models.resnet", "ResNet")
+    if _has_known_forward(module, resnet, "forward", "_forward_impl"):
         return [("bn1", "relu")]  # torchvision's stem: conv1, bn1, relu, maxpool
     return []
+
+
+def _fuse_pairs_outside_fastres(module: nn.Module) -> None:
+    if _is_fastres(module):
+        return  # fastres's modules run their BN-ReLUs fused already (or recompute them), as they are
+    _fuse_bn_relu_pairs(module)
+    for child in module.children():
+        _fuse_pairs_outside_fastres(child)
 
 
 def _fuse_bn_relu_pairs(module: nn.Module) -> None:

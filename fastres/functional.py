@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch.distributed as dist
 from torch import Tensor
 
-from ._checks import check_4d, check_float_tensor, check_same_tensor_meta
+from ._checks import check_4d, check_batch_norm_dtypes, check_float_tensor, check_same_tensor_meta
 from .ops import add_relu as _add_relu
 from .ops import batch_norm as _batch_norm
 from . import _ext
@@ -74,8 +74,10 @@ def batch_norm_relu(
             float64; NCHW, channels_last or any strided view. The output has
             x's dtype and the layout eager's batch norm would give it.
         running_mean, running_var: (C,) buffers, or None (then training must
-            be True). Any floating dtype; updated in their own.
-        weight, bias: (C,) affine parameters, or None.
+            be True); updated in place.
+        weight, bias: (C,) affine parameters, or None. As for
+            ``F.batch_norm``, these four have x's dtype, or all float32 for a
+            float16/bfloat16 x (TypeError otherwise).
         residual: added after the affine, before the ReLU (the tail of a
             residual block); x's shape and device, any floating dtype, like
             ``out += identity``.
@@ -106,6 +108,7 @@ def _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual)
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together, or both be None")
+    check_batch_norm_dtypes(x, {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias})
     if residual is not None:
         check_float_tensor("residual", residual)
         check_same_tensor_meta("x", x, "residual", residual, same_dtype=False)
@@ -169,6 +172,7 @@ def _check_norm_args(name: str, norm: BatchNormArgs, channels: int, x: Tensor) -
             raise ValueError(f"{name}.{field} is on {t.device} but x is on {x.device}")
     if not norm.training and norm.running_mean is None:
         raise ValueError(f"{name}: running statistics are needed when not training")
+    check_batch_norm_dtypes(x, {f"{name}.{field}": getattr(norm, field) for field in BatchNormArgs._fields[:4]})
 
 
 def bn_relu_conv1x1(x: Tensor, norm: BatchNormArgs, weight: Tensor) -> Tensor:

@@ -83,3 +83,58 @@ def test_block_constructor_checks_follow_torchvision():
         fastres.nn.BasicBlock(8, 8, dilation=2)
     with pytest.raises(ValueError, match="replace_stride_with_dilation"):
         fastres.models.resnet50(replace_stride_with_dilation=[True])
+
+
+F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "x_dtype, stats_dtype, weight_dtype, bad",
+    [
+        (F32, F64, F32, "running_mean"),
+        (F32, F32, F64, "weight"),
+        (F32, F16, F16, "running_mean"),
+        (F64, F32, F32, "running_mean"),
+        (F16, F32, F16, "weight"),  # mixed precision wants every per-channel tensor float32
+        (BF16, BF16, F32, "running_mean"),
+    ],
+)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_relu_refuses_the_dtypes_eager_refuses(path, monkeypatch, x_dtype, stats_dtype, weight_dtype, bad, training):
+    """As F.batch_norm on every path (the Triton one took float64 statistics with a float32 x)."""
+    import torch.nn.functional as F
+
+    import fastres.ops.batch_norm as dispatch_batch_norm
+
+    x = torch.randn(2, 3, 4, 4, dtype=x_dtype)
+    args = (torch.zeros(3, dtype=stats_dtype), torch.ones(3, dtype=stats_dtype),
+            torch.ones(3, dtype=weight_dtype), torch.zeros(3, dtype=weight_dtype), training)
+    with pytest.raises(RuntimeError):
+        F.batch_norm(x, *args)
+    monkeypatch.setattr(dispatch_batch_norm, "batch_norm_relu", lambda *a: pytest.fail("reached dispatch"))
+    with pytest.raises(TypeError, match=f"{bad} has dtype {stats_dtype if 'running' in bad else weight_dtype} but x has {x_dtype}"):
+        fastres.functional.batch_norm_relu(x, *args)
+
+
+def test_batch_norm_relu_takes_the_dtypes_eager_takes(path):
+    x = torch.randn(2, 3, 4, 4, dtype=F16)
+    stats = (torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(3))  # float32: mixed precision
+    assert fastres.functional.batch_norm_relu(x, *stats, training=True).dtype == F16
+    fastres.functional.batch_norm_relu(x.double(), torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64), training=True)
+
+
+def test_dense_ops_refuse_the_dtypes_eager_refuses():
+    from fastres.functional import BatchNormArgs, bn_relu_conv1x1
+
+    stats = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
+    with pytest.raises(TypeError, match="norm.running_mean has dtype torch.float64 but x has torch.float32"):
+        bn_relu_conv1x1(torch.randn(2, 3, 4, 4), BatchNormArgs(*stats, None, None, True, 0.1, 1e-5), torch.randn(2, 3, 1, 1))
+
+
+def test_resnet_names_its_input_and_shape():
+    """Not the stem convolution's output, which a 3-D (unbatched) input would otherwise reach BN as."""
+    model = fastres.models.resnet18()
+    with pytest.raises(ValueError, match=r"ResNet: x must be a 4-D tensor \(N, C, H, W\), got shape \(3, 16, 16\)"):
+        model(torch.randn(3, 16, 16))
+    with pytest.raises(ValueError, match="ResNet: x has 4 channels but conv1 expects 3"):
+        model(torch.randn(2, 4, 16, 16))

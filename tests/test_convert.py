@@ -60,3 +60,50 @@ def test_convert_skips_lookalikes_without_the_block_structure():
     model = nn.Sequential(BasicBlock())
     fastres.convert(model)
     assert not isinstance(model[0], fastres.nn.BasicBlock)
+
+
+class _Stages(nn.Sequential):
+    """A feature extractor: returns every child's output, so a BN's output is a result."""
+
+    def forward(self, x):
+        outputs = []
+        for module in self:
+            x = module(x)
+            outputs.append(x)
+        return outputs
+
+
+def test_convert_leaves_a_sequential_subclass_with_its_own_forward():
+    inner = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())  # plain: its pair is fused
+    model = _Stages(inner, nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    eager = copy.deepcopy(model)
+    fastres.convert(model)
+    assert type(model[2]) is nn.BatchNorm2d and type(model[3]) is nn.ReLU
+    assert isinstance(inner[1], fastres.nn.BatchNormReLU2d) and isinstance(inner[2], nn.Identity)
+    x = torch.randn(2, 3, 8, 8)
+    got, want = model(x), eager(x)
+    assert want[2].min() < 0  # the BN stage's output is returned before its ReLU
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_convert_fuses_the_stem_only_of_a_resnet_with_torchvision_forward(tv):
+    class StemFeatures(tv.models.ResNet):  # its own forward returns the stem's BN output
+        def forward(self, x):
+            return self.bn1(self.conv1(x))
+
+    class Renamed(tv.models.ResNet):  # torchvision's forward, inherited
+        pass
+
+    features = fastres.convert(StemFeatures(tv.models.resnet.BasicBlock, [1, 1, 1, 1]))
+    assert type(features.bn1) is nn.BatchNorm2d and type(features.relu) is nn.ReLU
+    assert features(torch.randn(2, 3, 16, 16)).min() < 0
+    renamed = fastres.convert(Renamed(tv.models.resnet.BasicBlock, [1, 1, 1, 1]))
+    assert isinstance(renamed.bn1, fastres.nn.BatchNormReLU2d)
+
+
+def test_convert_leaves_fastres_resnets_as_they_are():
+    model = fastres.models.resnet18()
+    modules = [(name, type(m)) for name, m in model.named_modules()]
+    assert fastres.convert(model) is model
+    assert [(name, type(m)) for name, m in model.named_modules()] == modules

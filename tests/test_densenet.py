@@ -327,12 +327,64 @@ def test_convert_turns_a_torchvision_densenet_into_shared_storage(path, device, 
     keys_before = list(model.state_dict())
     assert fastres.convert(model) is model
     kinds = {type(m).__name__ for m in model.modules()}
-    assert {"DenseBlock", "DenseLayer", "Transition", "BatchNormReLU2d"} <= kinds
-    assert not {"_DenseBlock", "_DenseLayer", "_Transition"} & kinds
+    assert {"DenseBlock", "DenseLayer", "Transition"} <= kinds
+    assert not {"_DenseBlock", "_DenseLayer", "_Transition", "BatchNormReLU2d", "Identity"} & kinds
+    assert isinstance(model, fastres.models.DenseNet)  # the stem and the final BN-ReLU run fused, as fastres's
     assert all(b.memory_efficient for b in model.modules() if isinstance(b, fastres.nn.DenseBlock))
     assert [id(p) for p in model.parameters()] == params_before and list(model.state_dict()) == keys_before
     model, eager = model.double(), eager.double()
     _compare_training(model, eager, [torch.randn(2, 3, 32, 32, device=device) for _ in range(2)], torch.float64)
+
+
+def test_converted_torchvision_densenet121_saves_what_fastres_builder_saves(path, device, tv, needs_ext):
+    """convert() keeps the stem's and the transitions' BN-ReLU recompute and the fused final BN-ReLU.
+
+    Before, its Sequential pass re-fused the transitions' and the stem's
+    BN/ReLU into BatchNormReLU2d + Identity, which keep each BN-ReLU output.
+    """
+    eager = tv.models.densenet121(num_classes=10).to(device)
+    model = fastres.convert(copy.deepcopy(eager))
+    builder = twin(eager, fastres.models.densenet121(num_classes=10).to(device))
+    x = torch.randn(2, 3, 32, 32, device=device)
+    saved = saved_bytes(lambda: model(x))
+    assert saved == saved_bytes(lambda: builder(x))
+    assert saved < saved_bytes(lambda: eager(x)) / 3
+
+
+def test_converted_torchvision_densenet121_trains_as_torchvision(device, tv, needs_ext):
+    """One float64 step: output, input gradient, every parameter's gradient and buffer (the path as set up)."""
+    eager = tv.models.densenet121(num_classes=10).to(device).double()
+    model = fastres.convert(copy.deepcopy(eager))
+    x = [torch.randn(4, 3, 32, 32, device=device)]  # batch 4: 1x1 features at the end, well-conditioned enough
+    for got, want in zip(train_steps(model, x), train_steps(eager, x)):
+        assert_normwise_close(got, want)
+    assert_modules_normwise_close(model, eager)
+
+
+def test_convert_of_a_bare_dense_block_gets_fastres_layers(path, device, tv, needs_ext):
+    eager = tv.models.densenet._DenseBlock(3, 4, 2, 3, drop_rate=0.0).to(device)
+    block = fastres.convert(copy.deepcopy(eager))
+    assert isinstance(block, fastres.nn.DenseBlock)
+    assert all(type(layer) is fastres.nn.DenseLayer for layer in block.values())
+    x = torch.randn(2, 4, 6, 6, device=device)
+    built = twin(eager, fastres.nn.DenseBlock(3, 4, 2, 3).to(device))
+    assert saved_bytes(lambda: block(x * 1)) == saved_bytes(lambda: built(x * 1))
+    eager.load_state_dict(block.state_dict())
+    _compare_training(block.double(), eager.double(), [x], torch.float64)
+
+
+def test_convert_leaves_fastres_densenets_as_they_are(tv):
+    for model in (fastres.models.densenet_bc(22), fastres.models.DenseNet(**TINY), fastres.convert(tv.models.DenseNet(**TINY))):
+        modules = [(name, type(m)) for name, m in model.named_modules()]
+        assert fastres.convert(model) is model
+        assert [(name, type(m)) for name, m in model.named_modules()] == modules
+
+
+def test_convert_keeps_a_modified_torchvision_densenet_class(tv):
+    """A DenseNet whose ``features`` are not torchvision's layout keeps torchvision's forward."""
+    model = tv.models.DenseNet(**TINY)
+    model.features.add_module("extra", nn.Identity())
+    assert type(fastres.convert(model)) is tv.models.DenseNet
 
 
 def test_transition_keeps_only_its_input_on_cpu(needs_ext):

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_4d
 from ..nn.batch_norm import norm_relu
 from ..nn.module_state import NotScriptable
 from ..nn.resnet_blocks import BasicBlock, Bottleneck, conv1x1
@@ -120,6 +121,11 @@ class ResNet(NotScriptable, nn.Module):
         return self.fc(x)
 
     def forward(self, x: Tensor) -> Tensor:
+        # Here, not in the stem's BN: its error would name the convolution's output, not x.
+        check_4d("x", x, "ResNet")
+        in_channels = getattr(self.conv1, "in_channels", None)
+        if in_channels is not None and x.shape[1] != in_channels:
+            raise ValueError(f"ResNet: x has {x.shape[1]} channels but conv1 expects {in_channels}")
         return self._forward_impl(x)
 
 
