@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_4d, check_batch_norm_dtypes, check_float_tensor, check_same_tensor_meta
@@ -18,7 +19,7 @@ from .ops.layout import has_internal_overlap
 __all__ = [
     "BatchNormArgs", "DenseLayerArgs", "add_relu", "batch_norm_relu", "bn_relu_conv1x1", "bn_relu_max_pool2d",
     "dense_block", "extension_available", "recompute_bn_relu_applies", "shared_storage_applies",
-    "sync_batch_norm_relu",
+    "sync_batch_norm", "sync_batch_norm_relu",
 ]
 
 
@@ -135,15 +136,46 @@ def sync_batch_norm_relu(
     CPU tensors work too (gloo). The default group is the whole world; with a
     single process it is ``batch_norm_relu(..., training=True)``.
     """
-    _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual)
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("sync_batch_norm_relu needs an initialised torch.distributed process group")
+    _check_sync_args("sync_batch_norm_relu", x, running_mean, running_var, weight, bias, residual)
     group = process_group or dist.group.WORLD
     if dist.get_world_size(group) == 1:
         return batch_norm_relu(x, running_mean, running_var, weight, bias, True, momentum, eps, residual)
     return _sync_batch_norm.sync_batch_norm_relu(
         x, running_mean, running_var, weight, bias, momentum, eps, residual, group
     )
+
+
+def sync_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    process_group=None,
+) -> Tensor:
+    """``torch.nn.SyncBatchNorm``'s training forward (no ReLU) as a function, on any device.
+
+    Statistics over the concatenated batches of every process of
+    ``process_group`` (batch sizes may differ), the same running-statistic
+    update on each, an input gradient that accounts for every process's batch
+    (weight and bias gradients local). Eager PyTorch with differentiable
+    all-reduces, so it also runs where torch's SyncBatchNorm refuses the input
+    (CPU tensors on gloo). Every process of the group must call it; with a
+    single process it is ``F.batch_norm(..., training=True)``.
+    """
+    _check_sync_args("sync_batch_norm", x, running_mean, running_var, weight, bias, None)
+    group = process_group or dist.group.WORLD
+    if dist.get_world_size(group) == 1:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+    return _sync_batch_norm.sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, group)
+
+
+def _check_sync_args(name, x, running_mean, running_var, weight, bias, residual) -> None:
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{name} needs an initialised torch.distributed process group")
 
 
 def shared_storage_applies(x: Tensor) -> bool:

@@ -7,12 +7,22 @@ returns ``relu(bn(x) [+ residual])`` through the fused kernels.
 
 ``bn_relu(bn, x, residual)`` runs that computation for any plain BatchNorm2d or
 SyncBatchNorm instance; the residual blocks call it on their ``bn1``/``bn2``.
+
+Synchronized BN keeps the fusion without new module types: the residual
+blocks and the ResNet stem hold plain batch norms, which
+``convert_sync_batchnorm`` (fastres's or torch's) turns into
+``torch.nn.SyncBatchNorm``, and ``bn_relu`` runs every such BN-ReLU and
+BN-add-ReLU through the fused synchronized op whenever torch's SyncBatchNorm
+would synchronize (training, a process group of more than one). A lone
+SyncBatchNorm (a downsample's) runs ``batch_norm``: torch's module where it
+works, fastres's eager synchronized path on CPU tensors (gloo), which torch's
+refuses.
 """
 
 import torch
 from torch import Tensor, nn
 
-from ..functional import add_relu, batch_norm_relu, sync_batch_norm_relu
+from ..functional import add_relu, batch_norm_relu, sync_batch_norm, sync_batch_norm_relu
 from .._checks import check_4d
 from .module_state import FromModule, has_hooks, running_stats_args
 
@@ -48,6 +58,48 @@ def bn_relu(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, residual: Tensor | N
     )
 
 
+def _torch_synchronizes(device: torch.device) -> bool:
+    """Whether ``torch.nn.SyncBatchNorm`` synchronizes tensors on ``device`` (else it raises: CPU)."""
+    return device.type in ("cuda", "hpu", "xpu", torch._C._get_privateuse1_backend_name())
+
+
+def batch_norm(bn: nn.Module, x: Tensor) -> Tensor:
+    """``bn(x)``, except that a synchronizing ``torch.nn.SyncBatchNorm`` also works on CPU tensors.
+
+    torch's SyncBatchNorm raises "expected input tensor to be on GPU" for a
+    CPU input when it would synchronize; there, for a 4-D input and a module
+    without hooks, this runs ``fastres.functional.sync_batch_norm`` with the
+    module's parameters and buffers (``num_batches_tracked`` and
+    ``momentum=None`` handled as the module does). Everything else is a plain
+    module call.
+    """
+    if (
+        type(bn) is nn.SyncBatchNorm and isinstance(x, Tensor) and x.dim() == 4
+        and not _torch_synchronizes(x.device) and not has_hooks(bn)
+    ):
+        sync = _sync_world(bn, bn.training)
+        if sync is not None:
+            check_4d("x", x, type(bn).__name__, bn.num_features, "num_features")
+            running_mean, running_var, _, factor = running_stats_args(bn)
+            return sync_batch_norm(
+                x, running_mean, running_var, bn.weight, bn.bias, factor, bn.eps, process_group=sync[0]
+            )
+    return bn(x)
+
+
+def run_sequential(seq: nn.Module, x: Tensor) -> Tensor:
+    """``seq(x)`` for a block's ``downsample``, its batch norms through ``batch_norm``.
+
+    Only a plain ``nn.Sequential`` without hooks is walked child by child
+    (its forward is known); any other module is called as it is.
+    """
+    if type(seq) is not nn.Sequential or has_hooks(seq):
+        return seq(x)
+    for module in seq:
+        x = batch_norm(module, x)
+    return x
+
+
 _FUSABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
@@ -62,7 +114,7 @@ def norm_relu(norm: nn.Module, relu: nn.Module, x: Tensor, residual: Tensor | No
         return norm(x, residual)  # a module call, so its hooks run
     if type(norm) in _FUSABLE_NORMS and not (has_hooks(norm) or has_hooks(relu)):
         return bn_relu(norm, x, residual)
-    out = norm(x)
+    out = batch_norm(norm, x)
     if residual is None:
         return relu(out)
     if type(relu) is nn.ReLU and not has_hooks(relu):
@@ -122,7 +174,21 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     ``BatchNormReLU2d`` becomes ``SyncBatchNormReLU2d``; any other batch norm
     becomes ``torch.nn.SyncBatchNorm``, as torch's helper does (which would
     turn a ``BatchNormReLU2d`` into a plain SyncBatchNorm and drop its ReLU).
-    Parameters and buffers are shared with the old modules.
+    Parameters and buffers are shared with the old modules, so state_dict
+    keys are unchanged.
+
+    fastres's ResNet blocks and ResNet stem keep plain batch norms, so they
+    come out as ``torch.nn.SyncBatchNorm``: their forward still runs each
+    BN-ReLU and BN-add-ReLU through the fused synchronized op (CPU tensors on
+    gloo included) whenever the module would synchronize (training, a process
+    group of more than one), and each downsample's batch norm through
+    ``batch_norm``. In eval mode, or without such a group, they are plain
+    fused BN, as ``torch.nn.SyncBatchNorm`` is plain BN then. torch's own
+    converter gives fastres's models the same modules and the same fused path.
+
+    torch's ``DistributedDataParallel`` refuses any SyncBatchNorm in a CPU
+    module ("SyncBatchNorm layers only work with GPU modules"), whoever
+    implements it; on CPU, all-reduce and average the gradients yourself.
     """
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
         cls = SyncBatchNormReLU2d if isinstance(module, BatchNormReLU2d) else nn.SyncBatchNorm

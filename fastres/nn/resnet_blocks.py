@@ -5,13 +5,18 @@ convolution: ``relu(bn1(conv1(x)))`` is one fused BN-ReLU, and the tail
 ``relu(bn(conv(out)) + identity)`` one fused BN-add-ReLU, each saving a
 1-bit ReLU mask for backward. With a ``norm_layer`` other than BatchNorm2d /
 SyncBatchNorm the norm runs as written and only the merge is fused.
+
+Under synchronized BN (``convert_sync_batchnorm``, fastres's or torch's) the
+same calls run the fused synchronized op; the downsample's lone batch norm
+runs ``torch.nn.SyncBatchNorm`` where torch synchronizes the input (CUDA) and
+fastres's eager synchronized path on CPU tensors (gloo), which torch refuses.
 """
 
 from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from .batch_norm import norm_relu
+from .batch_norm import norm_relu, run_sequential
 from .._checks import check_4d
 from .module_state import FromModule
 
@@ -97,7 +102,7 @@ class BasicBlock(_FusedBlock):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         out = norm_relu(self.bn1, self.relu, self.conv1(x))
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = x if self.downsample is None else run_sequential(self.downsample, x)
         return self._tail(self.bn2, self.conv2(out), identity)
 
 
@@ -136,5 +141,5 @@ class Bottleneck(_FusedBlock):
         self._check_input(x)
         out = norm_relu(self.bn1, self.relu, self.conv1(x))
         out = norm_relu(self.bn2, self.relu, self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = x if self.downsample is None else run_sequential(self.downsample, x)
         return self._tail(self.bn3, self.conv3(out), identity)

@@ -152,19 +152,34 @@ class SyncBatchNormReLU(torch.autograd.Function):
         return input_grads(ctx, 10, dx, dw, db, dr)
 
 
-def _reference(x, running_mean, running_var, weight, bias, momentum, eps, residual, group):
-    """Eager PyTorch: differentiable all-reduces of the per-channel sums."""
-    from torch.distributed.nn.functional import all_reduce
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over the group: the gradient is the sum of every process's gradient."""
 
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _reference(x, running_mean, running_var, weight, bias, momentum, eps, residual, group, relu=True):
+    """Eager PyTorch: differentiable all-reduces of the per-channel sums; ``relu=False`` stops at the affine."""
     c = x.shape[1]
     xf = x.to(acc_dtype(x))
     shape = (1, c, 1, 1)
     count = xf.new_full((1,), x.numel() // c if c else 0)
-    totals = all_reduce(torch.cat([xf.sum((0, 2, 3)), count]), group=group)
+    totals = _AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), count]), group)
     n = totals[c]
     mean = totals[:c] / n
     xmu = xf - mean.view(shape)
-    m2 = all_reduce((xmu * xmu).sum((0, 2, 3)), group=group)
+    m2 = _AllReduceSum.apply((xmu * xmu).sum((0, 2, 3)), group)
     y = xmu * torch.rsqrt(m2 / n + eps).view(shape)
     if weight is not None:
         y = y * weight.view(shape)
@@ -177,7 +192,9 @@ def _reference(x, running_mean, running_var, weight, bias, momentum, eps, residu
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(mean.detach() * momentum)
             running_var.mul_(1 - momentum).add_(m2.detach() / (n - 1) * momentum)
-    return torch.relu_(y).contiguous(memory_format=torch.channels_last if channels_last(x) else torch.contiguous_format)
+    if relu:
+        y = torch.relu_(y)
+    return y.contiguous(memory_format=torch.channels_last if channels_last(x) else torch.contiguous_format)
 
 
 def sync_batch_norm_relu(x, running_mean, running_var, weight, bias, momentum, eps, residual, group):
@@ -186,3 +203,13 @@ def sync_batch_norm_relu(x, running_mean, running_var, weight, bias, momentum, e
         return _reference(x, running_mean, running_var, weight, bias, momentum, eps, residual, group)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
     return SyncBatchNormReLU.apply(x, weight, bias, running_mean, running_var, residual, momentum, eps, group, save)
+
+
+def sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, group):
+    """Synchronized BN without ReLU (eager PyTorch on every device); arguments checked, ``group`` of two or more.
+
+    There is nothing to fuse in a lone batch norm: fastres's modules run
+    ``torch.nn.SyncBatchNorm`` itself where it works (CUDA), and this where it
+    refuses the tensors (CPU on gloo).
+    """
+    return _reference(x, running_mean, running_var, weight, bias, momentum, eps, None, group, relu=False)
