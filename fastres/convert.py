@@ -5,6 +5,7 @@ import sys
 from torch import nn
 
 from .models.densenet import DenseNet
+from .models.resnet import ResNet
 from .nn.batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d
 from .nn.densenet import DenseBlock, DenseLayer, Transition
 from .nn.module_state import has_hooks
@@ -23,15 +24,19 @@ def convert(model: nn.Module) -> nn.Module:
       become ``DenseBlock``/``DenseLayer``/``Transition`` with
       ``memory_efficient=True`` (shared storage, in place of checkpointing).
     - A torchvision ``DenseNet`` (its own class, with torchvision's layout of
-      ``features``) becomes a ``fastres.models.DenseNet``, in place: the same
-      computation, with the stem's BN-ReLU-max-pool and the final BN-ReLU
-      fused as in fastres's builders (so the same activation memory).
-    - BatchNorm2d -> ReLU pairs become one ``BatchNormReLU2d`` (a
-      ``SyncBatchNormReLU2d`` for SyncBatchNorm) followed by ``nn.Identity``:
-      the stem of a torchvision ``ResNet`` whose forward is torchvision's, and
-      consecutive pairs in any plain ``nn.Sequential`` (one whose forward is
-      ``nn.Sequential.forward``; a subclass with its own forward may return
-      or use the BN's output, so it is left alone).
+      ``features``) becomes a ``fastres.models.DenseNet`` and a torchvision
+      ``ResNet`` (its own class) a ``fastres.models.ResNet``, in place: the
+      same children and computation, with the stems' BN-ReLU (and DenseNet's
+      final BN-ReLU) fused in forward as in fastres's builders, so the same
+      activation memory, and BatchNorm modules that stay BatchNorms (which
+      ``nn.SyncBatchNorm.convert_sync_batchnorm`` can convert).
+    - BatchNorm2d -> ReLU pairs in any plain ``nn.Sequential`` (one whose
+      forward is ``nn.Sequential.forward``; a subclass with its own forward
+      may return or use the BN's output, so it is left alone) become one
+      ``BatchNormReLU2d`` (a ``SyncBatchNormReLU2d`` for SyncBatchNorm)
+      followed by ``nn.Identity``. For synchronized BN convert these with
+      ``fastres.nn.convert_sync_batchnorm``: torch's converter would turn a
+      ``BatchNormReLU2d`` into a plain SyncBatchNorm and drop its ReLU.
 
     fastres's own modules (built by fastres or already converted) are left as
     they are. Fused modules share the old ones' parameters, buffers and hooks,
@@ -52,6 +57,8 @@ def convert(model: nn.Module) -> nn.Module:
     for module in list(root.modules()):
         if _is_torchvision_densenet(module):
             module.__class__ = DenseNet
+        elif _is_torchvision_resnet(module):
+            module.__class__ = ResNet
     _fuse_pairs_outside_fastres(root)
     return root
 
@@ -70,13 +77,6 @@ def _is_fastres(module: nn.Module) -> bool:
 def _torchvision_class(module_name: str, class_name: str) -> type | None:
     """torchvision's class, if torchvision is imported (a torchvision model implies it is)."""
     return getattr(sys.modules.get(module_name), class_name, None)
-
-
-def _has_known_forward(module: nn.Module, cls: type | None, *methods: str) -> bool:
-    """``module`` is a ``cls`` whose ``methods`` are ``cls``'s own (not overridden by a subclass)."""
-    return cls is not None and isinstance(module, cls) and all(
-        getattr(type(module), m, None) is getattr(cls, m) for m in methods
-    )
 
 
 def _is_torchvision_densenet(module: nn.Module) -> bool:
@@ -99,14 +99,16 @@ def _is_torchvision_densenet(module: nn.Module) -> bool:
     return bool(blocks) and blocks == expected and blocks[-1].startswith("denseblock")
 
 
+def _is_torchvision_resnet(module: nn.Module) -> bool:
+    """torchvision's ResNet itself: ``fastres.models.ResNet`` has its children and runs them alike, stem fused."""
+    return type(module) is _torchvision_class("torchvision.models.resnet", "ResNet")
+
+
 def _pairs(module: nn.Module) -> list[tuple[str, str]]:
-    """(norm, relu) child names that ``module``'s forward (a known one) runs back to back."""
-    if type(module).forward is nn.Sequential.forward:  # a plain Sequential: each child's output feeds the next
+    """(norm, relu) child names that ``module``'s forward runs back to back: a plain Sequential's."""
+    if type(module).forward is nn.Sequential.forward:  # each child's output feeds the next
         names = list(module._modules)
         return list(zip(names, names[1:]))
-    resnet = _torchvision_class("torchvision.models.resnet", "ResNet")
-    if _has_known_forward(module, resnet, "forward", "_forward_impl"):
-        return [("bn1", "relu")]  # torchvision's stem: conv1, bn1, relu, maxpool
     return []
 
 

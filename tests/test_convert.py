@@ -24,8 +24,10 @@ def test_convert_swaps_blocks_in_place_and_keeps_weights(path, device, tv, build
     assert blocks and all(isinstance(m, (fastres.nn.BasicBlock, fastres.nn.Bottleneck)) for m in blocks)
     assert [id(p) for p in model.parameters()] == params_before  # optimizers keep working
     assert list(model.state_dict()) == keys_before
-    # The stem's BatchNorm2d -> ReLU pair is fused too.
-    assert isinstance(model.bn1, fastres.nn.BatchNormReLU2d) and isinstance(model.relu, nn.Identity)
+    # torchvision's ResNet becomes fastres's (same children), which fuses the stem's BN-ReLU in forward
+    # and keeps bn1 a BatchNorm2d that SyncBatchNorm's converter can convert.
+    assert type(model) is fastres.models.ResNet
+    assert type(model.bn1) is nn.BatchNorm2d and type(model.relu) is nn.ReLU
 
     # Compared in float64, as whole models are in test_resnet.py.
     model, eager = model.double(), eager.double()
@@ -87,19 +89,20 @@ def test_convert_leaves_a_sequential_subclass_with_its_own_forward():
         torch.testing.assert_close(a, b)
 
 
-def test_convert_fuses_the_stem_only_of_a_resnet_with_torchvision_forward(tv):
+def test_convert_leaves_the_stem_of_a_resnet_subclass(tv):
     class StemFeatures(tv.models.ResNet):  # its own forward returns the stem's BN output
         def forward(self, x):
             return self.bn1(self.conv1(x))
 
-    class Renamed(tv.models.ResNet):  # torchvision's forward, inherited
+    class Renamed(tv.models.ResNet):  # a subclass may add anything: it keeps its class and its stem
         pass
 
     features = fastres.convert(StemFeatures(tv.models.resnet.BasicBlock, [1, 1, 1, 1]))
     assert type(features.bn1) is nn.BatchNorm2d and type(features.relu) is nn.ReLU
     assert features(torch.randn(2, 3, 16, 16)).min() < 0
     renamed = fastres.convert(Renamed(tv.models.resnet.BasicBlock, [1, 1, 1, 1]))
-    assert isinstance(renamed.bn1, fastres.nn.BatchNormReLU2d)
+    assert type(renamed) is Renamed and type(renamed.bn1) is nn.BatchNorm2d
+    assert isinstance(renamed.layer1[0], fastres.nn.BasicBlock)
 
 
 def test_convert_leaves_fastres_resnets_as_they_are():

@@ -147,10 +147,10 @@ def _model_cases(tv):
             lambda: nn.SyncBatchNorm.convert_sync_batchnorm(_small_resnet(fastres.models, "Bottleneck")),
             "Bottleneck", ["SyncBatchNorm"], (4, 1),
         ),
-        # torchvision's model through fastres.convert (its stem a BatchNormReLU2d), then fastres's converter.
+        # torchvision's model through fastres.convert (a fastres ResNet: stem fused in forward), then fastres's converter.
         "torchvision_convert": (
             lambda: fastres.nn.convert_sync_batchnorm(fastres.convert(_small_resnet(tv.models, "BasicBlock"))),
-            "BasicBlock", ["SyncBatchNorm", "SyncBatchNormReLU2d"], (5, 1),
+            "BasicBlock", ["SyncBatchNorm"], (5, 1),
         ),
     }
 
@@ -301,13 +301,105 @@ def test_blocks_with_sync_batch_norm_and_no_process_group_are_plain_batch_norm(t
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fastres.convert fuses a torchvision stem into BatchNormReLU2d + Identity; torch's converter then makes "
-    "bn1 a plain SyncBatchNorm and the stem loses its ReLU (fix belongs in fastres/convert.py)",
-)
 def test_torch_converter_after_convert_of_a_torchvision_resnet_keeps_the_stem_relu(tv):
     eager = _small_resnet(tv.models, "BasicBlock")
     model = nn.SyncBatchNorm.convert_sync_batchnorm(fastres.convert(copy.deepcopy(eager)))
     x, _ = _model_data()
     torch.testing.assert_close(model(x), eager(x), rtol=1e-9, atol=1e-10)
+
+
+# A DenseNet under convert_sync_batchnorm keeps its shared-storage path: every batch norm's
+# statistics (stem, dense layers, transition) are synchronized inside fastres._C's recomputing
+# ops, norm5 through the fused synchronized op; compared as the ResNets above.
+
+def _small_densenet(lib):
+    torch.manual_seed(0)
+    return lib.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3).double()
+
+
+def _densenet_data():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(sum(MODEL_BATCHES), 3, 16, 16, generator=gen, dtype=torch.float64)
+    return x, torch.randn(sum(MODEL_BATCHES), 3, generator=gen, dtype=torch.float64)
+
+
+def _densenet_worker(rank, world, port, out_dir):
+    os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from fastres.ops import dense_block, sync_batch_norm as ops
+
+        calls = {"shared": 0, "fused": 0}
+        shared_stats, fused_op = dense_block._synchronized_statistics, ops.sync_batch_norm_relu
+
+        def shared_spy(*args):
+            calls["shared"] += 1
+            return shared_stats(*args)
+
+        def fused_spy(*args):
+            calls["fused"] += 1
+            return fused_op(*args)
+
+        def no_torch_sync_bn(self, x):
+            raise AssertionError("fell back to torch.nn.SyncBatchNorm.forward")
+
+        dense_block._synchronized_statistics, ops.sync_batch_norm_relu = shared_spy, fused_spy
+        nn.SyncBatchNorm.forward = no_torch_sync_bn
+        x, grad = _densenet_data()
+        start = sum(MODEL_BATCHES[:rank])
+        part = slice(start, start + MODEL_BATCHES[rank])
+        results = {}
+        for path in ("triton", "reference"):
+            os.environ["TRITON_INTERPRET"] = "1" if path == "triton" else "0"
+            model = fastres.nn.convert_sync_batchnorm(_small_densenet(fastres.models))
+            ddp = _ddp(model)
+            opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+            outs, counts = [], []
+            for _ in range(MODEL_STEPS):
+                before = dict(calls)
+                opt.zero_grad()
+                out = ddp(x[part])
+                (out * grad[part]).sum().backward()
+                opt.step()
+                outs.append(out.detach())
+                counts.append((calls["shared"] - before["shared"], calls["fused"] - before["fused"]))
+            results[path] = {
+                "outs": outs, "counts": counts,
+                "grads": {k: p.grad for k, p in model.named_parameters()},
+                "state": {k: v.clone() for k, v in model.state_dict().items()},
+            }
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_densenet_under_convert_sync_batchnorm_and_ddp_matches_one_process(tmp_path, tv):
+    pytest.importorskip("triton")
+    if not fastres.functional.extension_available():
+        pytest.skip("fastres._C is not built")
+    mp.spawn(_densenet_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    x, grad = _densenet_data()
+    eager = _small_densenet(tv.models)
+    opt = torch.optim.SGD(eager.parameters(), lr=LR)
+    outs = []
+    for _ in range(MODEL_STEPS):
+        opt.zero_grad()
+        out = eager(x)
+        (out * grad).sum().mul(0.5).backward()  # DDP averages the two processes' gradients
+        opt.step()
+        outs.append(out.detach())
+    for path in ("triton", "reference"):
+        for step, want in enumerate(outs):
+            got = torch.cat([r[path]["outs"][step] for r in ranks])
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{path} step {step}: {m}")
+        for r in (rank[path] for rank in ranks):
+            # stem + 2 x 2 dense-layer BNs + transition + 2 x 2 through shared storage; norm5 fused.
+            assert r["counts"] == [(10, 1)] * MODEL_STEPS, path
+            for key, p in eager.named_parameters():
+                torch.testing.assert_close(r["grads"][key], p.grad, rtol=1e-8, atol=1e-10, msg=lambda m: f"{path} {key}.grad: {m}")
+            state = eager.state_dict()
+            for key, v in state.items():
+                torch.testing.assert_close(r["state"][key], v, rtol=1e-8, atol=1e-10, msg=lambda m: f"{path} {key}: {m}")

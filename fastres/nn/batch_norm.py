@@ -24,17 +24,7 @@ from torch import Tensor, nn
 
 from ..functional import add_relu, batch_norm_relu, sync_batch_norm, sync_batch_norm_relu
 from .._checks import check_4d
-from .module_state import FromModule, has_hooks, running_stats_args
-
-
-def _sync_world(bn: nn.SyncBatchNorm, bn_training: bool):
-    """(process group, world size) when statistics must be synchronized, else None."""
-    dist = torch.distributed
-    if not (bn_training and bn.training and dist.is_available() and dist.is_initialized()):
-        return None
-    group = bn.process_group or dist.group.WORLD
-    world = dist.get_world_size(group)
-    return (group, world) if world > 1 else None
+from .module_state import FromModule, has_hooks, running_stats_args, sync_world
 
 
 def bn_relu(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -47,7 +37,7 @@ def bn_relu(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, residual: Tensor | N
     check_4d("x", x, type(bn).__name__, bn.num_features, "num_features")
     running_mean, running_var, bn_training, factor = running_stats_args(bn)
     if isinstance(bn, nn.SyncBatchNorm):
-        sync = _sync_world(bn, bn_training)
+        sync = sync_world(bn, bn_training)
         if sync is not None:
             return sync_batch_norm_relu(
                 x, running_mean, running_var, bn.weight, bias=bn.bias, momentum=factor,
@@ -77,7 +67,7 @@ def batch_norm(bn: nn.Module, x: Tensor) -> Tensor:
         type(bn) is nn.SyncBatchNorm and isinstance(x, Tensor) and x.dim() == 4
         and not _torch_synchronizes(x.device) and not has_hooks(bn)
     ):
-        sync = _sync_world(bn, bn.training)
+        sync = sync_world(bn, bn.training)
         if sync is not None:
             check_4d("x", x, type(bn).__name__, bn.num_features, "num_features")
             running_mean, running_var, _, factor = running_stats_args(bn)

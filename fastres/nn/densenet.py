@@ -17,9 +17,9 @@ from ..functional import (
     BatchNormArgs, DenseLayerArgs, bn_relu_conv1x1, bn_relu_max_pool2d, dense_block, recompute_bn_relu_applies,
     shared_storage_applies,
 )
-from .batch_norm import BatchNormReLU2d, norm_relu
+from .batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d, norm_relu
 from .._checks import check_4d
-from .module_state import FromModule, has_hooks, running_stats_args
+from .module_state import FromModule, has_hooks, running_stats_args, sync_world
 
 
 def _check_features(module: nn.Module, x: Tensor, expected: int, name: str = "x") -> None:
@@ -28,15 +28,20 @@ def _check_features(module: nn.Module, x: Tensor, expected: int, name: str = "x"
 
 def _norm_args(bn: nn.BatchNorm2d, x_shape: tuple) -> BatchNormArgs:
     running_mean, running_var, training, momentum = running_stats_args(bn)
-    if training and x_shape[0] * x_shape[2] * x_shape[3] <= 1:
+    sync = sync_world(bn, training) if isinstance(bn, nn.SyncBatchNorm) else None
+    if training and sync is None and x_shape[0] * x_shape[2] * x_shape[3] <= 1:
         # As F.batch_norm: a batch statistic needs more than one value.
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(x_shape)}")
-    return BatchNormArgs(running_mean, running_var, bn.weight, bn.bias, training, momentum, bn.eps)
+    group = None if sync is None else sync[0]
+    return BatchNormArgs(running_mean, running_var, bn.weight, bn.bias, training, momentum, bn.eps, group)
 
 
 def _plain_bn_relu(norm: nn.Module, relu: nn.Module) -> bool:
-    """A BatchNorm2d and a ReLU whose computation fastres._C can take over (hooks checked apart)."""
-    return type(norm) in (nn.BatchNorm2d, BatchNormReLU2d) and type(relu) is nn.ReLU
+    """A batch norm (synchronized or not) and a ReLU whose computation fastres._C can take over (hooks apart)."""
+    return type(norm) in _PLAIN_NORMS and type(relu) is nn.ReLU
+
+
+_PLAIN_NORMS = (nn.BatchNorm2d, BatchNormReLU2d, nn.SyncBatchNorm, SyncBatchNormReLU2d)
 
 
 def recomputes_bn_relu(x: Tensor, norm: nn.Module, relu: nn.Module, *modules: nn.Module) -> bool:

@@ -1,5 +1,6 @@
 """What fastres's modules read off the modules they stand in for: hooks, batch-norm state, and conversion."""
 
+import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
@@ -29,6 +30,19 @@ def running_stats_args(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
         bn_training,
         factor,
     )
+
+
+def sync_world(bn: nn.SyncBatchNorm, bn_training: bool):
+    """(process group, world size) when ``bn``'s statistics must be synchronized, else None.
+
+    torch's SyncBatchNorm rule: in training, with a process group of more than one.
+    """
+    dist = torch.distributed
+    if not (bn_training and bn.training and dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    world = dist.get_world_size(group)
+    return (group, world) if world > 1 else None
 
 
 class NotScriptable:

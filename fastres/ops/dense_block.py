@@ -39,6 +39,8 @@ class BatchNormArgs(NamedTuple):
     training: bool  # batch statistics (else the running ones)
     momentum: float
     eps: float
+    # Training statistics synchronized over this torch.distributed group (SyncBatchNorm); None: local.
+    process_group: object = None
 
 
 class DenseLayerArgs(NamedTuple):
@@ -83,7 +85,35 @@ def _statistics(x: Tensor, bn: BatchNormArgs) -> tuple[Tensor, Tensor]:
     """
     if not bn.training:
         return bn.running_mean.clone(), torch.rsqrt(bn.running_var + bn.eps)
+    if bn.process_group is not None:
+        return _synchronized_statistics(x, bn)
     return dense_ops.batch_stats(x, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
+
+
+def _synchronized_statistics(x: Tensor, bn: BatchNormArgs) -> tuple[Tensor, Tensor]:
+    """(mean, rstd) over every process's batch, as ``torch.nn.SyncBatchNorm`` computes them.
+
+    Each process's (mean, biased var, count) is gathered and combined
+    exactly (batches may differ in size); the running statistics are updated
+    with the combined ones, the variance unbiased over the whole count.
+    """
+    dist = torch.distributed
+    c = x.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    var, mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
+    local = torch.cat([mean, var, mean.new_full((1,), x.numel() // c)])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(bn.process_group))]
+    dist.all_gather(gathered, local, group=bn.process_group)
+    stacked = torch.stack(gathered)
+    means, variances, counts = stacked[:, :c], stacked[:, c : 2 * c], stacked[:, 2 * c :]
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
+    if bn.running_mean is not None:
+        m = bn.momentum
+        bn.running_mean.copy_(bn.running_mean * (1 - m) + mean * m)
+        bn.running_var.copy_(bn.running_var * (1 - m) + var * (total / (total - 1)) * m)
+    return mean, torch.rsqrt(var + bn.eps)
 
 
 def _scratch_view(storage: Tensor, shape: tuple, memory_format: torch.memory_format) -> Tensor:
@@ -112,7 +142,16 @@ def _bn_relu_into(x: Tensor, mean: Tensor, rstd: Tensor, bn: BatchNormArgs, out:
 def _bn_relu_backward(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, bn: BatchNormArgs, grad_x: Tensor):
     """Accumulates the input gradient into ``grad_x``; returns (dweight, dbias) or Nones."""
     sum_g, sum_gx = dense_ops.bn_relu_backward_reduce(grad, x, mean, rstd, bn.weight, bn.bias)
-    dense_ops.bn_relu_backward_input(grad, x, mean, rstd, bn.weight, bn.bias, sum_g, sum_gx, grad_x, bn.training)
+    g_sums, gx_sums = sum_g, sum_gx
+    if bn.training and bn.process_group is not None:
+        # dx takes every process's sums over the whole count (the kernel divides by the local one);
+        # the parameter gradients stay local, as torch's SyncBatchNorm leaves them to DDP.
+        c = x.shape[1]
+        total = torch.cat([sum_g, sum_gx, sum_g.new_full((1,), x.numel() // c)])
+        torch.distributed.all_reduce(total, group=bn.process_group)
+        ratio = (x.numel() // c) / total[2 * c :]
+        g_sums, gx_sums = total[:c] * ratio, total[c : 2 * c] * ratio
+    dense_ops.bn_relu_backward_input(grad, x, mean, rstd, bn.weight, bn.bias, g_sums, gx_sums, grad_x, bn.training)
     if bn.weight is None:
         return None, None
     return (sum_gx * rstd).to(bn.weight.dtype), sum_g.to(bn.bias.dtype)
