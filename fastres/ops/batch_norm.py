@@ -213,20 +213,14 @@ def unpack_bn_mask(mask: Tensor, x: Tensor, c_last: bool) -> Tensor:
     return unpack_mask(mask, x.shape, order, rows, cols)
 
 
-def differentiable_backward(grad, x, mask, stats, weight, bias, training, eps, dr_dtype, need):
+def differentiable_backward(grad, x, mask, weight, bias, dr_dtype, need, normalize):
     """(dx, dweight, dbias, dresidual) as a graph of torch ops: the backward of a backward.
 
-    The ReLU is piecewise linear, so its saved mask is all of it that the
-    second derivative needs; BatchNorm is recomputed from x (eager's own
-    batch norm in training, the saved statistics in eval).
+    ``normalize(x, weight, bias)`` recomputes the batch norm's output with
+    differentiable ops; the ReLU is piecewise linear, so its saved mask is all
+    of it that the second derivative needs.
     """
-    c = x.shape[1]
-    if training:
-        y = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-    else:
-        scale = stats[c : 2 * c] if weight is None else stats[c : 2 * c] * weight
-        y = (x - stats[:c, None, None]) * scale[:, None, None]
-        y = y if bias is None else y + bias[:, None, None]
+    y = normalize(x, weight, bias)
     # Eager's ReLU backward, threshold_backward(grad, out), is a function of the output with a zero
     # derivative: a stand-in output, positive where the mask passes, ties the result to x, weight and
     # bias as eager's does (their second-order gradients are zeros, not None).
@@ -236,6 +230,20 @@ def differentiable_backward(grad, x, mask, stats, weight, bias, training, eps, d
     grads = iter(torch.autograd.grad(y, inputs, g, create_graph=True) if inputs else ())
     dx, dw, db = (next(grads) if n else None for n in need[:3])
     return dx, dw, db, g.to(dr_dtype) if dr_dtype is not None else None
+
+
+def _normalize(stats, training, eps):
+    """``normalize`` for ``differentiable_backward``: eager's batch norm in training, the saved statistics in eval."""
+
+    def normalize(x, weight, bias):
+        if training:
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+        c = x.shape[1]
+        scale = stats[c : 2 * c] if weight is None else stats[c : 2 * c] * weight
+        y = (x - stats[:c, None, None]) * scale[:, None, None]
+        return y if bias is None else y + bias[:, None, None]
+
+    return normalize
 
 
 class BatchNormReLU(torch.autograd.Function):
@@ -273,7 +281,7 @@ class BatchNormReLU(torch.autograd.Function):
         dr_dtype = ctx.residual_dtype if need[5] else None
         if torch.is_grad_enabled():  # create_graph=True
             dx, dw, db, dr = differentiable_backward(
-                grad, x, mask, stats, weight, bias, ctx.training, ctx.eps, dr_dtype, need[:3]
+                grad, x, mask, weight, bias, dr_dtype, need[:3], _normalize(stats, ctx.training, ctx.eps)
             )
             return input_grads(ctx, 9, dx, dw, db, dr)
         args = (grad, x, mask, stats, weight, bias, ctx.training, need[0], need[1], need[2], dr_dtype)

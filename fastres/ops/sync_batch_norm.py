@@ -17,7 +17,8 @@ from torch import Tensor
 
 from . import kernels, require_triton, use_triton
 from .batch_norm import (
-    acc_dtype, apply, backward_elementwise, backward_reduce, channels_last, empty_out, input_grads, new_bn_mask,
+    acc_dtype, apply, backward_elementwise, backward_reduce, channels_last, differentiable_backward, empty_out,
+    input_grads, new_bn_mask,
     shape3, view3,
 )
 
@@ -135,14 +136,22 @@ class SyncBatchNormReLU(torch.autograd.Function):
         stats = torch.ops.fastres.bn_gather_stats(gathered, running_mean, running_var, momentum, eps)
         out, mask = torch.ops.fastres.bn_relu_apply(x, stats, weight, bias, residual, save)
         ctx.save_for_backward(x, weight, bias, stats, mask)
-        ctx.group = group
+        ctx.group, ctx.eps = group, eps
         ctx.residual_dtype = None if residual is None else residual.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, stats, mask = ctx.saved_tensors
-        need_dx, need_dw, need_db, need_dr = (ctx.needs_input_grad[i] for i in (0, 1, 2, 5))
+        need_dx, need_dw, need_dr = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5]
+        need_db = ctx.needs_input_grad[2]
+        if torch.is_grad_enabled():  # create_graph=True: the eager synchronized batch norm, differentiated
+            group, eps = ctx.group, ctx.eps
+            dx, dw, db, dr = differentiable_backward(
+                grad, x, mask, weight, bias, ctx.residual_dtype if need_dr else None, (need_dx, need_dw, need_db),
+                lambda x, w, b: _reference(x, None, None, w, b, 0.0, eps, None, group, relu=False),
+            )
+            return input_grads(ctx, 10, dx, dw, db, dr)
         sums, dw, db = torch.ops.fastres.bn_relu_backward_reduce(grad, x, mask, stats, weight, bias, need_dw, need_db)
         if need_dx:
             dist.all_reduce(sums, group=ctx.group)
