@@ -175,6 +175,22 @@ def _ddp(model):
     return CPUSyncBNDistributedDataParallel(model)
 
 
+def _ddp_steps(model, x, grad, calls: dict):
+    """MODEL_STEPS SGD steps of ``model`` under DDP: (outputs, per step the growth of each counter in ``calls``)."""
+    ddp = _ddp(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    outs, counts = [], []
+    for _ in range(MODEL_STEPS):
+        before = dict(calls)
+        opt.zero_grad()
+        out = ddp(x)
+        (out * grad).sum().backward()
+        opt.step()
+        outs.append(out.detach())
+        counts.append(tuple(calls[k] - before[k] for k in calls))
+    return outs, counts
+
+
 def _model_worker(rank, world, port, out_dir):
     os.environ["TRITON_INTERPRET"] = "1"  # before the first kernel runs; "0" below selects the reference
     torch.set_num_threads(1)  # two processes on what may be two cores
@@ -208,17 +224,7 @@ def _model_worker(rank, world, port, out_dir):
         for path, name in MODEL_RUNS:
             os.environ["TRITON_INTERPRET"] = "1" if path == "triton" else "0"  # read at each call
             model = cases[name][0]()
-            ddp = _ddp(model)
-            opt = torch.optim.SGD(ddp.parameters(), lr=LR)
-            outs, counts = [], []
-            for _ in range(MODEL_STEPS):
-                before = dict(calls)
-                opt.zero_grad()
-                out = ddp(x[part])
-                (out * grad[part]).sum().backward()
-                opt.step()
-                outs.append(out.detach())
-                counts.append((calls["fused"] - before["fused"], calls["lone"] - before["lone"]))
+            outs, counts = _ddp_steps(model, x[part], grad[part], calls)
             results[path, name] = {
                 "outs": outs, "counts": counts, "triton": ops.use_triton(x),
                 "bn_types": sorted({type(m).__name__ for m in model.modules()
@@ -353,17 +359,7 @@ def _densenet_worker(rank, world, port, out_dir):
         for path in ("triton", "reference"):
             os.environ["TRITON_INTERPRET"] = "1" if path == "triton" else "0"
             model = fastres.nn.convert_sync_batchnorm(_small_densenet(fastres.models))
-            ddp = _ddp(model)
-            opt = torch.optim.SGD(ddp.parameters(), lr=LR)
-            outs, counts = [], []
-            for _ in range(MODEL_STEPS):
-                before = dict(calls)
-                opt.zero_grad()
-                out = ddp(x[part])
-                (out * grad[part]).sum().backward()
-                opt.step()
-                outs.append(out.detach())
-                counts.append((calls["shared"] - before["shared"], calls["fused"] - before["fused"]))
+            outs, counts = _ddp_steps(model, x[part], grad[part], calls)
             results[path] = {
                 "outs": outs, "counts": counts,
                 "grads": {k: p.grad for k, p in model.named_parameters()},
