@@ -51,7 +51,7 @@ def _input(dtype=torch.float32, batch=2):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("name", ["densenet", "convert(densenet)", "resnet"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_no_graph_breaks(path, tv, name, training):
     torch._dynamo.reset()
     _, fused = _pair(tv, name, training)
@@ -60,10 +60,11 @@ def test_no_graph_breaks(path, tv, name, training):
     assert explanation.graph_count == 1
 
 
-def test_compiled_densenet_trains_like_eager(path, tv):
+@pytest.mark.parametrize("name", ["densenet", "convert(resnet)"])
+def test_compiled_model_trains_like_eager(path, tv, name):
     """fullgraph=True; outputs, every gradient and BatchNorm buffer as eager torchvision's, float64."""
     torch._dynamo.reset()
-    eager, fused = _pair(tv, "densenet", dtype=torch.float64)
+    eager, fused = _pair(tv, name, dtype=torch.float64)
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
     x = _input(torch.float64)
     out, ref = compiled(x), eager(x)
@@ -74,7 +75,7 @@ def test_compiled_densenet_trains_like_eager(path, tv):
     assert_modules_normwise_close(fused, eager)
 
 
-@pytest.mark.parametrize("name", ["densenet", "convert(densenet)", "resnet"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_export_in_eval(path, tv, name):
     eager, fused = _pair(tv, name, training=False)
     x = _input()
