@@ -157,6 +157,18 @@ def assert_buffers_as_accurate_as_eager(fused: torch.nn.Module, eager: torch.nn.
             assert torch.equal(a, b), name
 
 
+def assert_modules_as_accurate_as_eager(fused: torch.nn.Module, eager: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """``assert_as_accurate_as_eager`` for every parameter, gradient and float buffer; counters exactly."""
+    fp, ep, rp = (dict(m.named_parameters()) for m in (fused, eager, reference))
+    assert fp.keys() == ep.keys() == rp.keys()
+    for name in fp:
+        assert_as_accurate_as_eager(fp[name], ep[name], rp[name], name)
+        assert (fp[name].grad is None) == (ep[name].grad is None), name
+        if ep[name].grad is not None:
+            assert_as_accurate_as_eager(fp[name].grad, ep[name].grad, rp[name].grad, f"{name}.grad")
+    assert_buffers_as_accurate_as_eager(fused, eager, reference)
+
+
 def assert_forward_as_accurate_as_eager(fused: torch.nn.Module, eager: torch.nn.Module, x: torch.Tensor) -> None:
     """float32 forward of whole models against a float64 twin: train mode (outputs, buffers), then eval."""
     reference = copy.deepcopy(eager).double()

@@ -9,7 +9,10 @@ import torch
 from torch import nn
 
 import fastres
-from helpers import assert_forward_as_accurate_as_eager, assert_modules_normwise_close, assert_normwise_close, train_steps, twin
+from helpers import (
+    assert_as_accurate_as_eager, assert_forward_as_accurate_as_eager, assert_modules_as_accurate_as_eager,
+    assert_modules_normwise_close, assert_normwise_close, train_steps, twin,
+)
 
 BUILDERS = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -57,9 +60,20 @@ def test_block_matches_torchvision(path, device, tv, name, cls_name, args, kwarg
 
     # Training: outputs, input gradients, and after three SGD steps every
     # parameter, gradient and BatchNorm buffer (num_batches_tracked exactly).
-    for got, want in zip(train_steps(fused, inputs, **STEP[dtype]), train_steps(eager, inputs, **STEP[dtype])):
-        assert_normwise_close(got, want)
-    assert_modules_normwise_close(fused, eager)
+    # float64 to 1e-9 of eager; float32 as accurate as eager against a float64
+    # twin: N=1 at 7x7 makes BN weight gradients cancellations, where eager's
+    # own float32 oneDNN convolutions vary run to run by ~1e-5.
+    if dtype == torch.float64:
+        for got, want in zip(train_steps(fused, inputs, **STEP[dtype]), train_steps(eager, inputs, **STEP[dtype])):
+            assert_normwise_close(got, want)
+        assert_modules_normwise_close(fused, eager)
+    else:
+        reference = copy.deepcopy(eager).double()
+        runs = (train_steps(fused, inputs, **STEP[dtype]), train_steps(eager, inputs, **STEP[dtype]),
+                train_steps(reference, [t.double() for t in inputs], **STEP[dtype]))
+        for got, want, exact in zip(*runs):
+            assert_as_accurate_as_eager(got, want, exact)
+        assert_modules_as_accurate_as_eager(fused, eager, reference)
 
     # Evaluation with the running statistics the steps produced: no batch
     # reduction left, so element by element.
