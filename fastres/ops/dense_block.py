@@ -240,11 +240,14 @@ class DenseBlockFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         x, layers = inputs[:2]
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients for the saved outputs
         ctx.save_for_backward(*output)
         ctx.layers, ctx.conv_dtype = layers, _conv_dtype(x)
 
     @staticmethod
-    def backward(ctx, grad_features: Tensor, *_saved):
+    def backward(ctx, grad_features: Tensor | None, *_saved):
+        if grad_features is None:
+            return (None,) * len(ctx.needs_input_grad)
         if torch.is_grad_enabled():
             raise RuntimeError(_NO_DOUBLE_BACKWARD)
         layers = ctx.layers
@@ -348,11 +351,14 @@ class BnReluConv1x1Function(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         x, norm, weight = inputs[:3]
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients for the saved outputs
         ctx.save_for_backward(x, *output[1:])
         ctx.norm, ctx.weight, ctx.fmt, ctx.conv_dtype = norm, weight, _memory_format(x), _conv_dtype(x)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor, *_stats):
+    def backward(ctx, grad_out: Tensor | None, *_stats):
+        if grad_out is None:
+            return (None,) * len(ctx.needs_input_grad)
         x, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: recompute eagerly, differentiably
             weight, norm = ctx.weight, ctx.norm
@@ -384,11 +390,14 @@ class BnReluMaxPoolFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         x, norm, pool = inputs[:3]
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients for the saved outputs
         ctx.save_for_backward(x, *output[1:])
         ctx.norm, ctx.pool, ctx.fmt = norm, pool, _memory_format(x)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor, *_saved):
+    def backward(ctx, grad_out: Tensor | None, *_saved):
+        if grad_out is None:
+            return (None,) * len(ctx.needs_input_grad)
         x, mean, rstd, indices = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: recompute eagerly, differentiably
             pool, norm = ctx.pool, ctx.norm
