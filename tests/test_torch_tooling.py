@@ -61,6 +61,19 @@ def test_no_graph_breaks(path, tv, name, training):
 
 
 @pytest.mark.parametrize("name", ["densenet", "convert(resnet)"])
+@pytest.mark.parametrize("name", ["densenet", "resnet"])
+def test_no_graph_breaks_without_gradients(path, tv, name):
+    """Inference: under no_grad, and with every parameter frozen."""
+    _, fused = _pair(tv, name, training=False)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert torch._dynamo.explain(fused)(_input()).graph_break_count == 0
+    fused.train().requires_grad_(False)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(fused)(_input()).graph_break_count == 0
+
+
+@pytest.mark.parametrize("name", ["densenet", "convert(resnet)"])
 def test_compiled_model_trains_like_eager(path, tv, name):
     """fullgraph=True; outputs, every gradient and BatchNorm buffer as eager torchvision's, float64."""
     torch._dynamo.reset()

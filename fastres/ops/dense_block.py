@@ -410,18 +410,25 @@ class BnReluMaxPoolFunction(torch.autograd.Function):
         return grad_x, None, None, grad_w, grad_b
 
 
+def _apply(cls: type[torch.autograd.Function], *args) -> Tensor:
+    """``cls``'s output: through autograd when a gradient can flow, else its forward alone (nothing to save)."""
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return cls.apply(*args)[0]
+    return cls.forward(*args)[0]
+
+
 def bn_relu_max_pool2d(x: Tensor, norm: BatchNormArgs, kernel_size: int, stride: int, padding: int) -> Tensor:
     """``max_pool2d(relu(batch_norm(x)), kernel_size, stride, padding)``, recomputing the BN-ReLU in backward."""
     pool = ([kernel_size] * 2, [stride] * 2, [padding] * 2, [1, 1], False)
-    return BnReluMaxPoolFunction.apply(x, norm, pool, norm.weight, norm.bias)[0]
+    return _apply(BnReluMaxPoolFunction, x, norm, pool, norm.weight, norm.bias)
 
 
 def bn_relu_conv1x1(x: Tensor, norm: BatchNormArgs, weight: Tensor) -> Tensor:
     """``conv2d(relu(batch_norm(x)), weight)`` for a 1x1 ``weight``, recomputing the BN-ReLU in backward."""
-    return BnReluConv1x1Function.apply(x, norm, weight, norm.weight, norm.bias)[0]
+    return _apply(BnReluConv1x1Function, x, norm, weight, norm.weight, norm.bias)
 
 
 def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
     """``cat([x, new_1, ..., new_L], 1)`` of a dense block, through shared storage."""
     params = [p for layer in layers for p in _params(layer)]
-    return DenseBlockFunction.apply(x, tuple(layers), *params)[0]
+    return _apply(DenseBlockFunction, x, tuple(layers), *params)
