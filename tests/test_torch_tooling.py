@@ -60,7 +60,6 @@ def test_no_graph_breaks(path, tv, name, training):
     assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("name", ["densenet", "convert(resnet)"])
 @pytest.mark.parametrize("name", ["densenet", "resnet"])
 def test_no_graph_breaks_without_gradients(path, tv, name):
     """Inference: under no_grad, and with every parameter frozen."""

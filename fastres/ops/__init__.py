@@ -24,12 +24,17 @@ def interpreting() -> bool:
 
 
 @functools.cache
-def triton_available() -> bool:
+def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: a constant, not a traced cache lookup
+def triton_available() -> bool:
+    return _triton_importable()
 
 
 def use_triton(t: torch.Tensor) -> bool:
