@@ -175,6 +175,30 @@ def _ddp(model):
     return CPUSyncBNDistributedDataParallel(model)
 
 
+def _spy(targets: dict) -> dict:
+    """Counts calls: ``targets`` maps a counter to (module, function name), each replaced by a counting wrapper.
+
+    torch's ``SyncBatchNorm.forward`` is made to raise, so a fallback to it
+    fails the test (in this worker process only).
+    """
+    calls = dict.fromkeys(targets, 0)
+
+    def counting(key, fn):
+        def wrapper(*args):
+            calls[key] += 1
+            return fn(*args)
+        return wrapper
+
+    for key, (module, name) in targets.items():
+        setattr(module, name, counting(key, getattr(module, name)))
+
+    def no_torch_sync_bn(self, x):
+        raise AssertionError("fell back to torch.nn.SyncBatchNorm.forward")
+
+    nn.SyncBatchNorm.forward = no_torch_sync_bn
+    return calls
+
+
 def _ddp_steps(model, x, grad, calls: dict):
     """MODEL_STEPS SGD steps of ``model`` under DDP: (outputs, per step the growth of each counter in ``calls``)."""
     ddp = _ddp(model)
@@ -199,22 +223,7 @@ def _model_worker(rank, world, port, out_dir):
         from fastres._torchvision import import_torchvision
         from fastres.ops import sync_batch_norm as ops
 
-        calls = {"fused": 0, "lone": 0}
-        fused_op, lone_op = ops.sync_batch_norm_relu, ops.sync_batch_norm
-
-        def fused_spy(*args):
-            calls["fused"] += 1
-            return fused_op(*args)
-
-        def lone_spy(*args):
-            calls["lone"] += 1
-            return lone_op(*args)
-
-        def no_torch_sync_bn(self, x):
-            raise AssertionError("fell back to torch.nn.SyncBatchNorm.forward")
-
-        ops.sync_batch_norm_relu, ops.sync_batch_norm = fused_spy, lone_spy
-        nn.SyncBatchNorm.forward = no_torch_sync_bn  # in this process only
+        calls = _spy({"fused": (ops, "sync_batch_norm_relu"), "lone": (ops, "sync_batch_norm")})
 
         x, grad = _model_data()
         start = sum(MODEL_BATCHES[:rank])
@@ -336,22 +345,7 @@ def _densenet_worker(rank, world, port, out_dir):
     try:
         from fastres.ops import dense_block, sync_batch_norm as ops
 
-        calls = {"shared": 0, "fused": 0}
-        shared_stats, fused_op = dense_block._synchronized_statistics, ops.sync_batch_norm_relu
-
-        def shared_spy(*args):
-            calls["shared"] += 1
-            return shared_stats(*args)
-
-        def fused_spy(*args):
-            calls["fused"] += 1
-            return fused_op(*args)
-
-        def no_torch_sync_bn(self, x):
-            raise AssertionError("fell back to torch.nn.SyncBatchNorm.forward")
-
-        dense_block._synchronized_statistics, ops.sync_batch_norm_relu = shared_spy, fused_spy
-        nn.SyncBatchNorm.forward = no_torch_sync_bn
+        calls = _spy({"shared": (dense_block, "_synchronized_statistics"), "fused": (ops, "sync_batch_norm_relu")})
         x, grad = _densenet_data()
         start = sum(MODEL_BATCHES[:rank])
         part = slice(start, start + MODEL_BATCHES[rank])

@@ -232,18 +232,18 @@ def differentiable_backward(grad, x, mask, weight, bias, dr_dtype, need, normali
     return dx, dw, db, g.to(dr_dtype) if dr_dtype is not None else None
 
 
-def _normalize(stats, training, eps):
-    """``normalize`` for ``differentiable_backward``: eager's batch norm in training, the saved statistics in eval."""
+def differentiable_batch_norm(x, weight, bias, mean, rstd, training, eps):
+    """``F.batch_norm``'s output as a graph of torch ops (no running-statistic update).
 
-    def normalize(x, weight, bias):
-        if training:
-            return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-        c = x.shape[1]
-        scale = stats[c : 2 * c] if weight is None else stats[c : 2 * c] * weight
-        y = (x - stats[:c, None, None]) * scale[:, None, None]
-        return y if bias is None else y + bias[:, None, None]
-
-    return normalize
+    Training: eager's batch norm on x's batch statistics (a function of x);
+    eval: ``mean`` and ``rstd``, the statistics saved in forward, as constants.
+    """
+    if training:
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    c = (1, -1, 1, 1)
+    scale = rstd if weight is None else rstd * weight
+    y = (x - mean.view(c)) * scale.view(c)
+    return y if bias is None else y + bias.view(c)
 
 
 class BatchNormReLU(torch.autograd.Function):
@@ -277,11 +277,12 @@ class BatchNormReLU(torch.autograd.Function):
         if grad is None:
             return (None,) * 9
         x, weight, bias, stats, mask = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        need, c = ctx.needs_input_grad, x.shape[1]
         dr_dtype = ctx.residual_dtype if need[5] else None
         if torch.is_grad_enabled():  # create_graph=True
             dx, dw, db, dr = differentiable_backward(
-                grad, x, mask, weight, bias, dr_dtype, need[:3], _normalize(stats, ctx.training, ctx.eps)
+                grad, x, mask, weight, bias, dr_dtype, need[:3],
+                lambda x, w, b: differentiable_batch_norm(x, w, b, stats[:c], stats[c : 2 * c], ctx.training, ctx.eps),
             )
             return input_grads(ctx, 9, dx, dw, db, dr)
         args = (grad, x, mask, stats, weight, bias, ctx.training, need[0], need[1], need[2], dr_dtype)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dense_ops
-from .batch_norm import channels_last
+from .batch_norm import channels_last, differentiable_batch_norm
 
 
 class BatchNormArgs(NamedTuple):
@@ -306,17 +306,8 @@ def _owned(t: Tensor) -> bool:
 
 
 def _eager_bn_relu(x: Tensor, mean: Tensor, rstd: Tensor, norm: BatchNormArgs) -> Tensor:
-    """``relu(batch_norm(x))`` as a graph of torch ops, for the backward of a backward.
-
-    Training: eager's batch norm on x's batch statistics (a function of x);
-    eval: the saved statistics, constants.
-    """
-    if norm.training:
-        return F.relu(F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps))
-    c = (1, -1, 1, 1)
-    y = (x - mean.view(c)) * rstd.view(c)
-    y = y if norm.weight is None else y * norm.weight.view(c)
-    return F.relu(y if norm.bias is None else y + norm.bias.view(c))
+    """``relu(batch_norm(x))`` as a graph of torch ops, for the backward of a backward."""
+    return F.relu(differentiable_batch_norm(x, norm.weight, norm.bias, mean, rstd, norm.training, norm.eps))
 
 
 def _differentiable_grads(ctx, fn, x: Tensor, mean: Tensor, rstd: Tensor, grad_out: Tensor, wrt) -> tuple:
