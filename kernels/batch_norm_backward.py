@@ -91,7 +91,7 @@ def _reduce_kernel(
 @triton.jit
 def _elementwise_kernel(
     dz_ptr, x_ptr,  # [N, C, HW] views, any strides
-    mask_ptr,  # ReLU mask, ceil(COLS / 8) bytes per row of the output's [ROWS, COLS] layout
+    mask_ptr,  # ReLU mask, ceil(COLS / 8) bytes per row of the output's [ROWS, COLS] layout (None: dz is g)
     stats_ptr,  # [2C + 1]: mean, rstd, count
     w_ptr,  # [C], or None
     sums_ptr,  # [2C]: sum(g), sum(g * xmu) (None in eval mode)
@@ -103,15 +103,18 @@ def _elementwise_kernel(
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, pid_k, cols, row_ok, col_ok, ok = tile_2d(ROWS, COLS, BLOCK_M, BLOCK_K)
-    keep = unpack_mask_2d(mask_ptr, rows, pid_k * (BLOCK_K // 8), (COLS + 7) // 8, row_ok, BLOCK_M, BLOCK_K)
     out_off = rows[:, None] * COLS + cols[None, :]
     if DZ_DENSE:
         dz_off = out_off
     else:
         dz_off = tile_offsets(rows, cols, C, HW, dz_sn, dz_sc, dz_shw, C_LAST)
     dz = tl.load(dz_ptr + dz_off, mask=ok, other=0.0).to(ACC)
-    # A select, not a product: NaN/Inf in dz where z <= 0 give 0, as in eager.
-    g = tl.where(keep, dz, 0.0)
+    if mask_ptr is not None:
+        keep = unpack_mask_2d(mask_ptr, rows, pid_k * (BLOCK_K // 8), (COLS + 7) // 8, row_ok, BLOCK_M, BLOCK_K)
+        # A select, not a product: NaN/Inf in dz where z <= 0 give 0, as in eager.
+        g = tl.where(keep, dz, 0.0)
+    else:  # dz is g already (the BN-ReLU-Conv dgrad applied the mask)
+        g = dz
     if dr_ptr is not None:
         tl.store(dr_ptr + out_off, g.to(dr_ptr.dtype.element_ty), mask=ok)
     if dx_ptr is not None:
@@ -177,14 +180,15 @@ def batch_norm_relu_backward_elementwise(
     """dx (and dr = g), dense in the forward output's order (``out_strides`` as [N, C, HW]).
 
     ``sums`` is given in training mode, where the batch statistics depend on
-    x; without it dx = weight * rstd * g.
+    x; without it dx = weight * rstd * g. ``mask`` None: ``dz`` is g already
+    (then ``dx`` may be ``dz`` itself: each element is read before it is written).
     """
     n, c, hw = shape
     rows, cols = (n * hw, c) if c_last else (n * c, hw)
     device = x.device
     block_m, block_k, num_warps = tile_settings(rows, cols, device)
     key = (shape, dz_strides, x_strides, out_strides, dz.dtype, x.dtype, device, aligned(dz), aligned(x),
-           stats.dtype, tensor_key(weight), sums is None, tensor_key(dx), tensor_key(dr), c_last)
+           stats.dtype, tensor_key(weight), sums is None, tensor_key(dx), tensor_key(dr), c_last, mask is None)
     elementwise_kernel(
         key, (cdiv(rows, block_m), cdiv(cols, block_k), 1), stream(device), num_warps,
         dz, x, mask, stats, weight, sums, dx, dr,

@@ -82,10 +82,11 @@ class Kernel:
         self.fn = fn
         self.binaries: dict = {}
 
-    def __call__(self, key, grid: tuple[int, int, int], stream: int, num_warps: int, *args) -> None:
+    def __call__(self, key, grid: tuple[int, int, int], stream: int, num_warps: int, *args, num_stages=None) -> None:
         binary = self.binaries.get(key)
         if binary is None:
-            binary = self.fn[grid](*args, num_warps=num_warps)  # compiles (or interprets) and launches
+            options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+            binary = self.fn[grid](*args, **options)  # compiles (or interprets) and launches
             if binary is not None and hasattr(binary, "run"):  # the interpreter returns nothing to keep
                 self.binaries[key] = binary
             return
