@@ -65,6 +65,48 @@ def _run_ops(shapes: list[tuple[int, int]], batch: int) -> None:
                         batch_norm_relu(x, rm, rv, w, b, False, 0.1, 1e-5, residual)
                 add_relu(x, r).backward(grad)
                 del x, r, grad
+    _run_conv_ops(batch)
+
+
+# (C_in, C_out, kernel, stride, spatial): DenseNet layers and transitions, a pre-activation downsample
+CONV_SHAPES = [(128, 128, 1, 1, 14), (128, 32, 3, 1, 14), (256, 128, 1, 2, 14), (64, 64, 3, 2, 14)]
+
+
+def _run_conv_ops(batch: int) -> None:
+    """The fused BN-ReLU-Conv's training forward + backward and eval forward, bf16 and fp32 (TF32 and exact)."""
+    from fastres.functional import bn_relu_conv2d
+    from fastres.ops import kernels
+
+    conv = kernels("bn_relu_conv")
+    choose = conv.choose
+
+    def every_config(kind, key, candidates, run):
+        """Compile (and record) each config the GPU autotuner may pick, not only the first."""
+        for config in candidates[1:]:
+            run(config)
+        return candidates[0]
+
+    conv.choose = every_config
+    try:
+        _conv_cases(bn_relu_conv2d, batch)
+    finally:
+        conv.choose = choose
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _conv_cases(bn_relu_conv2d, batch: int) -> None:
+    for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, True), (torch.float32, False)):
+        torch.backends.cudnn.allow_tf32 = tf32
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for cin, cout, k, stride, hw in CONV_SHAPES:
+                x = torch.empty(batch, cin, hw, hw, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+                cw = torch.empty(cout, cin, k, k, dtype=dtype).requires_grad_()
+                w, b = torch.ones(cin, requires_grad=True), torch.zeros(cin, requires_grad=True)
+                rm, rv = torch.zeros(cin), torch.ones(cin)
+                y = bn_relu_conv2d(x, rm, rv, w, b, cw, None, stride, k // 2, training=True)
+                y.backward(torch.empty_like(y))
+                with torch.no_grad():
+                    bn_relu_conv2d(x, rm, rv, w, b, cw, None, stride, k // 2, training=False)
 
 
 def _sass_stats(sass: str) -> dict:
@@ -93,6 +135,9 @@ def _sass_stats(sass: str) -> dict:
             width = next((v for k, v in WIDTH.items() if f".{k}" in op), 4)
             moved += 32 * width
     return {
+        # Tensor-core instructions: HGMMA is Hopper's wgmma, HMMA the mma of earlier GPUs.
+        "hgmma": sum(1 for _, op, _ in lines if op.startswith("HGMMA")),
+        "hmma": sum(1 for _, op, _ in lines if op.startswith("HMMA")),
         "global_accesses": len(mem),
         "ldg128": sum(1 for _, op in mem if op.startswith("LDG") and ".128" in op),
         "stg128": sum(1 for _, op in mem if op.startswith("STG") and ".128" in op),
@@ -193,10 +238,11 @@ def _demangle(names: list[str]) -> dict[str, str]:
 
 def markdown(triton_rows: list[dict], cuda_rows: list[dict]) -> str:
     lines = [
-        "| Triton kernel | key constexprs | warps | regs | spills | smem | 128-bit share | main | instr | B/warp-instr | programs (132 SMs) |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        "| Triton kernel | key constexprs | warps | regs | spills | smem | 128-bit share | main | instr | B/warp-instr | HGMMA/HMMA | programs (132 SMs) |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
-    shown = ("BLOCK", "BLOCK_R", "BLOCK_C", "PER_N", "C_LAST", "X_DENSE", "Z_DENSE", "DZ_DENSE", "FROM_VAR", "LOCAL")
+    shown = ("BLOCK", "BLOCK_R", "BLOCK_C", "PER_N", "C_LAST", "X_DENSE", "Z_DENSE", "DZ_DENSE", "FROM_VAR", "LOCAL",
+             "KH", "SH", "FOLDED", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLITS")
     for r in triton_rows:
         cx = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k in shown)
         share = "-" if r["share_128bit"] is None else f"{r['share_128bit']:.0%}"
@@ -204,7 +250,8 @@ def markdown(triton_rows: list[dict], cuda_rows: list[dict]) -> str:
         progs_s = f"{progs[0]}" if len(progs) == 1 else f"{progs[0]}-{progs[-1]}"
         lines.append(
             f"| {r['kernel']} | {cx} | {r['num_warps']} | {r['registers']} | {r['spill_bytes']} | {r['shared']} | "
-            f"{share} | {r['main']} | {r['main_instructions']} | {r['bytes_per_warp_instruction']:.1f} | {progs_s} |"
+            f"{share} | {r['main']} | {r['main_instructions']} | {r['bytes_per_warp_instruction']:.1f} | "
+            f"{r['hgmma']}/{r['hmma']} | {progs_s} |"
         )
     if cuda_rows:
         names = _demangle([r["kernel"] for r in cuda_rows])

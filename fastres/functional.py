@@ -2,6 +2,7 @@
 
 from collections.abc import Sequence
 
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
@@ -9,6 +10,7 @@ from torch import Tensor
 from ._checks import check_4d, check_batch_norm_dtypes, check_float_tensor, check_same_tensor_meta
 from .ops import add_relu as _add_relu
 from .ops import batch_norm as _batch_norm
+from .ops import bn_relu_conv as _bn_relu_conv
 from . import _ext
 from .ops import dense_block as _dense_block
 from .ops import dense_path as _dense_path
@@ -17,7 +19,8 @@ from .ops import sync_batch_norm as _sync_batch_norm
 from .ops.layout import has_internal_overlap
 
 __all__ = [
-    "BatchNormArgs", "DenseLayerArgs", "add_relu", "batch_norm_relu", "bn_relu_conv1x1", "bn_relu_max_pool2d",
+    "BatchNormArgs", "DenseLayerArgs", "add_relu", "batch_norm_relu", "bn_relu_conv1x1", "bn_relu_conv2d",
+    "bn_relu_max_pool2d",
     "dense_block", "extension_available", "recompute_bn_relu_applies", "shared_storage_applies",
     "sync_batch_norm", "sync_batch_norm_relu",
 ]
@@ -113,6 +116,114 @@ def _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual)
     if residual is not None:
         check_float_tensor("residual", residual)
         check_same_tensor_meta("x", x, "residual", residual, same_dtype=False)
+
+
+def _pair(name: str, value, minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {value!r}")
+    return pair
+
+
+def bn_relu_conv2d(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.conv2d(F.relu(F.batch_norm(x, ...)), conv_weight, conv_bias, stride, padding, dilation, groups)``, fused.
+
+    The pre-activation of pre-activation ResNets and DenseNet layers. The
+    batch norm's scale and shift and the ReLU are applied while the
+    convolution loads its input, so ``relu(batch_norm(x))`` is never written
+    to memory, forward or backward: autograd keeps x, two per-channel vectors
+    and the parameters, and backward recomputes the activation inside the
+    weight-gradient convolution and the ReLU mask inside the input-gradient one.
+
+    Args:
+        x: (N, C, H, W), float32/float16/bfloat16 (BN in float32) or float64,
+            any layout (channels_last or NCHW, a channel slice of a larger
+            tensor is read in place).
+        running_mean, running_var, weight, bias, training, momentum, eps: as
+            for ``F.batch_norm``; the running statistics are updated in place
+            in training, once.
+        conv_weight: (C_out, C / groups, kH, kW), x's dtype (under autocast
+            any floating dtype: the convolution runs in autocast's, like
+            ``F.conv2d``). conv_bias: (C_out,) or None.
+        stride, padding, dilation: ints or pairs, as for ``F.conv2d``
+            (``padding`` also ``"valid"`` or ``"same"``).
+
+    The fused kernels run on CUDA tensors (and through Triton's interpreter
+    with ``TRITON_INTERPRET=1``) for ``groups=1``, ``dilation=1`` and integer
+    padding; elsewhere, including CPU tensors, this is the eager computation
+    above. float32 convolutions use TF32 exactly when
+    ``torch.backends.cudnn.allow_tf32`` is set, as cuDNN does.
+    """
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, None)
+    if not training and running_mean is None:
+        raise ValueError("training=False normalises with running_mean and running_var: both are required")
+    check_float_tensor("conv_weight", conv_weight)
+    if conv_weight.device != x.device:
+        raise ValueError(f"conv_weight must be on x's device {x.device}, got {conv_weight.device}")
+    if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups or conv_weight.dim() != 4 \
+            or conv_weight.shape[0] % groups:
+        raise ValueError(
+            f"conv_weight must have shape (C_out, C / groups, kH, kW) with C_out and C = {x.shape[1]} divisible by "
+            f"groups = {groups!r}, got {tuple(conv_weight.shape)}"
+        )
+    if conv_weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(
+            f"conv_weight has shape {tuple(conv_weight.shape)}: it takes {conv_weight.shape[1] * groups} input "
+            f"channels (groups={groups}) but x has {x.shape[1]}"
+        )
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if conv_weight.dtype != x.dtype and not autocast:
+        raise TypeError(f"conv_weight has dtype {conv_weight.dtype} but x has {x.dtype}: they must be the same "
+                        "(as F.conv2d requires outside autocast)")
+    if conv_bias is not None:
+        check_float_tensor("conv_bias", conv_bias)
+        if conv_bias.shape != (conv_weight.shape[0],):
+            raise ValueError(f"conv_bias must have shape ({conv_weight.shape[0]},), got {tuple(conv_bias.shape)}")
+        if conv_bias.device != x.device:
+            raise ValueError(f"conv_bias must be on x's device {x.device}, got {conv_bias.device}")
+        if conv_bias.dtype != conv_weight.dtype and not autocast:
+            raise TypeError(f"conv_bias has dtype {conv_bias.dtype} but conv_weight has {conv_weight.dtype}")
+    stride = _pair("stride", stride, 1)
+    dilation = _pair("dilation", dilation, 1)
+    if isinstance(padding, str):
+        if padding not in ("valid", "same"):
+            raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+        if padding == "valid":
+            padding = (0, 0)
+        elif stride != (1, 1):
+            raise ValueError("padding='same' is not supported for strided convolutions (as in F.conv2d)")
+    else:
+        padding = _pair("padding", padding, 0)
+    n, c, h, w = x.shape
+    if training and n * h * w == 1 and c:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    kh, kw = conv_weight.shape[2:]
+    if not isinstance(padding, str):
+        for name, size, k, p, d in (("height", h, kh, padding[0], dilation[0]), ("width", w, kw, padding[1], dilation[1])):
+            if size + 2 * p < d * (k - 1) + 1:
+                raise ValueError(
+                    f"x's {name} {size} with padding {p} is smaller than conv_weight's kernel "
+                    f"({k}, dilation {d}): the output would be empty"
+                )
+    return _bn_relu_conv.bn_relu_conv2d(
+        x, running_mean, running_var, weight, bias, conv_weight, conv_bias, stride, padding, dilation, groups,
+        training, momentum, eps,
+    )
 
 
 def sync_batch_norm_relu(

@@ -41,9 +41,36 @@ def _round_bfloat16_to_nearest_in_interpreter() -> None:
     interpreter.InterpreterBuilder.cast_impl = rounding_cast_impl
 
 
+def _bfloat16_dot_in_interpreter() -> None:
+    """Make Triton's interpreter multiply bfloat16 ``tl.dot`` operands as numbers.
+
+    Triton 3.6's interpreter keeps bfloat16 as uint16 bit patterns and hands
+    them to ``np.matmul`` as they are (it converts only fp8), which multiplies
+    the bit patterns. Here they are widened to float32 first, exactly, as a
+    GPU's tensor cores multiply them. Tests only.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widening_create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def widen(h):
+            if h.dtype.scalar != tl.bfloat16:
+                return h
+            bits = np.ascontiguousarray(h.data).astype(np.uint32) << 16
+            return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = widening_create_dot
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     try:
         _round_bfloat16_to_nearest_in_interpreter()
+        _bfloat16_dot_in_interpreter()
     except ImportError:  # no Triton: only the eager paths run
         pass
 

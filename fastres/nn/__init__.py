@@ -1,11 +1,13 @@
 """Drop-in modules with torchvision's names, signatures and state_dict keys."""
 
+from .bn_relu_conv import BNReLUConv2d, bn_relu_conv
 from .batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d, bn_relu, convert_sync_batchnorm
 from .densenet import DenseBlock, DenseLayer, Transition
 from .resnet_blocks import BasicBlock, Bottleneck, conv1x1, conv3x3
 
 __all__ = [
     "BasicBlock",
+    "BNReLUConv2d",
     "BatchNormReLU2d",
     "Bottleneck",
     "DenseBlock",
@@ -13,6 +15,7 @@ __all__ = [
     "SyncBatchNormReLU2d",
     "Transition",
     "bn_relu",
+    "bn_relu_conv",
     "conv1x1",
     "conv3x3",
     "convert_sync_batchnorm",

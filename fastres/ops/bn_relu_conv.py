@@ -234,16 +234,16 @@ def eager(x, running_mean, running_var, bn_weight, bn_bias, conv_weight, conv_bi
     return F.conv2d(a, conv_weight, conv_bias, stride, padding, dilation, groups)
 
 
-def fused_applies(x: Tensor, conv_weight: Tensor, dilation, groups) -> bool:
+def fused_applies(x: Tensor, conv_weight: Tensor, padding, dilation, groups) -> bool:
     """Whether the Triton kernels run this call (else eager PyTorch)."""
-    return (use_triton(x) and groups == 1 and tuple(dilation) == (1, 1) and x.numel() > 0
-            and conv_weight.shape[0] > 0)
+    return (use_triton(x) and groups == 1 and tuple(dilation) == (1, 1) and not isinstance(padding, str)
+            and x.numel() > 0 and conv_weight.shape[0] > 0)
 
 
 def bn_relu_conv2d(x, running_mean, running_var, bn_weight, bn_bias, conv_weight, conv_bias, stride, padding,
                    dilation, groups, training, momentum, eps):
     """Arguments already checked (stride, padding, dilation as pairs); builds a graph only when a gradient can flow."""
-    if not fused_applies(x, conv_weight, dilation, groups):
+    if not fused_applies(x, conv_weight, padding, dilation, groups):
         return eager(x, running_mean, running_var, bn_weight, bn_bias, conv_weight, conv_bias, stride, padding,
                      dilation, groups, training, momentum, eps)
     dtype = conv_dtype(x)
