@@ -9,11 +9,13 @@
 #
 # Included: the tests on CUDA; add_relu at ResNet-50 batch 64 (bf16 channels_last and
 # fp32 NCHW, with the copy-bandwidth ceiling); BN-ReLU / BN-add-ReLU at ResNet-50's
-# shapes, batch 64, bf16 channels_last; a ResNet-50 bf16 channels_last training step at
-# batch 64; DenseNet-121 at batch 64, 224x224, bf16. Left out (run the suites for them):
-# torch.compile in the training steps (its cold compile alone is minutes), batch 256, float32
-# batch norm, NCHW batch norm, ResNet-50 batch 128, DenseNet-BC,
-# the blocks suite, torch.compile's DenseNet and every CPU case.
+# shapes, batch 64, bf16 channels_last; BN-ReLU-Conv2d (fastres vs cuDNN) at DenseNet-121's
+# 1x1 and 3x3 convolutions and pre-activation ResNet-50's two strided ones, batch 64, bf16
+# channels_last; a ResNet-50 bf16 channels_last training step at batch 64; DenseNet-121 at
+# batch 64, 224x224, bf16. Left out (run the suites for them): torch.compile in the op
+# suites and the training steps (its cold compile alone is minutes), batch 256, float32
+# and NCHW batch norm and BN-ReLU-Conv2d, BN-ReLU-Conv2d's other ResNet-50 shapes, ResNet-50
+# batch 128, DenseNet-BC, the blocks suite, torch.compile's DenseNet and every CPU case.
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -33,7 +35,7 @@ stage() {  # stage NAME SECONDS CMD...
     tail -5 "$OUT/$name.log"
 }
 
-stage install 120 env FASTRES_CUDA=1 MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
+stage install 120 env MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
 stage env 30 $PY -c "
 import json, sys, torch, triton, fastres, fastres.functional as F
 p = torch.cuda.get_device_properties(0)
@@ -43,10 +45,14 @@ json.dump({'device': torch.cuda.get_device_name(), 'sms': p.multi_processor_coun
            'extension': F.extension_available()}, open('$OUT/env.json', 'w'), indent=1)
 print(open('$OUT/env.json').read())"
 # The GPU paths first (kernels, then blocks and models); the CPU-only checks (sm_90 static
-# compile, the emulated CUDA kernels) already ran where there was no GPU.
-stage tests 120 $PY -m pytest -q -p no:cacheprovider -k "not emulated" --junitxml="$OUT/tests.xml" \
+# compile) already ran where there was no GPU.
+# FASTRES_AUTOTUNE=0: the convolutions take their first config at each of the tests' many shapes
+# (test_every_launch_config_matches_eager runs every config); the benchmarks autotune.
+stage tests 150 env FASTRES_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider \
+    --junitxml="$OUT/tests.xml" \
     tests/test_ext.py tests/test_add_relu.py tests/test_batch_norm.py tests/test_compile.py \
-    tests/test_densenet.py tests/test_resnet.py tests/test_convert.py tests/test_bad_input.py
+    tests/test_bn_relu_conv.py tests/test_dense_fused.py tests/test_densenet.py tests/test_resnet.py \
+    tests/test_convert.py tests/test_bad_input.py
 
 BENCH=(-p no:cacheprovider --benchmark-only -q)
 stage bench_add_relu 45 $PY -m pytest benchmarks/test_add_relu.py "${BENCH[@]}" \
@@ -54,11 +60,16 @@ stage bench_add_relu 45 $PY -m pytest benchmarks/test_add_relu.py "${BENCH[@]}" 
     --benchmark-json "$OUT/add_relu.json"
 stage bench_batch_norm 60 $PY -m pytest benchmarks/test_batch_norm.py "${BENCH[@]}" \
     -k "N64 and bfloat16 and channels_last and not compile" --benchmark-json "$OUT/batch_norm.json"
+# Most of this stage is Triton compiling and autotuning the convolution kernels (cold cache).
+stage bench_bn_relu_conv 75 $PY -m pytest benchmarks/test_bn_relu_conv.py "${BENCH[@]}" \
+    -k "N64 and bfloat16 and channels_last and not compile and (densenet121 or 3x3s2 or 1x1s2)" \
+    --benchmark-json "$OUT/bn_relu_conv.json"
 stage bench_resnet50 70 $PY -m pytest benchmarks/test_training_step.py "${BENCH[@]}" \
     -k "resnet50 and N64 and not compile" --benchmark-json "$OUT/resnet50_step.json"
 stage bench_densenet121 50 $PY -m pytest benchmarks/test_densenet.py "${BENCH[@]}" \
     -k "densenet121 and bfloat16" --benchmark-json "$OUT/densenet121_step.json"
-for f in "$OUT"/add_relu.json "$OUT"/batch_norm.json "$OUT"/resnet50_step.json "$OUT"/densenet121_step.json; do
+for f in "$OUT"/add_relu.json "$OUT"/batch_norm.json "$OUT"/bn_relu_conv.json "$OUT"/resnet50_step.json \
+        "$OUT"/densenet121_step.json; do
     # One folder per suite: each report writes its own report.md and plots.
     [ -s "$f" ] && $PY benchmarks/report.py "$f" --out "$OUT/report-$(basename "$f" .json)" >> "$OUT/report.log" 2>&1
 done

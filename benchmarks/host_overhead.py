@@ -12,10 +12,9 @@ dispatch and launch costs, which its tiny CPU run approximates.
 
 Per op and mode (forward: a training forward that builds the graph;
 backward: the backward of a graph built untimed; full: both): median host
-microseconds per call, kernel launches (fastres: recorded; ``fastres._C``
-calls count the kernels their CUDA launchers start) and tensor allocations
-(the CPU allocator's, from torch.profiler). The fastres._C CUDA launchers are
-replaced by recorders here too: their CPU code would do real work.
+microseconds per call, kernel launches (fastres: recorded) and tensor
+allocations (the CPU allocator's, from torch.profiler). Dense layers take the
+fused Triton path, as on CUDA, so nothing here calls ``fastres._C``.
 
 Must run in a process without ``TRITON_INTERPRET=1``.
 """
@@ -43,32 +42,6 @@ from benchmarks import stub_gpu  # noqa: E402
 
 SHAPE = (2, 16, 8, 8)  # tiny: eager's compute is a small part of its time
 MODES = ("forward", "backward", "full")
-
-# Kernels each fastres._C CUDA launcher starts (csrc/dense_cuda.cu).
-_EXT_KERNELS = {"batch_stats": 2, "bn_relu_forward": 1, "bn_relu_backward_reduce": 2, "bn_relu_backward_input": 1}
-
-
-class _RecordingExtension:
-    """Stands in for fastres._C on the GPU path: counts its kernels, returns outputs unwritten."""
-
-    def __init__(self, real):
-        self._real = real
-
-    def __getattr__(self, name):
-        if name not in _EXT_KERNELS:
-            return getattr(self._real, name)
-
-        def call(*args):
-            stub_gpu.RECORDER.count += _EXT_KERNELS[name]
-            x = args[1] if name == "bn_relu_backward_reduce" else args[0]
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            if name in ("batch_stats", "bn_relu_backward_reduce"):
-                c = x.shape[1]
-                return torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
-            return None
-
-        return call
-
 
 def _inputs(requires_grad: bool = True):
     x = torch.randn(SHAPE, requires_grad=requires_grad)
@@ -101,7 +74,7 @@ def _add_relu_case(fused: bool):
 
 
 def _dense_layer_case(fused: bool):
-    """One DenseNet layer (C=16 in, growth 4, bn_size 4): shared storage vs torchvision's eager layer."""
+    """One DenseNet layer (C=16 in, growth 4, bn_size 4): shared storage on the fused convolutions vs torchvision's eager layer."""
     import fastres
 
     torch.manual_seed(0)
@@ -118,6 +91,21 @@ def _dense_layer_case(fused: bool):
     return run, grad_shape
 
 
+def _bn_relu_conv_case(fused: bool):
+    """A pre-activation 3x3 convolution (C 16 -> 16, padding 1) in training."""
+    from fastres.functional import bn_relu_conv2d
+
+    torch.manual_seed(0)
+    weight = torch.randn(SHAPE[1], SHAPE[1], 3, 3, requires_grad=True)
+
+    def run(t):
+        if fused:
+            return bn_relu_conv2d(t.x, t.rm, t.rv, t.w, t.b, weight, None, 1, 1, training=True)
+        return F.conv2d(torch.relu(F.batch_norm(t.x, t.rm, t.rv, t.w, t.b, True, 0.1, 1e-5)), weight, None, 1, 1)
+
+    return run
+
+
 def _cases():
     cases = {
         "add_relu": (_add_relu_case(True), _add_relu_case(False), None),
@@ -129,6 +117,7 @@ def _cases():
     fused_layer, grad_shape = _dense_layer_case(True)
     eager_layer, _ = _dense_layer_case(False)
     cases["dense_layer train"] = (fused_layer, eager_layer, grad_shape)
+    cases["bn_relu_conv3x3 train"] = (_bn_relu_conv_case(True), _bn_relu_conv_case(False), None)
     return cases
 
 
@@ -201,8 +190,10 @@ def _allocations(prof) -> int:
 
 def measure(repeat: int) -> list[dict]:
     rows = []
+    from fastres.ops import dense_path
+
+    dense_path.FUSED_ON_CPU = True  # the stand-in GPU's tensors are CPU tensors: dense layers as on CUDA
     with stub_gpu.install():
-        _install_ext_recorder()
         stub_gpu.RECORDER.keep = False
         for op, (fused, eager, grad_of) in _cases().items():
             for mode in MODES:
@@ -224,17 +215,6 @@ def measure(repeat: int) -> list[dict]:
                 rows.append(row)
                 gc.collect()
     return rows
-
-
-def _install_ext_recorder() -> None:
-    """Replace fastres._C by the recorder for the rest of this process (if it is built)."""
-    from fastres import _ext
-
-    try:
-        real = _ext.load()
-    except RuntimeError:
-        return
-    _ext._module = _RecordingExtension(real)
 
 
 def _table(rows: list[dict]) -> str:

@@ -9,8 +9,7 @@ distinct binary: registers, spills and shared memory (``cuobjdump -res-usage``),
 the share of global loads and stores that move 128 bits, and the main loop's
 bytes moved per warp-instruction, read off the SASS (``cuobjdump -sass``): the
 first loop that loads from global memory, or the whole kernel where there is
-no loop. Every ``.cu`` file of ``csrc/`` is compiled with ``nvcc -Xptxas -v``
-for its registers and spills.
+no loop.
 
 ``--shapes resnet50``: ResNet-50's batch norms and residual merges at batch
 64, float32 and bfloat16, NCHW and channels_last. ``small``: the same kernel
@@ -22,7 +21,6 @@ import collections
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,48 +63,80 @@ def _run_ops(shapes: list[tuple[int, int]], batch: int) -> None:
                         batch_norm_relu(x, rm, rv, w, b, False, 0.1, 1e-5, residual)
                 add_relu(x, r).backward(grad)
                 del x, r, grad
-    _run_conv_ops(batch)
+    _run_conv_ops(batch, CONV_SHAPES if batch > 2 else CONV_SHAPES_SMALL)
 
 
-# (C_in, C_out, kernel, stride, spatial): DenseNet layers and transitions, a pre-activation downsample
+# (C_in, C_out, kernel, stride, spatial): DenseNet layers and transitions, a pre-activation downsample.
 CONV_SHAPES = [(128, 128, 1, 1, 14), (128, 32, 3, 1, 14), (256, 128, 1, 2, 14), (64, 64, 3, 2, 14)]
+# The unit test's share: a 1x1 and a strided 3x3 (the latter has every code path of the kernels).
+CONV_SHAPES_SMALL = [(128, 128, 1, 1, 14), (64, 64, 3, 2, 14)]
+# (dtype, TF32, layout, every config, only the strided 3x3 of the small shapes)
+CONV_VARIANTS = [
+    (torch.bfloat16, False, torch.channels_last, True, False),  # the wide configs
+    (torch.bfloat16, False, torch.contiguous_format, True, True),  # the narrow ones
+    (torch.float32, True, torch.channels_last, False, True),
+    (torch.float32, False, torch.contiguous_format, False, True),
+    (torch.float64, False, torch.contiguous_format, False, True),
+]
 
 
-def _run_conv_ops(batch: int) -> None:
-    """The fused BN-ReLU-Conv's training forward + backward and eval forward, bf16 and fp32 (TF32 and exact)."""
+def _run_conv_ops(batch: int, shapes: list[tuple]) -> None:
+    """The fused BN-ReLU-Conv's training forward + backward and eval forward, for each of ``CONV_VARIANTS``.
+
+    Where a variant says so, each config the GPU autotuner may pick is
+    compiled, not only the first.
+    """
     from fastres.functional import bn_relu_conv2d
     from fastres.ops import kernels
 
     conv = kernels("bn_relu_conv")
     choose = conv.choose
+    every = [False]
 
     def every_config(kind, key, candidates, run):
-        """Compile (and record) each config the GPU autotuner may pick, not only the first."""
-        for config in candidates[1:]:
-            run(config)
+        if every[0]:
+            for config in candidates[1:]:
+                run(config)
         return candidates[0]
 
     conv.choose = every_config
     try:
-        _conv_cases(bn_relu_conv2d, batch)
-    finally:
-        conv.choose = choose
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def _conv_cases(bn_relu_conv2d, batch: int) -> None:
-    for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, True), (torch.float32, False)):
-        torch.backends.cudnn.allow_tf32 = tf32
-        for fmt in (torch.contiguous_format, torch.channels_last):
-            for cin, cout, k, stride, hw in CONV_SHAPES:
+        for dtype, tf32, fmt, all_configs, strided_only in CONV_VARIANTS:
+            torch.backends.cudnn.allow_tf32 = tf32
+            for cin, cout, k, stride, hw in shapes:
+                if strided_only and shapes is CONV_SHAPES_SMALL and k == 1:
+                    continue
                 x = torch.empty(batch, cin, hw, hw, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
                 cw = torch.empty(cout, cin, k, k, dtype=dtype).requires_grad_()
                 w, b = torch.ones(cin, requires_grad=True), torch.zeros(cin, requires_grad=True)
-                rm, rv = torch.zeros(cin), torch.ones(cin)
+                if dtype == torch.float64:
+                    w, b = (t.detach().double().requires_grad_() for t in (w, b))
+                rm, rv = torch.zeros(cin, dtype=w.dtype), torch.ones(cin, dtype=w.dtype)
+                every[0] = all_configs
                 y = bn_relu_conv2d(x, rm, rv, w, b, cw, None, stride, k // 2, training=True)
                 y.backward(torch.empty_like(y))
+                every[0] = False
                 with torch.no_grad():
                     bn_relu_conv2d(x, rm, rv, w, b, cw, None, stride, k // 2, training=False)
+    finally:
+        conv.choose = choose
+        torch.backends.cudnn.allow_tf32 = True
+    _run_dense_block(batch)
+
+
+def _run_dense_block(batch: int) -> None:
+    """A dense block on the fused kernels (statistics finished from the per-channel cache, dx accumulated)."""
+    import fastres
+    from fastres.ops import dense_path
+
+    before = dense_path.FUSED_ON_CPU
+    dense_path.FUSED_ON_CPU = True  # the stand-in device's tensors are CPU tensors
+    try:
+        block = fastres.nn.DenseBlock(2, 64, 4, 32).to(memory_format=torch.channels_last)
+        x = torch.empty(batch, 64, 14, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+        block(x).backward(torch.empty(batch, 128, 14, 14).contiguous(memory_format=torch.channels_last))
+    finally:
+        dense_path.FUSED_ON_CPU = before
 
 
 def _sass_stats(sass: str) -> dict:
@@ -187,7 +217,10 @@ def triton_kernels(shapes: list[tuple[int, int]], batch: int) -> list[dict]:
                 names[key[0]] for key, attrs in getattr(k.src, "attrs", {}).items()
                 if any(a[0] == "tt.divisibility" and a[1] >= 16 for a in attrs) and not names[key[0]].endswith("_ptr")
             )
+            signature = getattr(k.src, "signature", {}) or {}
+            pointers = {a: str(t).lstrip("*") for a, t in signature.items() if str(t).startswith("*")}
             row = {"kernel": k.name, "hash": h[:12], "num_warps": k.metadata.num_warps,
+                   "pointer_dtypes": pointers,
                    "divisible_by_16": aligned_args,
                    "constexprs": {a: (v if isinstance(v, (bool, int, float)) else str(v)) for a, v in constants.items()
                                   if v is not None and not a.endswith("_ptr")},
@@ -196,47 +229,7 @@ def triton_kernels(shapes: list[tuple[int, int]], batch: int) -> list[dict]:
     return rows
 
 
-def cuda_kernels() -> list[dict]:
-    """``nvcc -Xptxas -v`` of every .cu in csrc/ for sm_90: registers and spills per kernel."""
-    nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
-    if not os.path.exists(nvcc):
-        return []
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-    rows = []
-    for name in sorted(os.listdir(root)):
-        if not name.endswith(".cu"):
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            run = subprocess.run(
-                [nvcc, "-c", "-O3", "-std=c++17", "-arch=sm_90", "-Xptxas", "-v", os.path.join(root, name),
-                 "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True,
-            )
-        if run.returncode != 0:
-            raise RuntimeError(f"nvcc failed on {name}:\n{run.stderr[-3000:]}")
-        current = None
-        for line in run.stderr.splitlines():
-            m = re.search(r"Compiling entry function '([^']+)'", line)
-            if m:
-                current = {"file": name, "kernel": m.group(1)}
-                rows.append(current)
-            m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-            if m and current is not None:
-                current["spill_bytes"] = int(m.group(1)) + int(m.group(2))
-            m = re.search(r"Used (\d+) registers", line)
-            if m and current is not None:
-                current["registers"] = int(m.group(1))
-    return rows
-
-
-def _demangle(names: list[str]) -> dict[str, str]:
-    cxxfilt = shutil.which("c++filt")
-    if not cxxfilt or not names:
-        return {n: n for n in names}
-    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    return dict(zip(names, out))
-
-
-def markdown(triton_rows: list[dict], cuda_rows: list[dict]) -> str:
+def markdown(triton_rows: list[dict]) -> str:
     lines = [
         "| Triton kernel | key constexprs | warps | regs | spills | smem | 128-bit share | main | instr | B/warp-instr | HGMMA/HMMA | programs (132 SMs) |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
@@ -253,11 +246,6 @@ def markdown(triton_rows: list[dict], cuda_rows: list[dict]) -> str:
             f"{share} | {r['main']} | {r['main_instructions']} | {r['bytes_per_warp_instruction']:.1f} | "
             f"{r['hgmma']}/{r['hmma']} | {progs_s} |"
         )
-    if cuda_rows:
-        names = _demangle([r["kernel"] for r in cuda_rows])
-        lines += ["", "| CUDA kernel (csrc/) | regs | spills |", "|---|---:|---:|"]
-        for r in cuda_rows:
-            lines.append(f"| {names[r['kernel']][:90]} | {r.get('registers', '?')} | {r.get('spill_bytes', 0)} |")
     return "\n".join(lines)
 
 
@@ -266,12 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", choices=("resnet50", "small"), default="resnet50")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--md", help="write the markdown table here")
-    parser.add_argument("--no-cuda", action="store_true", help="skip nvcc on csrc/")
     args = parser.parse_args(argv)
     shapes, batch = (RESNET50, 64) if args.shapes == "resnet50" else (SMALL, 2)
     triton_rows = triton_kernels(shapes, batch)
-    cuda_rows = [] if args.no_cuda else cuda_kernels()
-    table = markdown(triton_rows, cuda_rows)
+    table = markdown(triton_rows)
     print(table)
     if args.json:
         import triton
@@ -279,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"target": "sm_90 (compiled by Triton's NVIDIA backend, nothing run)",
                        "triton": triton.__version__, "torch": torch.__version__, "shapes": args.shapes,
-                       "triton_kernels": triton_rows, "cuda_kernels": cuda_rows}, f, indent=1)
+                       "triton_kernels": triton_rows}, f, indent=1)
     if args.md:
         with open(args.md, "w") as f:
             f.write(table + "\n")

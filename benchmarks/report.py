@@ -42,6 +42,7 @@ def rows(data: dict) -> list[dict]:
             "high": quantiles[1],
             "iqr": quantiles[2],
             "gbps": info.get("gbps"),
+            "tflops": info.get("tflops"),
             "peak_mb": info.get("peak_mb"),
             "saved_mb": info.get("saved_mb"),
         })
@@ -74,19 +75,22 @@ def markdown(data: dict, table: list[dict], source: str) -> str:
     if str(machine.get("device_name", "")).startswith("cpu"):
         lines.append("- no CUDA device: CPU paths (fastres ran its eager reference), GPU-only cases skipped")
     saved = any(r["saved_mb"] is not None for r in table)  # the DenseNet suite's column
+    tflops = any(r["tflops"] is not None for r in table)  # the convolution suite's column
     naive = any(r["reference"] == "naive" for r in table)
     lines += [
         "",
-        "| group | provider | mode | median ms | p20-p80 ms | GB/s | peak MB |" + (" saved MB |" if saved else "")
+        "| group | provider | mode | median ms | p20-p80 ms | GB/s |" + (" TFLOP/s |" if tflops else "")
+        + " peak MB |" + (" saved MB |" if saved else "")
         + (" speedup vs eager (DenseNet: vs naive) |" if naive else " speedup vs eager |"),
-        "|---|---|---|---:|---:|---:|---:|" + ("---:|" if saved else "") + "---:|",
+        "|---|---|---|---:|---:|---:|" + ("---:|" if tflops else "") + "---:|" + ("---:|" if saved else "") + "---:|",
     ]
     for r in table:
         spread = f"{r['low'] * 1e3:.3f}-{r['high'] * 1e3:.3f}{'*' if r['iqr'] else ''}"
         speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         lines.append(
             f"| {r['group']} | {r['provider']} | {r['mode']} | {r['median'] * 1e3:.3f} | {spread} "
-            f"| {_fmt(r['gbps'], '.1f')} | {_fmt(r['peak_mb'], '.1f')} |"
+            f"| {_fmt(r['gbps'], '.1f')} |" + (f" {_fmt(r['tflops'], '.2f')} |" if tflops else "")
+            + f" {_fmt(r['peak_mb'], '.1f')} |"
             + (f" {_fmt(r['saved_mb'], '.1f')} |" if saved else "") + f" {speedup} |"
         )
     if any(r["iqr"] for r in table):
@@ -94,6 +98,10 @@ def markdown(data: dict, table: list[dict], source: str) -> str:
     lines += [
         "",
         "GB/s: algorithmic bytes over the median (the passes each suite counts: benchmarks/README.md).",
+    ]
+    if tflops:
+        lines.append("TFLOP/s: the convolutions' FLOPs over the median (backward: dgrad and wgrad).")
+    lines += [
         "Peak MB: CUDA memory allocated at the peak of one call, inputs included (absent on CPU).",
     ]
     if saved:

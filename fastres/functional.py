@@ -13,6 +13,7 @@ from .ops import batch_norm as _batch_norm
 from .ops import bn_relu_conv as _bn_relu_conv
 from . import _ext
 from .ops import dense_block as _dense_block
+from .ops import dense_fused as _dense_fused
 from .ops import dense_path as _dense_path
 from .ops.dense_block import BatchNormArgs, DenseLayerArgs
 from .ops import sync_batch_norm as _sync_batch_norm
@@ -21,7 +22,7 @@ from .ops.layout import has_internal_overlap
 __all__ = [
     "BatchNormArgs", "DenseLayerArgs", "add_relu", "batch_norm_relu", "bn_relu_conv1x1", "bn_relu_conv2d",
     "bn_relu_max_pool2d",
-    "dense_block", "extension_available", "recompute_bn_relu_applies", "shared_storage_applies",
+    "dense_block", "extension_available", "fused_conv_applies", "recompute_bn_relu_applies", "shared_storage_applies",
     "sync_batch_norm", "sync_batch_norm_relu",
 ]
 
@@ -294,6 +295,11 @@ def shared_storage_applies(x: Tensor) -> bool:
     return _dense_path.shared_storage_applies(x)
 
 
+def fused_conv_applies(x: Tensor) -> bool:
+    """Whether DenseNet blocks and transitions on ``x`` run the fused BN-ReLU-Conv kernels (CUDA tensors)."""
+    return _dense_path.fused_kernels_apply(x)
+
+
 def recompute_bn_relu_applies(x: Tensor) -> bool:
     """Whether recomputing a BN-ReLU of ``x`` in backward saves memory over the fused BN-ReLU (CPU, ``fastres._C`` built)."""
     return _dense_path.recompute_bn_relu_applies(x)
@@ -365,7 +371,9 @@ def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
             takes ``C0 + i*k`` channels, where ``k`` is every ``conv2_weight``'s
             output channel count.
 
-    Runs in ``fastres._C`` (C++ on CPU, CUDA kernels on GPU).
+    On CUDA the convolutions are the fused BN-ReLU-Conv kernels, which read
+    the buffer in place and write the new channels into it, with no BN-ReLU
+    output at all; on CPU ``fastres._C``'s C++ code runs.
     """
     check_float_tensor("x", x)
     check_4d("x", x)
@@ -390,4 +398,6 @@ def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
             t = getattr(layer, name)
             if t.device != x.device:
                 raise ValueError(f"layers[{i}].{name} is on {t.device} but x is on {x.device}")
+    if _dense_path.fused_kernels_apply(x) and _dense_fused.applies(x):
+        return _dense_fused.dense_block(x, layers)
     return _dense_block.dense_block(x, layers)

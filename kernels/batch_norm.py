@@ -259,7 +259,25 @@ def _apply_kernel(
         tl.store(stats_ptr + C + ch, rsqrt_rn(var + eps), mask=ch_ok)
 
 
+@triton.jit
+def _finish_kernel(
+    mean_ptr, m2_ptr, count_ptr,  # one set of local statistics (batch_norm_stats' local form), views of a cache
+    stats_ptr,  # [2C + 1] output: mean, rstd, count
+    running_mean_ptr, running_var_ptr,  # [C] or None
+    C, momentum, eps,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    m2 = tl.load(m2_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    count = tl.load(count_ptr).to(ACC)
+    finish_stats(mean, m2, count, cols, col_ok, stats_ptr, running_mean_ptr, running_var_ptr,
+                 C, momentum, eps, False, ACC)
+
+
 stats_kernel = Kernel(_stats_kernel)
+finish_kernel = Kernel(_finish_kernel)
 combine_kernel = Kernel(_combine_kernel)
 apply_kernel = Kernel(_apply_kernel)
 
@@ -327,6 +345,26 @@ def batch_norm_combine(
         key, (cdiv(c, block_c), 1, 1), stream(gathered.device), 4,
         gathered, stats, running_mean, running_var, w, c, float(momentum), float(eps),
         tl_dtype(gathered.dtype), partial_block(w, block_c), block_c,
+    )
+
+
+def batch_norm_finish(
+    mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor, stats: torch.Tensor,
+    running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float, eps: float,
+) -> None:
+    """``stats = [mean | rstd | count]`` from local statistics (``mean``, ``m2`` [C], ``count`` [1]); running stats updated.
+
+    A dense block's layers normalise the same feature channels: their
+    statistics are reduced once and finished here for each layer's own eps
+    and running buffers.
+    """
+    c = mean.shape[0]
+    block_c = min(next_power_of_2(c), 1024)
+    key = (c, mean.dtype, mean.device, tensor_key(running_mean), tensor_key(running_var))
+    finish_kernel(
+        key, (cdiv(c, block_c), 1, 1), stream(mean.device), 4,
+        mean, m2, count, stats, running_mean, running_var, c, float(momentum), float(eps),
+        tl_dtype(mean.dtype), block_c,
     )
 
 

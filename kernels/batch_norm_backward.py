@@ -99,7 +99,9 @@ def _elementwise_kernel(
     ROWS, COLS, C, HW,
     dz_sn, dz_sc, dz_shw,
     x_sn, x_sc, x_shw,
-    DZ_DENSE: tl.constexpr, X_DENSE: tl.constexpr, C_LAST: tl.constexpr,
+    dx_sn, dx_sc, dx_shw,  # dx's strides when not DX_DENSE (a channel slice of a gradient buffer)
+    DZ_DENSE: tl.constexpr, X_DENSE: tl.constexpr, C_LAST: tl.constexpr, DX_DENSE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,  # dx += (the dense block's gradient buffer), else dx =
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, pid_k, cols, row_ok, col_ok, ok = tile_2d(ROWS, COLS, BLOCK_M, BLOCK_K)
@@ -136,7 +138,13 @@ def _elementwise_kernel(
             dx = scale * (g - mean_g - (x - mean) * k)
         else:
             dx = scale * g
-        tl.store(dx_ptr + out_off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        if DX_DENSE:
+            dx_off = out_off
+        else:
+            dx_off = tile_offsets(rows, cols, C, HW, dx_sn, dx_sc, dx_shw, C_LAST)
+        if ACCUMULATE:
+            dx += tl.load(dx_ptr + dx_off, mask=ok, other=0.0).to(ACC)
+        tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 reduce_kernel = Kernel(_reduce_kernel)
@@ -176,23 +184,28 @@ def batch_norm_relu_backward_elementwise(
     dz: torch.Tensor, dz_strides: tuple, x: torch.Tensor, x_strides: tuple, shape: tuple[int, int, int],
     out_strides: tuple, mask: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor | None,
     sums: torch.Tensor | None, dx: torch.Tensor | None, dr: torch.Tensor | None, c_last: bool,
+    dx_strides: tuple | None = None, accumulate: bool = False,
 ) -> None:
     """dx (and dr = g), dense in the forward output's order (``out_strides`` as [N, C, HW]).
 
     ``sums`` is given in training mode, where the batch statistics depend on
     x; without it dx = weight * rstd * g. ``mask`` None: ``dz`` is g already
     (then ``dx`` may be ``dz`` itself: each element is read before it is written).
+    ``dx_strides``: dx is a strided [N, C, HW] view instead (a slice of a
+    larger gradient buffer); ``accumulate``: add dx to what it holds.
     """
+    dx_strides = out_strides if dx_strides is None else dx_strides
     n, c, hw = shape
     rows, cols = (n * hw, c) if c_last else (n * c, hw)
     device = x.device
     block_m, block_k, num_warps = tile_settings(rows, cols, device)
     key = (shape, dz_strides, x_strides, out_strides, dz.dtype, x.dtype, device, aligned(dz), aligned(x),
-           stats.dtype, tensor_key(weight), sums is None, tensor_key(dx), tensor_key(dr), c_last, mask is None)
+           stats.dtype, tensor_key(weight), sums is None, tensor_key(dx), tensor_key(dr), c_last, mask is None,
+           dx_strides, accumulate)
     elementwise_kernel(
         key, (cdiv(rows, block_m), cdiv(cols, block_k), 1), stream(device), num_warps,
         dz, x, mask, stats, weight, sums, dx, dr,
-        rows, cols, c, hw, *dz_strides, *x_strides,
-        dz_strides == out_strides, x_strides == out_strides, c_last,
+        rows, cols, c, hw, *dz_strides, *x_strides, *dx_strides,
+        dz_strides == out_strides, x_strides == out_strides, c_last, dx_strides == out_strides, accumulate,
         tl_dtype(stats.dtype), block_m, block_k,
     )

@@ -27,6 +27,8 @@ write it. Tensors are 4-D with any strides: an input that is a channel slice
 of a larger buffer is read in place and the output can be a channel slice.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -290,23 +292,38 @@ wgrad_kernel = Kernel(_wgrad_kernel)
 # --- launch settings --------------------------------------------------------
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). tl.dot needs every block
 # >= 16. At most 4 warps where the K loop runs over taps: Triton has been seen
-# to miscompile flattened tap loops with 8.
+# to miscompile flattened tap loops with 8. Every config compiles for sm_90
+# without spills (tests/test_kernels_compile_sm90.py).
 
 INTERPRETER_CONFIG = (32, 32, 16, 1, 1)
-GEMM_CONFIGS = (
-    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 32, 64, 4, 4),
-)
-TAP_CONFIGS = ((128, 64, 64, 4, 3), (64, 64, 64, 4, 4), (128, 32, 64, 4, 3), (64, 32, 64, 4, 4))
-WGRAD_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 32, 64, 4, 4), (32, 32, 128, 4, 3))
+# Channel-contiguous operands (channels_last) on tensor cores (bf16/fp16, TF32). At most 32 fp32
+# accumulators a thread: the prologue's fp32 tile and the dgrad epilogue's need the rest of the registers.
+GEMM_CONFIGS = ((128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 3))
+TAP_CONFIGS = ((64, 64, 64, 4, 3), (128, 32, 64, 4, 3), (64, 32, 64, 4, 4))
+WGRAD_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (32, 32, 128, 4, 3))
+# Strided channels (NCHW: one address per element) or exact fp32/fp64 dots (no tensor cores):
+# smaller tiles, fewer stages.
+NARROW_CONFIGS = ((64, 32, 32, 4, 2), (32, 32, 32, 4, 2))
 
 
-def configs(kind: str, taps: int, device: torch.device) -> tuple:
-    """The configs a launch of ``kind`` ("forward", "dgrad", "wgrad") may take; one under the interpreter."""
+def configs(kind: str, taps: int, device: torch.device, wide: bool = True) -> tuple:
+    """The configs a launch of ``kind`` ("forward", "dgrad", "wgrad") may take; one under the interpreter.
+
+    ``wide``: channels are contiguous and the dot runs on tensor cores.
+    """
     if not compiled(device):
         return (INTERPRETER_CONFIG,)
+    if not wide:
+        return NARROW_CONFIGS
     if kind == "wgrad":
         return WGRAD_CONFIGS
     return GEMM_CONFIGS if taps == 1 else TAP_CONFIGS
+
+
+def wide(x: torch.Tensor, dot_dtype: torch.dtype, allow_tf32: bool) -> bool:
+    """Whether the wide configs fit: x's channels contiguous, and a tensor-core dot."""
+    return x.stride(1) == 1 and (dot_dtype in (torch.float16, torch.bfloat16) or
+                                 (dot_dtype == torch.float32 and allow_tf32))
 
 
 def _fit(config: tuple, rows: int, cols: int, k: int, dtype: torch.dtype) -> tuple:
@@ -329,13 +346,14 @@ def choose(kind: str, key: tuple, candidates: tuple, run) -> tuple:
     ``run(config)`` launches with one config. On a GPU each candidate runs a
     few times under ``triton.testing.do_bench`` and the fastest is kept for
     every later launch with this key; with one candidate, or without a GPU to
-    time on, the first is taken untimed.
+    time on, the first is taken untimed; likewise with ``FASTRES_AUTOTUNE=0``
+    (no tuning time at each new shape, for tests and quick runs).
     """
     full = (kind, key)
     best = _chosen.get(full)
     if best is not None:
         return best
-    if len(candidates) == 1 or not torch.cuda.is_available():
+    if len(candidates) == 1 or not torch.cuda.is_available() or os.environ.get("FASTRES_AUTOTUNE") == "0":
         best = candidates[0]
     else:
         timings = [(triton.testing.do_bench(lambda c=c: run(c), warmup=3, rep=10), c) for c in candidates]
@@ -377,7 +395,7 @@ def conv_forward(
             num_stages=stages,
         )
 
-    launch(choose("forward", key, configs("forward", kh * kw, x.device), launch))
+    launch(choose("forward", key, configs("forward", kh * kw, x.device, wide(x, weight.dtype, allow_tf32)), launch))
 
 
 def conv_dgrad(
@@ -420,7 +438,7 @@ def conv_dgrad(
             num_stages=stages,
         )
 
-    launch(choose("dgrad", key, configs("dgrad", kh * kw, x.device), launch))
+    launch(choose("dgrad", key, configs("dgrad", kh * kw, x.device, wide(x, weight.dtype, allow_tf32)), launch))
 
 
 def _wgrad_splits(tiles: int, k_blocks: int, device: torch.device) -> int:
@@ -468,4 +486,4 @@ def conv_wgrad(
             num_stages=stages,
         )
 
-    launch(choose("wgrad", key, configs("wgrad", kh * kw, x.device), launch))
+    launch(choose("wgrad", key, configs("wgrad", kh * kw, x.device, wide(x, dy.dtype, allow_tf32)), launch))

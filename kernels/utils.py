@@ -183,9 +183,12 @@ def partial_block(parts: int, block_c: int) -> int:
 @triton.jit
 def rsqrt_rn(x):
     """1 / sqrt(x), the square root correctly rounded (as eager's) in fp32 and fp64."""
+    # Both branches in if/else: Triton compiles statements after an early return too (sqrt_rn takes fp32 only).
     if x.dtype == tl.float64:
-        return 1.0 / tl.sqrt(x)
-    return 1.0 / tl.sqrt_rn(x)
+        r = 1.0 / tl.sqrt(x)
+    else:
+        r = 1.0 / tl.sqrt_rn(x)
+    return r
 
 
 # --- 2-D tiles over a dense output (batch norm's elementwise passes) --------

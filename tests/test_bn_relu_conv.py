@@ -118,9 +118,9 @@ def test_every_launch_config_matches_eager(monkeypatch):
     k = ops.kernels("bn_relu_conv")
     x, p = _inputs(torch.device("cpu"), torch.float32, 2, 40, 9, 9, 72, 3, "channels_last", bias=True)
     y_e, grads_e, _, _ = _run(_eager, x, p, stride=2, padding=1, training=True)
-    every = sorted(set(k.GEMM_CONFIGS + k.TAP_CONFIGS + k.WGRAD_CONFIGS))
+    every = sorted(set(k.GEMM_CONFIGS + k.TAP_CONFIGS + k.WGRAD_CONFIGS + k.NARROW_CONFIGS))
     for config in every:
-        monkeypatch.setattr(k, "configs", lambda kind, taps, device, config=config: (config,))
+        monkeypatch.setattr(k, "configs", lambda kind, taps, device, wide=True, config=config: (config,))
         monkeypatch.setattr(k, "_chosen", {})
         y, grads, _, _ = _run(bn_relu_conv2d, x, p, stride=2, padding=1, training=True)
         for a, e in zip((y, *grads), (y_e, *grads_e)):

@@ -34,7 +34,7 @@ def _run(module: str, *args: str, tmp_path) -> dict:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    return _run("benchmarks.kernel_report", "--shapes", "small", "--no-cuda", tmp_path=tmp_path_factory.mktemp("r"))
+    return _run("benchmarks.kernel_report", "--shapes", "small", tmp_path=tmp_path_factory.mktemp("r"))
 
 
 def test_every_kernel_compiles(report):
@@ -42,12 +42,32 @@ def test_every_kernel_compiles(report):
     assert names == {
         "_add_relu_fwd_kernel", "_add_relu_bwd_kernel", "_stats_kernel", "_apply_kernel",
         "_reduce_kernel", "_elementwise_kernel",
+        "_forward_kernel", "_dgrad_kernel", "_wgrad_kernel", "_finish_kernel",  # BN-ReLU-Conv, dense blocks
     }
 
 
 def test_no_kernel_spills(report):
     spilling = [(r["kernel"], r["constexprs"]) for r in report["triton_kernels"] if r["spill_bytes"] or r["stack"]]
     assert not spilling
+
+
+_CONV = ("_forward_kernel", "_dgrad_kernel", "_wgrad_kernel")
+
+
+def test_convolutions_run_on_tensor_cores(report):
+    """bf16 and TF32 dots compile to wgmma (HGMMA) or mma (HMMA); exact fp32/fp64 ones must not use TF32."""
+    conv = [r for r in report["triton_kernels"] if r["kernel"] in _CONV]
+
+    def dot_dtype(r):  # the weight's dtype (forward, dgrad), dy's (wgrad): what tl.dot multiplies
+        return r["pointer_dtypes"]["dy_ptr" if r["kernel"] == "_wgrad_kernel" else "w_ptr"]
+
+    tensor_core = [r for r in conv if r["constexprs"]["PRECISION"] == "tf32" or dot_dtype(r) == "bf16"]
+    assert {(r["kernel"], dot_dtype(r)) for r in tensor_core} == {(k, d) for k in _CONV for d in ("bf16", "fp32")}
+    for r in tensor_core:
+        assert r["hgmma"] + r["hmma"] > 0, (r["kernel"], r["constexprs"])
+    exact = [r for r in conv if r["constexprs"]["PRECISION"] == "ieee" and dot_dtype(r) in ("fp32", "fp64")]
+    assert {dot_dtype(r) for r in exact} == {"fp32", "fp64"}
+    assert all(r["hgmma"] == 0 and r["hmma"] == 0 for r in exact)
 
 
 # The extent each kernel's dense accesses run along: 16-byte vectors need it divisible by 16.

@@ -327,6 +327,9 @@ def test_torch_converter_after_convert_of_a_torchvision_resnet_keeps_the_stem_re
 # statistics (stem, dense layers, transition) are synchronized inside fastres._C's recomputing
 # ops, norm5 through the fused synchronized op; compared as the ResNets above.
 
+PATHS_WITH_FUSED_DENSE = ("triton", "reference", "fused_conv")
+
+
 def _small_densenet(lib):
     torch.manual_seed(0)
     return lib.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3).double()
@@ -343,15 +346,17 @@ def _densenet_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        from fastres.ops import dense_block, sync_batch_norm as ops
+        from fastres.ops import dense_block, dense_fused, dense_path, sync_batch_norm as ops
 
-        calls = _spy({"shared": (dense_block, "_synchronized_statistics"), "fused": (ops, "sync_batch_norm_relu")})
+        calls = _spy({"shared": (dense_block, "_synchronized_statistics"), "fused": (ops, "sync_batch_norm_relu"),
+                      "fused_conv": (dense_fused, "_synchronized")})
         x, grad = _densenet_data()
         start = sum(MODEL_BATCHES[:rank])
         part = slice(start, start + MODEL_BATCHES[rank])
         results = {}
-        for path in ("triton", "reference"):
-            os.environ["TRITON_INTERPRET"] = "1" if path == "triton" else "0"
+        for path in PATHS_WITH_FUSED_DENSE:
+            os.environ["TRITON_INTERPRET"] = "0" if path == "reference" else "1"
+            dense_path.FUSED_ON_CPU = path == "fused_conv"  # dense blocks on the fused convolutions (CUDA's path)
             model = fastres.nn.convert_sync_batchnorm(_small_densenet(fastres.models))
             outs, counts = _ddp_steps(model, x[part], grad[part], calls)
             results[path] = {
@@ -381,13 +386,18 @@ def test_densenet_under_convert_sync_batchnorm_and_ddp_matches_one_process(tmp_p
         (out * grad).sum().mul(0.5).backward()  # DDP averages the two processes' gradients
         opt.step()
         outs.append(out.detach())
-    for path in ("triton", "reference"):
+    for path in PATHS_WITH_FUSED_DENSE:
         for step, want in enumerate(outs):
             got = torch.cat([r[path]["outs"][step] for r in ranks])
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{path} step {step}: {m}")
         for r in (rank[path] for rank in ranks):
-            # stem + 2 x 2 dense-layer BNs + transition + 2 x 2 through shared storage; norm5 fused.
-            assert r["counts"] == [(10, 1)] * MODEL_STEPS, path
+            if path == "fused_conv":
+                # The stem through shared storage, the 2 x 2 x 2 dense-layer BNs through the fused convolutions
+                # (the transition's synchronizing BN runs as written); norm5 fused.
+                assert r["counts"] == [(1, 1, 8)] * MODEL_STEPS, path
+            else:
+                # stem + 2 x 2 dense-layer BNs + transition + 2 x 2 through shared storage; norm5 fused.
+                assert r["counts"] == [(10, 1, 0)] * MODEL_STEPS, path
             for key, p in eager.named_parameters():
                 torch.testing.assert_close(r["grads"][key], p.grad, rtol=1e-8, atol=1e-10, msg=lambda m: f"{path} {key}.grad: {m}")
             state = eager.state_dict()

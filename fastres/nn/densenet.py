@@ -14,10 +14,11 @@ from torch import Tensor, nn
 from torch._prims_common import suggest_memory_format
 
 from ..functional import (
-    BatchNormArgs, DenseLayerArgs, bn_relu_conv1x1, bn_relu_max_pool2d, dense_block, recompute_bn_relu_applies,
-    shared_storage_applies,
+    BatchNormArgs, DenseLayerArgs, bn_relu_conv1x1, bn_relu_max_pool2d, dense_block, fused_conv_applies,
+    recompute_bn_relu_applies, shared_storage_applies,
 )
 from .batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d, norm_relu
+from .bn_relu_conv import bn_relu_conv
 from .._checks import check_4d
 from .module_state import FromModule, has_hooks, running_stats_args, sync_world
 
@@ -210,6 +211,9 @@ class Transition(_FromTorchvision, nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_features(self, x, self.norm.num_features)
+        if fused_conv_applies(x) and type(self.relu) is nn.ReLU and not (has_hooks(self.relu) or has_hooks(self)):
+            # The fused BN-ReLU-Conv reads the block's buffer in place and keeps nothing of its size.
+            return self.pool(bn_relu_conv(self.norm, self.conv, x))
         if recomputes_bn_relu(x, self.norm, self.relu, self) and _is_plain_conv(self.conv, 1, 0) \
                 and not has_hooks(self.conv):
             return self.pool(bn_relu_conv1x1(x, _norm_args(self.norm, tuple(x.shape)), self.conv.weight))

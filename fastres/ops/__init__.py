@@ -42,8 +42,11 @@ def use_triton(t: torch.Tensor) -> bool:
 
     Never under ``torch.jit.trace``: the tracer records only ATen ops, so a
     traced graph holds eager PyTorch's computation (which it can also save).
+    Nor under functorch transforms (``vmap``, ``jvp``, ``grad``): their
+    wrapped tensors have no storage for a kernel to read; eager PyTorch's ops
+    have rules for every transform.
     """
-    if torch.jit.is_tracing():
+    if torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
         return False
     if t.device.type == "cuda":
         if triton_available():

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from . import apply_function, kernels, require_triton, use_triton
+from .owned import mark_owned
 from .batch_norm import acc_dtype, channels_last, differentiable_batch_norm, empty_out, out_strides, shape3, view3
 
 
@@ -47,7 +48,13 @@ def empty_output(x: Tensor, weight: Tensor, stride, padding, dtype: torch.dtype)
     return torch.empty(output_shape(x, weight, stride, padding), dtype=dtype, device=x.device, memory_format=fmt)
 
 
-def _statistics(x, running_mean, running_var, training, momentum, eps) -> Tensor:
+def empty_weight_grad(x: Tensor, weight: Tensor) -> Tensor:
+    """conv_weight's gradient, in the layout eager's convolution backward gives it: the output's."""
+    fmt = torch.channels_last if output_channels_last(x, weight) else torch.contiguous_format
+    return torch.empty(weight.shape, dtype=weight.dtype, device=x.device, memory_format=fmt)
+
+
+def statistics(x, running_mean, running_var, training, momentum, eps) -> Tensor:
     """``[mean | rstd | count]``: the batch's (running statistics updated in place) or, in eval, the running ones."""
     c = x.shape[1]
     stats = torch.empty(2 * c + 1, dtype=acc_dtype(x), device=x.device)
@@ -64,7 +71,7 @@ def _statistics(x, running_mean, running_var, training, momentum, eps) -> Tensor
 def forward(x, bn_weight, bn_bias, running_mean, running_var, conv_weight, conv_bias, stride, padding,
             training, momentum, eps, dtype, allow_tf32, out=None):
     """(y, stats). ``dtype``: what the convolution runs in (and y's dtype); ``out``: y's storage, any strides."""
-    stats = _statistics(x, running_mean, running_var, training, momentum, eps)
+    stats = statistics(x, running_mean, running_var, training, momentum, eps)
     weight = conv_weight.to(dtype)
     bias = None if conv_bias is None else conv_bias.to(dtype)
     y = empty_output(x, conv_weight, stride, padding, dtype) if out is None else out
@@ -102,10 +109,9 @@ def backward(grad, x, stats, bn_weight, bn_bias, conv_weight, stride, padding, t
                     g, out_strides(shape, c_last), x3, xs, shape, out_strides(shape, c_last), None, stats,
                     bn_weight, sums, g, None, c_last,
                 )
-            dx = g
+            dx = mark_owned(g)  # fresh: a dense block's backward may accumulate into it
     if need_dcw:
-        dcw = torch.empty(conv_weight.shape, dtype=conv_weight.dtype, device=x.device,
-                          memory_format=suggest_memory_format(conv_weight))
+        dcw = empty_weight_grad(x, conv_weight)
         k.conv_wgrad(grad, x, stats, bn_weight, bn_bias, dcw, stride, padding, not training, allow_tf32)
     if need_dcb:
         dcb = grad.sum((0, 2, 3), dtype=acc_dtype(grad))
@@ -151,8 +157,7 @@ def _(grad, x, stats, bn_weight, bn_bias, conv_weight, stride, padding, training
         empty_out(x, channels_last(x)) if need[0] else empty,
         torch.empty_like(bn_weight) if need[1] else empty,
         torch.empty_like(bn_bias) if need[2] else empty,
-        torch.empty(conv_weight.shape, dtype=conv_weight.dtype, device=x.device,
-                    memory_format=suggest_memory_format(conv_weight)) if need[3] else empty,
+        empty_weight_grad(x, conv_weight) if need[3] else empty,
         grad.new_empty(grad.shape[1], dtype=acc_dtype(grad)) if need[4] else empty,
     )
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import dense_ops
 from .batch_norm import channels_last, differentiable_batch_norm
+from .owned import mark_owned as _mark_owned, owned as _owned
 
 
 class BatchNormArgs(NamedTuple):
@@ -288,21 +289,6 @@ class DenseBlockFunction(torch.autograd.Function):
             ]
         grad_x = grad_buffer[:, :c0].contiguous(memory_format=fmt)
         return (grad_x, None, *grads)
-
-
-# A gradient these Functions create and never touch again is marked, so that a
-# dense block receiving it accumulates into it instead of copying it first
-# (a transition's input gradient is as large as the block's whole output).
-_OWNED = "_fastres_owned_grad"
-
-
-def _mark_owned(t: Tensor) -> Tensor:
-    setattr(t, _OWNED, True)
-    return t
-
-
-def _owned(t: Tensor) -> bool:
-    return getattr(t, _OWNED, False) and t._base is None
 
 
 def _eager_bn_relu(x: Tensor, mean: Tensor, rstd: Tensor, norm: BatchNormArgs) -> Tensor:

@@ -9,6 +9,12 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from . import use_triton
+
+# CPU tensors on the Triton path (Triton's interpreter, or the stand-in GPU of benchmarks/stub_gpu.py) keep
+# the C++ dense path unless this is set: interpreted convolutions are slow, so only the tests of the fused
+# path, the sm_90 compile report and the host-overhead benchmark set it.
+FUSED_ON_CPU = False
 
 
 def shared_storage_applies(x: Tensor) -> bool:
@@ -16,7 +22,7 @@ def shared_storage_applies(x: Tensor) -> bool:
 
     Not under CPU autocast: the C++ CPU ops take float32/float64, and autocast
     makes the bottleneck bfloat16 there, and not for half-precision CPU
-    tensors (CUDA kernels take every float dtype). Not under
+    tensors (the CUDA path, Triton's kernels, takes every float dtype). Not under
     ``torch.jit.trace``, which records only ATen ops, nor under functorch
     transforms (``torch.func.grad``, ``vmap``...), which may differentiate the
     backward itself: shared storage keeps nothing to differentiate it through.
@@ -25,7 +31,8 @@ def shared_storage_applies(x: Tensor) -> bool:
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")
-    return True
+    # Elsewhere (CUDA) dense blocks run on the fused BN-ReLU-Conv kernels, which need Triton and a batch.
+    return use_triton(x) and x.numel() > 0
 
 
 def recompute_bn_relu_applies(x: Tensor) -> bool:
@@ -36,3 +43,10 @@ def recompute_bn_relu_applies(x: Tensor) -> bool:
     BN-ReLU keeps a 1-bit mask, about as small, and recomputes nothing.
     """
     return x.device.type == "cpu" and shared_storage_applies(x) and _ext.available()
+
+
+def fused_kernels_apply(x: Tensor) -> bool:
+    """Whether dense blocks and transitions on ``x`` run the fused BN-ReLU-Conv kernels (CUDA tensors)."""
+    if not use_triton(x) or not shared_storage_applies(x):
+        return False
+    return x.device.type != "cpu" or FUSED_ON_CPU
