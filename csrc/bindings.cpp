@@ -1,20 +1,23 @@
-// fastres._C: BatchNorm+ReLU ops for DenseNet's shared feature buffers.
+// fastres._C: BatchNorm+ReLU ops for DenseNet's shared feature buffers, on CPU.
 //
-// Checks every argument, then runs the CPU implementation (dense_cpu.cpp) or
-// the CUDA launchers (dense_cuda.cu) on the stream passed from Python.
+// Checks every argument, then runs the CPU implementation (dense_cpu.cpp).
+// The ops take CPU tensors only: any other device raises a ValueError naming
+// the op. On CUDA, fastres's dense blocks, transitions and stem run on its
+// Triton kernels (fastres/ops/dense_fused.py, fastres/ops/bn_relu_conv.py)
+// and never call this module.
 //
 // Supported dtypes:
 //
-//   tensor                                 CPU               CUDA
-//   -------------------------------------  ----------------  ----------------------------------
-//   x, grad_out, out, grad_in              float32, float64  float32, float64, float16, bfloat16
+//   tensor                                 dtype
+//   -------------------------------------  ----------------------------------------------------
+//   x, grad_out, out, grad_in              float32, float64
 //   mean, rstd, weight, bias,              float64 for float64 x, float32 otherwise
 //   sum_g, sum_gx ([C])
 //   running_mean, running_var ([C])        any floating dtype (updated through a copy in the
 //                                          parameter dtype when theirs differs, or when strided)
 //
-// Math runs in double for float64 x and in float otherwise; the CPU sums its
-// reductions in double for float32 too, as eager CPU batch norm does.
+// Math runs in double for float64 x and in float otherwise; reductions are
+// summed in double for float32 too, as eager CPU batch norm does.
 //
 // x and the tensors shaped like it are [N, C, H, W] with any strides under
 // which H and W merge into one axis: channel slices buf[:, a:b] of NCHW and of
@@ -27,37 +30,23 @@
 
 #include "checks.h"
 #include "dense_cpu.h"
-#include "dense_cuda.h"
 
 namespace {
-
-constexpr const char* kRebuildHint =
-    "rebuild it with nvcc on PATH (or CUDA_HOME set): pip install --no-build-isolation -e .";
 
 // Per-channel tensors are float64 for float64 x, float32 otherwise.
 at::ScalarType param_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// x first: its device, then its shape and dtype. Every other tensor must be on
+// x's device, so the device check covers them all.
 void check_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_cpu(), op, ": fastres._C runs on CPU tensors, got x on ", x.device(),
+                    " (CUDA tensors run fastres's Triton kernels)");
   FASTRES_CHECK_DIM(op, "x", x, 4);
   const at::ScalarType dtype = x.scalar_type();
-  if (x.is_cpu()) {
-    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
-                     ": x must have dtype float32 or float64 on CPU, got ",
-                     fastres::dtype_name(dtype));
-  } else if (x.is_cuda()) {
-    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                         dtype == at::kBFloat16,
-                     op, ": x must have dtype float32, float64, float16 or bfloat16, got ",
-                     fastres::dtype_name(dtype));
-    TORCH_CHECK(fastres_cuda_kernels_compiled(), op,
-                ": x is a CUDA tensor but fastres._C was built without its CUDA kernels "
-                "(nvcc not found, or FASTRES_CUDA=0); ",
-                kRebuildHint);
-  } else {
-    TORCH_CHECK_VALUE(false, op, ": x must be a CPU or CUDA tensor, got ", x.device());
-  }
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
+                   ": x must have dtype float32 or float64, got ", fastres::dtype_name(dtype));
   FASTRES_CHECK_MERGEABLE(op, "x", x);
 }
 
@@ -98,7 +87,7 @@ BnParams bn_params(const char* op, const at::Tensor& x, const at::Tensor& mean,
           optional_channel_vector(op, "bias", bias, x)};
 }
 
-// A running statistic, updated in place: `work` is what the kernels update
+// A running statistic, updated in place: `work` is what the CPU code updates
 // (the buffer itself when it is contiguous in the parameter dtype, else a
 // copy that finish() writes back).
 class RunningBuffer {
@@ -117,7 +106,6 @@ class RunningBuffer {
   }
   bool defined() const { return work_.defined(); }
   const at::Tensor& work() const { return work_; }
-  void* data() const { return work_.defined() ? work_.data_ptr() : nullptr; }
   void finish() const {
     if (work_.defined() && !work_.is_same(target_)) target_.copy_(work_);
   }
@@ -126,48 +114,15 @@ class RunningBuffer {
   at::Tensor target_, work_;
 };
 
-// ---- the CUDA launchers' arguments ----
-
-FastresShape shape_of(const at::Tensor& x) {
-  return {x.size(0), x.size(1), x.size(2) * x.size(3)};
-}
-
-FastresStrides strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), fastres::merged_hw_stride(t)};
-}
-
-int dtype_code(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return FASTRES_FLOAT32;
-    case at::kDouble: return FASTRES_FLOAT64;
-    case at::kHalf: return FASTRES_FLOAT16;
-    default: return FASTRES_BFLOAT16;  // check_x admits no other dtype
-  }
-}
-
-// The stream as Python passes it: torch.cuda.current_stream(device).cuda_stream.
-cudaStream_t stream_of(int64_t stream) {
-  return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream));
-}
-
-const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
-
-at::Tensor reduce_workspace(const at::Tensor& x) {
-  const int64_t bytes =
-      fastres_cuda_reduce_workspace_bytes(dtype_code(x), shape_of(x), strides_of(x));
-  return at::empty({bytes}, x.options().dtype(at::kByte));
-}
-
-void check_cuda_call(const char* op, int error) {
-  TORCH_CHECK(error == 0, op, ": CUDA error ", error, ": ", fastres_cuda_error_string(error));
-}
-
 // ---- the ops ----
+//
+// Each takes a trailing `stream` (an int, 0 by default) that it ignores: the
+// Python wrappers of fastres.ops.dense_ops pass it.
 
 std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x,
                                                const std::optional<at::Tensor>& running_mean,
                                                const std::optional<at::Tensor>& running_var,
-                                               double momentum, double eps, int64_t stream) {
+                                               double momentum, double eps, int64_t /*stream*/) {
   constexpr const char* op = "batch_stats";
   check_x(op, x);
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
@@ -176,18 +131,7 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x,
   const RunningBuffer rv(op, "running_var", running_var, x);
   TORCH_CHECK_VALUE(!rm.defined() || !rm.work().is_same(rv.work()), op,
                     ": running_mean and running_var must be different tensors");
-  at::Tensor mean, rstd;
-  if (x.is_cpu()) {
-    std::tie(mean, rstd) = fastres::cpu::batch_stats(x, rm.work(), rv.work(), momentum, eps);
-  } else {
-    mean = at::empty({x.size(1)}, x.options().dtype(param_dtype(x)));
-    rstd = at::empty_like(mean);
-    const at::Tensor workspace = reduce_workspace(x);
-    check_cuda_call(op, fastres_cuda_batch_stats(
-                            x.get_device(), stream_of(stream), dtype_code(x), shape_of(x),
-                            x.data_ptr(), strides_of(x), rm.data(), rv.data(), momentum, eps,
-                            mean.data_ptr(), rstd.data_ptr(), workspace.data_ptr()));
-  }
+  auto [mean, rstd] = fastres::cpu::batch_stats(x, rm.work(), rv.work(), momentum, eps);
   rm.finish();
   rv.finish();
   return {mean, rstd};
@@ -196,44 +140,24 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x,
 void bn_relu_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                      const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, const at::Tensor& out,
-                     int64_t stream) {
+                     int64_t /*stream*/) {
   constexpr const char* op = "bn_relu_forward";
   check_x(op, x);
   const BnParams bn = bn_params(op, x, mean, rstd, weight, bias);
   check_like_x(op, "out", out, x, /*written=*/true);
-  if (x.is_cpu()) {
-    fastres::cpu::bn_relu_forward(x, bn.mean, bn.rstd, bn.weight, bn.bias, out);
-    return;
-  }
-  check_cuda_call(op, fastres_cuda_bn_relu_forward(
-                          x.get_device(), stream_of(stream), dtype_code(x), shape_of(x),
-                          x.data_ptr(), strides_of(x), bn.mean.data_ptr(), bn.rstd.data_ptr(),
-                          data_or_null(bn.weight), data_or_null(bn.bias), out.data_ptr(),
-                          strides_of(out)));
+  fastres::cpu::bn_relu_forward(x, bn.mean, bn.rstd, bn.weight, bn.bias, out);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, int64_t stream) {
+    const std::optional<at::Tensor>& bias, int64_t /*stream*/) {
   constexpr const char* op = "bn_relu_backward_reduce";
   check_x(op, x);
   check_like_x(op, "grad_out", grad_out, x, /*written=*/false);
   const BnParams bn = bn_params(op, x, mean, rstd, weight, bias);
-  if (x.is_cpu()) {
-    return fastres::cpu::bn_relu_backward_reduce(grad_out, x, bn.mean, bn.rstd, bn.weight,
-                                                 bn.bias);
-  }
-  const at::Tensor sum_g = at::empty({x.size(1)}, x.options().dtype(param_dtype(x)));
-  const at::Tensor sum_gx = at::empty_like(sum_g);
-  const at::Tensor workspace = reduce_workspace(x);
-  check_cuda_call(op, fastres_cuda_bn_relu_backward_reduce(
-                          x.get_device(), stream_of(stream), dtype_code(x), shape_of(x),
-                          grad_out.data_ptr(), strides_of(grad_out), x.data_ptr(), strides_of(x),
-                          bn.mean.data_ptr(), bn.rstd.data_ptr(), data_or_null(bn.weight),
-                          data_or_null(bn.bias), sum_g.data_ptr(), sum_gx.data_ptr(),
-                          workspace.data_ptr()));
-  return {sum_g, sum_gx};
+  return fastres::cpu::bn_relu_backward_reduce(grad_out, x, bn.mean, bn.rstd, bn.weight,
+                                               bn.bias);
 }
 
 void bn_relu_backward_input(const at::Tensor& grad_out, const at::Tensor& x,
@@ -241,7 +165,7 @@ void bn_relu_backward_input(const at::Tensor& grad_out, const at::Tensor& x,
                             const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& sum_g,
                             const at::Tensor& sum_gx, const at::Tensor& grad_in,
-                            bool training, int64_t stream) {
+                            bool training, int64_t /*stream*/) {
   constexpr const char* op = "bn_relu_backward_input";
   check_x(op, x);
   check_like_x(op, "grad_out", grad_out, x, /*written=*/false);
@@ -249,34 +173,15 @@ void bn_relu_backward_input(const at::Tensor& grad_out, const at::Tensor& x,
   const at::Tensor g_sums = channel_vector(op, "sum_g", sum_g, x);
   const at::Tensor gx_sums = channel_vector(op, "sum_gx", sum_gx, x);
   check_like_x(op, "grad_in", grad_in, x, /*written=*/true);
-  if (x.is_cpu()) {
-    fastres::cpu::bn_relu_backward_input(grad_out, x, bn.mean, bn.rstd, bn.weight, bn.bias,
-                                         g_sums, gx_sums, grad_in, training);
-    return;
-  }
-  check_cuda_call(op, fastres_cuda_bn_relu_backward_input(
-                          x.get_device(), stream_of(stream), dtype_code(x), shape_of(x),
-                          grad_out.data_ptr(), strides_of(grad_out), x.data_ptr(), strides_of(x),
-                          bn.mean.data_ptr(), bn.rstd.data_ptr(), data_or_null(bn.weight),
-                          data_or_null(bn.bias), g_sums.data_ptr(), gx_sums.data_ptr(),
-                          grad_in.data_ptr(), strides_of(grad_in), training ? 1 : 0));
-}
-
-// The CUDA runtime's device count; raises (instead of crashing) without a driver.
-int cuda_device_count() {
-  constexpr const char* op = "cuda_device_count";
-  TORCH_CHECK(fastres_cuda_kernels_compiled(), op,
-              ": fastres._C was built without its CUDA kernels; ", kRebuildHint);
-  int count = 0;
-  check_cuda_call(op, fastres_cuda_device_count(&count));
-  return count;
+  fastres::cpu::bn_relu_backward_input(grad_out, x, bn.mean, bn.rstd, bn.weight, bn.bias, g_sums,
+                                       gx_sums, grad_in, training);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  m.doc() = "fastres C++/CUDA ops for DenseNet's shared feature buffers (see fastres.ops.dense_ops)";
+  m.doc() = "fastres C++ CPU ops for DenseNet's shared feature buffers (see fastres.ops.dense_ops)";
   // The ops release the GIL: CPU work runs on ATen's thread pool.
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("batch_stats", &batch_stats, no_gil,
@@ -299,8 +204,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("bias"),
         py::arg("sum_g"), py::arg("sum_gx"), py::arg("grad_in"), py::arg("training"),
         py::arg("stream") = 0);
-  m.def("cuda_kernels_compiled", [] { return fastres_cuda_kernels_compiled() != 0; },
-        "Whether the CUDA kernels were compiled and linked in.");
-  m.def("cuda_device_count", &cuda_device_count,
-        "cudaGetDeviceCount of the linked CUDA runtime; raises RuntimeError without a driver.");
 }

@@ -844,7 +844,7 @@ void batch_stats_impl(const at::Tensor& x, const at::Tensor& running_mean,
     mean_out[c] = static_cast<T>(mu);
     rstd_out[c] = static_cast<T>(1.0 / std::sqrt(var + eps));
     if (running_mean_p != nullptr) {
-      // No elements: NaN, as the launchers of dense_cuda.cu give.
+      // No elements: the unbiased variance is NaN (0 / 0).
       const double unbiased = m > 0 ? m2_c / (m - 1) : std::numeric_limits<double>::quiet_NaN();
       running_mean_p[c] =
           static_cast<T>(momentum * mu + (1 - momentum) * static_cast<double>(running_mean_p[c]));

@@ -1,4 +1,4 @@
-"""Loads ``fastres._C``, the C++/CUDA extension, on first use.
+"""Loads ``fastres._C``, the C++ extension (the CPU shared-storage DenseNet), on first use.
 
 ``import fastres`` never needs it: only the DenseNet ops do, and they call
 ``load()``, which says what failed and how to rebuild.
@@ -20,7 +20,7 @@ def load() -> ModuleType:
             _module = importlib.import_module("fastres._C")
         except ImportError as err:
             raise RuntimeError(
-                f"fastres._C (the C++/CUDA extension) could not be imported: {err}. "
+                f"fastres._C (the C++ extension) could not be imported: {err}. "
                 "It is built at install time; rebuild it after installing torch with "
                 "`pip install --no-build-isolation -e .` in the fastres checkout "
                 "(it is skipped when FASTRES_NO_EXT=1 is set)"

@@ -16,7 +16,8 @@ earlier layer's ``k`` new channels, and computes
 - Backward accumulates every layer's input gradient into one gradient buffer
   shaped like ``features``.
 
-The BN-ReLU passes run in ``fastres._C`` (C++ on CPU, CUDA kernels on GPU).
+The BN-ReLU passes run in ``fastres._C`` (C++, CPU tensors); on CUDA dense
+blocks run ``dense_fused`` instead.
 """
 
 from typing import NamedTuple, Sequence

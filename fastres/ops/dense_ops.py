@@ -2,17 +2,16 @@
 
 A dense block keeps every layer's features in one buffer [N, C_total, H, W]
 (NCHW or channels_last); a layer reads the channel slice ``buf[:, :C]`` as
-``x``, a strided view, never a copy. These wrappers pass torch's current CUDA
-stream on x's device to the kernels (CUDA tensors), or run the C++ CPU
-implementation (CPU tensors).
+``x``, a strided view, never a copy. These wrappers run the C++ CPU
+implementation (CPU tensors only: on CUDA dense blocks run the fused Triton
+kernels of ``dense_fused``).
 
 Each is also a ``torch.library`` custom op (``fastres::dense_*``) with a fake
 implementation: under ``torch.compile`` and ``torch.export`` the graph holds
 those ops; in eager mode the extension is called directly (the dispatcher's
 custom-op handling costs more host time than the call).
 
-x, grad_out, out and grad_in: [N, C, H, W], float32 or float64 (CUDA: float16
-and bfloat16 too), any strides under which H and W merge. Per-channel tensors
+x, grad_out, out and grad_in: [N, C, H, W], float32 or float64, any strides under which H and W merge. Per-channel tensors
 (mean, rstd, weight, bias, sum_g, sum_gx): [C], float64 for float64 x, float32
 otherwise; weight and bias may be None (affine=False: 1 and 0). m = N * H * W.
 ``rstd`` is ``1 / sqrt(var + eps)``; ``g`` is the gradient through the ReLU.
@@ -102,8 +101,7 @@ def batch_stats(
     [C] tensors of a floating dtype on x's device) they are updated in place
     as ``F.batch_norm`` does in training:
     ``running = (1 - momentum) * running + momentum * batch``, with the
-    unbiased variance ``var * m / (m - 1)``. One reduction and one finalize
-    kernel on CUDA; no other ops.
+    unbiased variance ``var * m / (m - 1)``.
     """
     if _traced():
         return torch.ops.fastres.dense_batch_stats(x, running_mean, running_var, float(momentum), float(eps))
