@@ -1,5 +1,6 @@
 """Public functional API of fastres."""
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -120,10 +121,15 @@ def _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual)
 
 
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair):
+    """An int or a pair of ints (integer-valued 0-d tensors too: shapes under ``torch.jit.trace`` are tensors)."""
+    try:
+        pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+        ints = tuple(operator.index(v) for v in pair if not isinstance(v, bool))
+    except TypeError:
+        ints = ()
+    if len(pair) != 2 or len(ints) != 2 or min(ints) < minimum:
         raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {value!r}")
-    return pair
+    return ints
 
 
 def bn_relu_conv2d(

@@ -577,3 +577,17 @@ def test_vmap_and_jvp_match_eager(path, device):
     want = torch.func.jvp(eager, (x[0],), (tangent,))
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_trace_with_padding_from_a_shape(path, device):
+    """Under jit.trace a shape-derived padding is a 0-d tensor: it is taken as the int it holds."""
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, device=device)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=device)
+    rm, rv = torch.zeros(3, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device)
+
+    def fn(x, w):
+        return bn_relu_conv2d(x, rm, rv, None, None, w, padding=w.shape[-1] // 2)
+
+    traced = torch.jit.trace(fn, (x, w))
+    torch.testing.assert_close(traced(x, w), F.conv2d(F.relu(F.batch_norm(x, rm, rv)), w, padding=1))
