@@ -111,12 +111,12 @@ def test_gradcheck_float64(path, device, training, k, stride, padding):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, fast_mode=True)
 
 
-def test_every_launch_config_matches_eager(monkeypatch):
-    """Each block config the GPU autotuner may choose computes the same thing (run through the interpreter)."""
-    if not ops.use_triton(torch.empty(0)):
+def test_every_launch_config_matches_eager(device, monkeypatch):
+    """Each block config the GPU autotuner may choose computes the same thing (on the GPU, or interpreted)."""
+    if not ops.use_triton(torch.empty(0, device=device)):
         pytest.skip("needs the Triton path (a GPU, or TRITON_INTERPRET=1)")
     k = ops.kernels("bn_relu_conv")
-    x, p = _inputs(torch.device("cpu"), torch.float32, 2, 40, 9, 9, 72, 3, "channels_last", bias=True)
+    x, p = _inputs(device, torch.float32, 2, 40, 9, 9, 72, 3, "channels_last", bias=True)
     y_e, grads_e, _, _ = _run(_eager, x, p, stride=2, padding=1, training=True)
     every = sorted(set(k.GEMM_CONFIGS + k.TAP_CONFIGS + k.WGRAD_CONFIGS + k.NARROW_CONFIGS))
     for config in every:
