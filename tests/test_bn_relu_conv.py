@@ -324,3 +324,14 @@ def test_module_names_the_channel_count(device):
     m = BNReLUConv2d(4, 6, 3, device=device)
     with pytest.raises(ValueError, match="x has 5 channels but BatchNorm2d expects 4"):
         m(torch.randn(2, 5, 5, 5, device=device))
+
+
+def test_inference_mode_input_trains_the_convolution_as_eager(path, device):
+    """An x made under inference_mode cannot be saved for backward: the op then runs as eager does."""
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 5, 5, dtype=torch.float64, device=device)
+    cw = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    rm, rv = torch.zeros(3, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device)
+    (got,) = torch.autograd.grad(bn_relu_conv2d(x, rm, rv, None, None, cw, padding=1).sum(), cw)
+    (want,) = torch.autograd.grad(_eager(x, rm, rv, None, None, cw, None, 1, 1).sum(), cw)
+    torch.testing.assert_close(got, want)
