@@ -257,7 +257,7 @@ def bn_relu_conv2d(x, running_mean, running_var, bn_weight, bn_bias, conv_weight
             momentum, eps, dtype, allow_tf32)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, bn_weight, bn_bias, conv_weight, conv_bias)):
-        if x.is_inference():
+        if not torch.compiler.is_compiling() and x.is_inference():  # (dynamo breaks its graph on is_inference)
             # Autograd cannot save an inference-mode x, which the fused backward needs; eager keeps
             # its own activations instead (and fails alike when the BN parameters need gradients).
             return eager(x, running_mean, running_var, bn_weight, bn_bias, conv_weight, conv_bias, stride, padding,
