@@ -27,6 +27,35 @@ from .utils import tile_2d, tile_index, tile_mask_bits, tile_offsets, tile_setti
 
 
 @triton.jit
+def finish_sums(
+    partial_ptr,  # [2, P, C]: partial sum(g), sum(g * xmu), written by other programs of this launch
+    P, C, cols, col_ok,
+    stats_ptr,  # [2C + 1]: mean, rstd, count
+    sums_ptr,  # [2C] output: sum(g), sum(g * xmu)
+    dw_ptr, db_ptr,  # [C] outputs in the parameters' dtypes, or None
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The last program of a channel block: add the P partial sums, store them and dweight, dbias."""
+    sum_g = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    sum_gx = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        ok = (rows < P)[:, None] & col_ok[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        sum_g += tl.load(partial_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        sum_gx += tl.load(partial_ptr + P * C + offs, mask=ok, other=0.0, cache_modifier=".cg")
+    total_g = tl.sum(sum_g, axis=0)
+    total_gx = tl.sum(sum_gx, axis=0)
+    tl.store(sums_ptr + cols, total_g, mask=col_ok)
+    tl.store(sums_ptr + C + cols, total_gx, mask=col_ok)
+    if dw_ptr is not None:
+        rstd = tl.load(stats_ptr + C + cols, mask=col_ok, other=0.0).to(ACC)
+        tl.store(dw_ptr + cols, (total_gx * rstd).to(dw_ptr.dtype.element_ty), mask=col_ok)
+    if db_ptr is not None:
+        tl.store(db_ptr + cols, total_g.to(db_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
 def _reduce_kernel(
     dz_ptr, x_ptr,  # [N, C, HW] views, any strides
     mask_ptr,  # ReLU mask; (z_sn, z_sc, z_shw) locate each element's bit
@@ -68,23 +97,7 @@ def _reduce_kernel(
     tl.debug_barrier()  # every thread's stores come before the ticket's release
     ticket = tl.atomic_add(ticket_ptr + pid_c, 1, sem="acq_rel")
     if ticket == splits - 1:
-        sum_g = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-        sum_gx = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-        for p0 in range(0, splits, BLOCK_P):
-            rows = p0 + tl.arange(0, BLOCK_P)
-            ok = (rows < splits)[:, None] & col_ok[None, :]
-            offs = rows[:, None] * C + cols[None, :]
-            sum_g += tl.load(partial_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
-            sum_gx += tl.load(partial_ptr + splits * C + offs, mask=ok, other=0.0, cache_modifier=".cg")
-        total_g = tl.sum(sum_g, axis=0)
-        total_gx = tl.sum(sum_gx, axis=0)
-        tl.store(sums_ptr + cols, total_g, mask=col_ok)
-        tl.store(sums_ptr + C + cols, total_gx, mask=col_ok)
-        if dw_ptr is not None:
-            rstd = tl.load(stats_ptr + C + cols, mask=col_ok, other=0.0).to(ACC)
-            tl.store(dw_ptr + cols, (total_gx * rstd).to(dw_ptr.dtype.element_ty), mask=col_ok)
-        if db_ptr is not None:
-            tl.store(db_ptr + cols, total_g.to(db_ptr.dtype.element_ty), mask=col_ok)
+        finish_sums(partial_ptr, splits, C, cols, col_ok, stats_ptr, sums_ptr, dw_ptr, db_ptr, ACC, BLOCK_P, BLOCK_C)
         tl.atomic_xchg(ticket_ptr + pid_c, 0)
 
 

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .batch_norm_backward import finish_sums
 from .launch import Kernel, aligned, cdiv, compiled, counters, next_power_of_2, scratch, sm_count, stream, tensor_key
 from .utils import tl_dtype
 
@@ -201,23 +202,7 @@ def _dgrad_kernel(
         tl.debug_barrier()  # every thread's stores come before the ticket's release
         ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel")
         if ticket == P - 1:
-            sum_g = tl.zeros([BLOCK_P, BLOCK_N], dtype=ACC)
-            sum_gx = tl.zeros([BLOCK_P, BLOCK_N], dtype=ACC)
-            for p0 in range(0, P, BLOCK_P):
-                prow = p0 + tl.arange(0, BLOCK_P)
-                pok = (prow < P)[:, None] & ch_ok[None, :]
-                offs = prow[:, None] * C + ch[None, :]
-                sum_g += tl.load(partial_ptr + offs, mask=pok, other=0.0, cache_modifier=".cg")
-                sum_gx += tl.load(partial_ptr + P * C + offs, mask=pok, other=0.0, cache_modifier=".cg")
-            total_g = tl.sum(sum_g, axis=0)
-            total_gx = tl.sum(sum_gx, axis=0)
-            tl.store(sums_ptr + ch, total_g, mask=ch_ok)
-            tl.store(sums_ptr + C + ch, total_gx, mask=ch_ok)
-            if dbnw_ptr is not None:
-                rstd = tl.load(stats_ptr + C + ch, mask=ch_ok, other=0.0).to(ACC)
-                tl.store(dbnw_ptr + ch, (total_gx * rstd).to(dbnw_ptr.dtype.element_ty), mask=ch_ok)
-            if dbnb_ptr is not None:
-                tl.store(dbnb_ptr + ch, total_g.to(dbnb_ptr.dtype.element_ty), mask=ch_ok)
+            finish_sums(partial_ptr, P, C, ch, ch_ok, stats_ptr, sums_ptr, dbnw_ptr, dbnb_ptr, ACC, BLOCK_P, BLOCK_N)
             tl.atomic_xchg(ticket_ptr + pid_n, 0)
 
 

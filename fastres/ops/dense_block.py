@@ -203,6 +203,26 @@ _NO_DOUBLE_BACKWARD = (
 )
 
 
+def backward_state(ctx, grad_features: Tensor, per_layer: int) -> tuple:
+    """What a dense block's backward starts from: (features, c0, k, fmt, per-layer saved, dropout masks, grad buffer).
+
+    ``per_layer`` tensors were saved for each layer after the features, then
+    the dropout masks. The gradient buffer is ``grad_features`` itself when a
+    transition handed over a fresh one (accumulated into), else a copy.
+    """
+    layers = ctx.layers
+    features, *saved = ctx.saved_tensors
+    k = layers[0].conv2_weight.shape[0]
+    c0, fmt = features.shape[1] - len(layers) * k, _memory_format(features)
+    saved, dropped = saved[: per_layer * len(layers)], iter(saved[per_layer * len(layers) :])
+    masks = [next(dropped) if _drops(layer) else None for layer in layers]
+    if _owned(grad_features) and grad_features.is_contiguous(memory_format=fmt):
+        grad_buffer = grad_features
+    else:
+        grad_buffer = grad_features.clone(memory_format=fmt)
+    return features, c0, k, fmt, saved, masks, grad_buffer
+
+
 class DenseBlockFunction(torch.autograd.Function):
     """``forward`` returns ``(features, *saved)``, the saved tensors non-differentiable, so that
     ``setup_context`` can save them: the form functorch transforms require."""
@@ -253,15 +273,7 @@ class DenseBlockFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(_NO_DOUBLE_BACKWARD)
         layers = ctx.layers
-        features, *saved = ctx.saved_tensors
-        k = layers[0].conv2_weight.shape[0]
-        c0, fmt = features.shape[1] - len(layers) * k, _memory_format(features)
-        saved, dropped = saved[: 5 * len(layers)], iter(saved[5 * len(layers) :])
-        masks = [next(dropped) if _drops(layer) else None for layer in layers]
-        if _owned(grad_features) and grad_features.is_contiguous(memory_format=fmt):
-            grad_buffer = grad_features  # a transition's fresh gradient: accumulate into it
-        else:
-            grad_buffer = grad_features.clone(memory_format=fmt)
+        features, c0, k, fmt, saved, masks, grad_buffer = backward_state(ctx, grad_features, 5)
         scratch1, scratch2 = _scratch(features, c0, k, layers, ctx.conv_dtype)
 
         grads = [None] * (len(layers) * _PARAMS_PER_LAYER)

@@ -32,8 +32,8 @@ from .batch_norm import acc_dtype, out_strides, shape3, view3
 from .bn_relu_conv import conv_dtype, empty_weight_grad, statistics
 from .dense_block import (
     _NO_DOUBLE_BACKWARD, DenseLayerArgs, _apply, _drops, _memory_format, _params, _scratch_view, _PARAMS_PER_LAYER,
+    backward_state,
 )
-from .owned import owned
 
 
 def _moments_into(t: Tensor, cache: Tensor, count: Tensor, start: int) -> None:
@@ -149,15 +149,7 @@ class FusedDenseBlockFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(_NO_DOUBLE_BACKWARD)
         layers, dtype, tf32 = ctx.layers, ctx.conv_dtype, ctx.allow_tf32
-        features, *saved = ctx.saved_tensors
-        k = layers[0].conv2_weight.shape[0]
-        c0, fmt = features.shape[1] - len(layers) * k, _memory_format(features)
-        saved, dropped = saved[: 3 * len(layers)], iter(saved[3 * len(layers) :])
-        masks = [next(dropped) if _drops(layer) else None for layer in layers]
-        if owned(grad_features) and grad_features.is_contiguous(memory_format=fmt):
-            grad_buffer = grad_features  # a transition's fresh gradient: accumulate into it
-        else:
-            grad_buffer = grad_features.clone(memory_format=fmt)
+        features, c0, k, fmt, saved, masks, grad_buffer = backward_state(ctx, grad_features, 3)
         n, _, h, w = features.shape
         scratch = torch.empty(n * (c0 + (len(layers) - 1) * k) * h * w, dtype=features.dtype, device=features.device)
         conv = kernels("bn_relu_conv")
