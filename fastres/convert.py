@@ -1,21 +1,29 @@
 """Swap fused blocks into an existing model, keeping its weights."""
 
 import sys
+import warnings
+from collections import OrderedDict
 
 from torch import nn
 
+from .conversion_report import ConversionReport
 from .models.densenet import DenseNet
 from .models.resnet import ResNet
 from .nn.batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d
 from .nn.densenet import DenseBlock, DenseLayer, Transition
 from .nn.module_state import has_hooks
+from .nn.preact_blocks import PreActBasicBlock, PreActBottleneck
 from .nn.resnet_blocks import BasicBlock, Bottleneck
+from .nn.timm_blocks import TimmBasicBlock, TimmBottleneck
 
-_FUSED_BLOCKS = (BasicBlock, Bottleneck, DenseBlock, DenseLayer, Transition)
+_FUSED_BLOCKS = (
+    TimmBasicBlock, TimmBottleneck, PreActBasicBlock, PreActBottleneck,
+    BasicBlock, Bottleneck, DenseBlock, DenseLayer, Transition,
+)
 _FUSED_NORMS = {nn.BatchNorm2d: BatchNormReLU2d, nn.SyncBatchNorm: SyncBatchNormReLU2d}
 
 
-def convert(model: nn.Module) -> nn.Module:
+def convert(model: nn.Module, report: bool = False):
     """Fuse what can be fused in ``model``, in place.
 
     - torchvision-style ``BasicBlock``/``Bottleneck`` become fastres's blocks
@@ -30,6 +38,17 @@ def convert(model: nn.Module) -> nn.Module:
       final BN-ReLU) fused in forward as in fastres's builders, so the same
       activation memory, and BatchNorm modules that stay BatchNorms (which
       ``nn.SyncBatchNorm.convert_sync_batchnorm`` can convert).
+    - timm's ResNets (``timm.models.resnet``: resnet18/50, resnet50d,
+      resnext, seresnet, anti-aliased, DropBlock and drop-path variants):
+      ``BasicBlock``/``Bottleneck`` become ``fastres.nn.TimmBasicBlock``/
+      ``TimmBottleneck``, which fuse each BN -> act -> conv, BN -> act and
+      BN -> add -> act that follows the plain pattern (ReLU, nothing between)
+      and run ``se``, ``aa``, ``drop_block`` and ``drop_path`` as written;
+      the stem's ``bn1``/``act1`` become one ``BatchNormReLU2d``.
+    - timm's ResNetV2 (``timm.models.resnetv2``): ``PreActBasic``/
+      ``PreActBottleneck`` become fastres's, each convolution a fused
+      BN-ReLU-convolution; every ``BatchNormAct2d`` with a plain ReLU becomes
+      a ``BatchNormReLU2d`` (same state_dict).
     - BatchNorm2d -> ReLU pairs in any plain ``nn.Sequential`` (one whose
       forward is ``nn.Sequential.forward``; a subclass with its own forward
       may return or use the BN's output, so it is left alone) become one
@@ -42,32 +61,84 @@ def convert(model: nn.Module) -> nn.Module:
     they are. Fused modules share the old ones' parameters, buffers and hooks,
     so optimizers and state_dict keys are unaffected. A pair where either
     module has forward hooks is left alone (fusing would change what the
-    hooks see). Returns ``model`` (or the fused block, if ``model`` itself is
-    a block).
+    hooks see). Results are the same either way.
+
+    Returns ``model`` (or the fused block, if ``model`` itself is a block);
+    with ``report=True``, ``(model, ConversionReport)``: what was fused, and
+    each batch norm left running as written with the reason. A model in
+    which nothing could be fused draws a warning that says so.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    fused = _fused_version(model)
-    root = model if fused is None else fused
-    for parent in list(root.modules()):
+    if not isinstance(report, bool):
+        raise TypeError(f"report must be a bool, got {type(report).__name__}")
+    notes = ConversionReport(type(model).__name__)
+    already = any(_is_fastres(m) for m in model.modules())
+    root = _norm_act_version(model) or model
+    _convert_norm_acts(root, notes)
+    fused = _fused_version(root, "", notes)
+    root = fused or root
+    for prefix, parent in list(root.named_modules()):
         for name, child in list(parent.named_children()):
-            fused = _fused_version(child)
+            fused = _fused_version(child, _join(prefix, name), notes)
             if fused is not None:
                 setattr(parent, name, fused)
-    for module in list(root.modules()):
+    for path, module in list(root.named_modules()):
         if _is_torchvision_densenet(module):
             module.__class__ = DenseNet
+            notes.add_fused(path, "torchvision DenseNet -> fastres DenseNet (stem and final BN-ReLU fused)")
         elif _is_torchvision_resnet(module):
             module.__class__ = ResNet
-    _fuse_pairs_outside_fastres(root)
-    return root
+            notes.add_fused(path, "torchvision ResNet -> fastres ResNet (stem BN-ReLU fused)")
+        elif _is_timm_resnet(module):
+            module.bn1 = _FUSED_NORMS[type(module.bn1)].from_module(module.bn1)
+            module.act1 = nn.Identity()
+            notes.add_fused(_join(path, "bn1"), "bn1 -> act1 (BN-ReLU)")
+    _fuse_pairs_outside_fastres(root, "", notes)
+    notes.find_left(root)
+    if not notes.fused and not already:
+        warnings.warn(f"fastres.convert: nothing in this {type(model).__name__} could be fused; "
+                      f"it runs as before.{notes.left_summary()}", UserWarning, stacklevel=2)
+    return (root, notes) if report else root
 
 
-def _fused_version(module: nn.Module) -> nn.Module | None:
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _fused_version(module: nn.Module, path: str, notes: ConversionReport) -> nn.Module | None:
     for cls in _FUSED_BLOCKS:
         if cls.is_convertible(module):
-            return cls.from_module(module)
+            fused = cls.from_module(module)
+            # A block in which nothing matches stays the module it was.
+            return fused if notes.add_block(path, module, fused) else None
     return None
+
+
+def _timm_class(module_name: str, class_name: str) -> type | None:
+    return getattr(sys.modules.get(module_name), class_name, None)
+
+
+def _norm_act_version(module: nn.Module) -> BatchNormReLU2d | None:
+    """timm's ``BatchNormAct2d`` with a plain ReLU and no dropout, as a ``BatchNormReLU2d`` (its state shared)."""
+    if type(module) is not _timm_class("timm.layers.norm_act", "BatchNormAct2d"):
+        return None
+    act, drop = module._modules.get("act"), module._modules.get("drop")
+    if type(act) is not nn.ReLU or type(drop) is not nn.Identity or has_hooks(module) or has_hooks(act):
+        return None
+    fused = BatchNormReLU2d.__new__(BatchNormReLU2d)
+    fused.__dict__.update(module.__dict__)
+    fused._modules = OrderedDict()  # the act and drop are the forward's own now
+    return fused
+
+
+def _convert_norm_acts(root: nn.Module, notes: ConversionReport) -> None:
+    for prefix, parent in list(root.named_modules()):
+        for name, child in list(parent.named_children()):
+            fused = _norm_act_version(child)
+            if fused is not None:
+                parent._modules[name] = fused
+                notes.count_norm_act()
 
 
 def _is_fastres(module: nn.Module) -> bool:
@@ -104,6 +175,14 @@ def _is_torchvision_resnet(module: nn.Module) -> bool:
     return type(module) is _torchvision_class("torchvision.models.resnet", "ResNet")
 
 
+def _is_timm_resnet(module: nn.Module) -> bool:
+    """timm's ResNet, whose ``forward_features`` runs ``act1(bn1(conv1(x)))``: the pair can be one fused BN-ReLU."""
+    if type(module) is not _timm_class("timm.models.resnet", "ResNet"):
+        return False
+    bn, act = module._modules.get("bn1"), module._modules.get("act1")
+    return type(bn) in _FUSED_NORMS and type(act) is nn.ReLU and not has_hooks(bn) and not has_hooks(act)
+
+
 def _pairs(module: nn.Module) -> list[tuple[str, str]]:
     """(norm, relu) child names that ``module``'s forward runs back to back: a plain Sequential's."""
     if type(module).forward is nn.Sequential.forward:  # each child's output feeds the next
@@ -112,15 +191,15 @@ def _pairs(module: nn.Module) -> list[tuple[str, str]]:
     return []
 
 
-def _fuse_pairs_outside_fastres(module: nn.Module) -> None:
+def _fuse_pairs_outside_fastres(module: nn.Module, path: str, notes: ConversionReport) -> None:
     if _is_fastres(module):
         return  # fastres's modules run their BN-ReLUs fused already (or recompute them), as they are
-    _fuse_bn_relu_pairs(module)
-    for child in module.children():
-        _fuse_pairs_outside_fastres(child)
+    _fuse_bn_relu_pairs(module, path, notes)
+    for name, child in module.named_children():
+        _fuse_pairs_outside_fastres(child, _join(path, name), notes)
 
 
-def _fuse_bn_relu_pairs(module: nn.Module) -> None:
+def _fuse_bn_relu_pairs(module: nn.Module, path: str, notes: ConversionReport) -> None:
     for norm_name, relu_name in _pairs(module):
         norm, relu = module._modules.get(norm_name), module._modules.get(relu_name)
         if type(norm) not in _FUSED_NORMS or type(relu) is not nn.ReLU:
@@ -129,3 +208,4 @@ def _fuse_bn_relu_pairs(module: nn.Module) -> None:
             continue
         module._modules[norm_name] = _FUSED_NORMS[type(norm)].from_module(norm)
         module._modules[relu_name] = nn.Identity()
+        notes.add_fused(_join(path, norm_name), f"{norm_name} -> {relu_name} (BN-ReLU)")

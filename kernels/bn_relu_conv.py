@@ -311,13 +311,22 @@ def wide(x: torch.Tensor, dot_dtype: torch.dtype, allow_tf32: bool) -> bool:
                                  (dot_dtype == torch.float32 and allow_tf32))
 
 
+def _interpreter_blocks(rows: int, cols: int, k: int) -> tuple:
+    """The interpreter runs programs one after another, each tile op a numpy call: on large problems
+    (a ResNet's 512 channels) fewer, larger tiles; small ones keep small tiles, so tests cover tails."""
+    return (32 if rows <= 128 else 64, 32 if cols <= 64 else 128, 16 if k <= 64 else 64, 1, 1)
+
+
 def _fit(config: tuple, rows: int, cols: int, k: int, dtype: torch.dtype) -> tuple:
     """A config shrunk to the problem (blocks no larger than needed, >= 16) and to fp32/fp64 operands."""
+    interpreted = config == INTERPRETER_CONFIG
+    if interpreted:
+        config = _interpreter_blocks(rows, cols, k)
     bm, bn, bk, warps, stages = config
     bm = max(16, min(bm, next_power_of_2(rows)))
     bn = max(16, min(bn, next_power_of_2(cols)))
     bk = max(16, min(bk, next_power_of_2(k)))
-    if dtype.itemsize >= 4:  # twice the bytes per operand: half the K block, as much shared memory
+    if dtype.itemsize >= 4 and not (interpreted and k > 64):  # twice the bytes per operand: half the K block, as much shared memory
         bk = max(16, bk // (dtype.itemsize // 2))
     return bm, bn, bk, warps, stages
 

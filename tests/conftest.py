@@ -67,10 +67,26 @@ def _bfloat16_dot_in_interpreter() -> None:
     interpreter.InterpreterBuilder.create_dot = widening_create_dot
 
 
+def _no_overflow_checks_in_interpreter() -> None:
+    """Turn off the interpreter's int32 overflow check on every integer add and multiply.
+
+    It costs about 40% of the interpreter's time in the convolution kernels'
+    index arithmetic and can only fire on offsets past 2**31, which the tests'
+    tensors never reach; compiled kernels do not check either. Tests only.
+    """
+    import dataclasses
+
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     try:
         _round_bfloat16_to_nearest_in_interpreter()
         _bfloat16_dot_in_interpreter()
+        _no_overflow_checks_in_interpreter()
     except ImportError:  # no Triton: only the eager paths run
         pass
 
@@ -112,3 +128,13 @@ def path(request, monkeypatch) -> str:
 def tv():
     """torchvision, the eager reference for blocks and models."""
     return import_torchvision()
+
+
+@pytest.fixture(scope="session")
+def timm(tv):
+    """timm (it imports torchvision, so after the same stub), the reference for pre-activation ResNets."""
+    try:
+        import timm
+    except ImportError as err:  # a test-only dependency: .ci/requirements-nodeps.txt
+        raise RuntimeError("the timm tests need timm: pip install --no-deps -r .ci/requirements-nodeps.txt") from err
+    return timm

@@ -3,7 +3,12 @@
 It holds a ``norm`` (``nn.BatchNorm2d``) and a ``conv`` (``nn.Conv2d``), so
 its state_dict keys are ``norm.*`` and ``conv.*``. ``bn_relu_conv(norm, conv,
 x)`` runs ``conv(relu(norm(x)))`` for any such pair: fused for a plain
-BatchNorm2d and a zero-padded Conv2d without hooks, as written otherwise.
+BatchNorm2d (or a ``BatchNormReLU2d``, whose ReLU is its own) and a
+zero-padded Conv2d without hooks, as written otherwise.
+``bn_relu_conv_pair`` runs two convolutions on one pre-activation (a
+pre-activation block's conv1 and projection shortcut). ``norm_act_conv`` and
+``norm_act_conv_pair`` take timm's convention instead, a norm-act module whose
+own forward applies the activation: fused for a ``BatchNormReLU2d``.
 """
 
 import torch.nn.functional as F
@@ -11,15 +16,37 @@ from torch import Tensor, nn
 
 from .._checks import check_4d
 from ..functional import bn_relu_conv2d
-from .batch_norm import batch_norm
+from .batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d, batch_norm
 from .module_state import NotScriptable, has_hooks, running_stats_args, sync_world
+
+
+_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+_NORM_RELUS = (BatchNormReLU2d, SyncBatchNormReLU2d)  # the ReLU is the module's own
 
 
 def fusable(norm: nn.Module, conv: nn.Module) -> bool:
     """Whether ``conv(relu(norm(x)))`` can run as one fused op (per call, SyncBN may still synchronize)."""
     return (
-        type(norm) in (nn.BatchNorm2d, nn.SyncBatchNorm) and type(conv) is nn.Conv2d
+        type(norm) in _NORMS + _NORM_RELUS and type(conv) is nn.Conv2d
         and conv.padding_mode == "zeros" and not has_hooks(norm) and not has_hooks(conv)
+    )
+
+
+def _fused(norm: nn.Module, *convs: nn.Module) -> bool:
+    return all(fusable(norm, conv) for conv in convs) and not (
+        isinstance(norm, nn.SyncBatchNorm) and sync_world(norm, norm.training)
+    )
+
+
+def pre_activation(norm: nn.Module, x: Tensor) -> Tensor:
+    """``relu(norm(x))``, stored: what the modules compute when they cannot be fused with a convolution."""
+    return norm(x) if type(norm) in _NORM_RELUS else F.relu(batch_norm(norm, x))
+
+
+def _conv(conv: nn.Conv2d, x: Tensor, running_mean, running_var, norm, bn_training: bool, factor: float) -> Tensor:
+    return bn_relu_conv2d(
+        x, running_mean, running_var, norm.weight, norm.bias, conv.weight, conv.bias, conv.stride, conv.padding,
+        conv.dilation, conv.groups, bn_training, factor, norm.eps,
     )
 
 
@@ -30,14 +57,30 @@ def bn_relu_conv(norm: nn.Module, conv: nn.Module, x: Tensor) -> Tensor:
     update and ``num_batches_tracked``. A synchronizing SyncBatchNorm, another
     norm or convolution type, or modules with hooks run as written.
     """
-    if not fusable(norm, conv) or (isinstance(norm, nn.SyncBatchNorm) and sync_world(norm, norm.training)):
-        return conv(F.relu(batch_norm(norm, x)))
+    if not _fused(norm, conv):
+        return conv(pre_activation(norm, x))
     check_4d("x", x, type(norm).__name__, norm.num_features, "num_features")
     running_mean, running_var, bn_training, factor = running_stats_args(norm)
-    return bn_relu_conv2d(
-        x, running_mean, running_var, norm.weight, norm.bias, conv.weight, conv.bias, conv.stride, conv.padding,
-        conv.dilation, conv.groups, bn_training, factor, norm.eps,
-    )
+    return _conv(conv, x, running_mean, running_var, norm, bn_training, factor)
+
+
+def bn_relu_conv_pair(norm: nn.Module, conv_a: nn.Module, conv_b: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(conv_a(a), conv_b(a))`` with ``a = relu(norm(x))``: one batch norm (one statistics update), two convolutions.
+
+    Fused, each convolution applies the BN-ReLU as it loads x, so ``a`` is
+    never stored; the second normalises with the same batch statistics
+    without updating the running ones again, and autograd sums the two
+    paths' gradients as it sums the two uses of ``a`` in eager.
+    """
+    if not _fused(norm, conv_a, conv_b):
+        a = pre_activation(norm, x)
+        return conv_a(a), conv_b(a)
+    check_4d("x", x, type(norm).__name__, norm.num_features, "num_features")
+    running_mean, running_var, bn_training, factor = running_stats_args(norm)
+    first = _conv(conv_a, x, running_mean, running_var, norm, bn_training, factor)
+    if bn_training:  # batch statistics again, the running ones already updated
+        running_mean = running_var = None
+    return first, _conv(conv_b, x, running_mean, running_var, norm, bn_training, factor)
 
 
 class BNReLUConv2d(NotScriptable, nn.Module):
@@ -61,3 +104,16 @@ class BNReLUConv2d(NotScriptable, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return bn_relu_conv(self.norm, self.conv, x)
+
+
+def norm_act_conv(norm: nn.Module, conv: nn.Module, x: Tensor) -> Tensor:
+    """``conv(norm(x))`` for a norm-act module (timm's convention): fused when ``norm`` is a ``BatchNormReLU2d``."""
+    return bn_relu_conv(norm, conv, x) if type(norm) in _NORM_RELUS else conv(norm(x))
+
+
+def norm_act_conv_pair(norm: nn.Module, conv_a: nn.Module, conv_b: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(conv_a(a), conv_b(a))`` with ``a = norm(x)`` for a norm-act module, as ``bn_relu_conv_pair``."""
+    if type(norm) in _NORM_RELUS:
+        return bn_relu_conv_pair(norm, conv_a, conv_b, x)
+    a = norm(x)
+    return conv_a(a), conv_b(a)

@@ -1,0 +1,295 @@
+"""Pre-activation ResNets (He et al. 2016, "Identity Mappings in Deep Residual Networks") shaped like timm's.
+
+``ResNetV2`` and the ``resnetv2_*`` builders have the module names, argument
+names and state_dict keys (in order) of timm's BatchNorm ``resnetv2_*``
+models, so ``fastres.models.resnetv2_50().load_state_dict(
+timm.create_model("resnetv2_50").state_dict())`` loads strictly. Every
+convolution after the stem runs as one fused BN-ReLU-convolution, and the
+final BN-ReLU as one fused pass. The same seed builds the same weights as
+timm.
+"""
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_4d
+from ..nn.batch_norm import BatchNormReLU2d
+from ..nn.bn_relu_conv import norm_act_conv
+from ..nn.module_state import NotScriptable
+from ..nn.preact_blocks import (
+    DownsampleAvg, DownsampleConv, PreActBasicBlock, PreActBottleneck, conv2d, make_divisible,
+)
+
+__all__ = [
+    "ResNetV2", "resnetv2_18", "resnetv2_18d", "resnetv2_34", "resnetv2_34d", "resnetv2_50", "resnetv2_50d",
+    "resnetv2_101", "resnetv2_101d", "resnetv2_152", "resnetv2_152d",
+]
+
+_STEM_TYPES = ("", "fixed", "deep", "deep_fixed", "tiered")
+_POOLS = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
+
+
+class ResNetStage(nn.Module):
+    """One stage: ``blocks``, the first with the stride and the projection shortcut (timm's ``ResNetStage``)."""
+
+    def __init__(
+        self, in_chs: int, out_chs: int, stride: int, dilation: int, depth: int, bottle_ratio: float = 0.25,
+        groups: int = 1, avg_down: bool = False, block_dpr: Sequence[float] | None = None,
+        block_fn: type = PreActBottleneck, device=None, dtype=None,
+    ):
+        super().__init__()
+        first_dilation = 1 if dilation in (1, 2) else 2
+        proj_layer = DownsampleAvg if avg_down else DownsampleConv
+        prev_chs = in_chs
+        self.blocks = nn.Sequential()
+        for block_idx in range(depth):
+            self.blocks.add_module(str(block_idx), block_fn(
+                prev_chs, out_chs, stride=stride if block_idx == 0 else 1, dilation=dilation,
+                bottle_ratio=bottle_ratio, groups=groups, first_dilation=first_dilation, proj_layer=proj_layer,
+                drop_path_rate=block_dpr[block_idx] if block_dpr else 0.0, device=device, dtype=dtype,
+            ))
+            prev_chs, first_dilation, proj_layer = out_chs, dilation, None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(x)
+
+
+class ClassifierHead(nn.Module):
+    """Global pooling, dropout, and a 1x1-convolution classifier (``fc``), flattened: timm's head with ``use_conv``."""
+
+    def __init__(self, in_features: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        if pool_type not in _POOLS:
+            raise ValueError(f"global_pool must be one of {sorted(_POOLS)}, got {pool_type!r}")
+        self.in_features = self.num_features = in_features
+        self.pool_type = pool_type
+        self.global_pool = _POOLS[pool_type](1)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = _fc(in_features, num_classes, device, dtype)
+        self.flatten = nn.Flatten(1)
+
+    def reset(self, num_classes: int, pool_type: str | None = None) -> None:
+        if pool_type is not None and pool_type != self.pool_type:
+            if pool_type not in _POOLS:
+                raise ValueError(f"global_pool must be one of {sorted(_POOLS)}, got {pool_type!r}")
+            self.pool_type, self.global_pool = pool_type, _POOLS[pool_type](1)
+        weight = getattr(self.fc, "weight", None)
+        device, dtype = (weight.device, weight.dtype) if weight is not None else (None, None)
+        self.fc = _fc(self.in_features, num_classes, device, dtype)
+        _init_classifier(self.fc)
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.drop(self.global_pool(x))
+        return self.flatten(x if pre_logits else self.fc(x))
+
+
+def _fc(in_features: int, num_classes: int, device, dtype) -> nn.Module:
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0 (0: no classifier), got {num_classes}")
+    return nn.Conv2d(in_features, num_classes, 1, device=device, dtype=dtype) if num_classes else nn.Identity()
+
+
+def _init_classifier(fc: nn.Module) -> None:
+    if isinstance(fc, nn.Conv2d):
+        nn.init.normal_(fc.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(fc.bias)
+
+
+def _stem(in_chans: int, out_chs: int, stem_type: str, small_inputs: bool, dd: dict) -> nn.Sequential:
+    """timm's ``create_resnetv2_stem`` (pre-activation: no norm after the last convolution)."""
+    stem = OrderedDict()
+    if small_inputs:  # CIFAR: one 3x3 convolution at full resolution, no pooling
+        stem["conv"] = conv2d(in_chans, out_chs, 3, **dd)
+        return nn.Sequential(stem)
+    if stem_type in ("deep", "deep_fixed", "tiered"):
+        chs = (3 * out_chs // 8, out_chs // 2) if stem_type == "tiered" else (out_chs // 2, out_chs // 2)
+        stem["conv1"] = conv2d(in_chans, chs[0], 3, stride=2, **dd)
+        stem["norm1"] = BatchNormReLU2d(chs[0], **dd)
+        stem["conv2"] = conv2d(chs[0], chs[1], 3, stride=1, **dd)
+        stem["norm2"] = BatchNormReLU2d(chs[1], **dd)
+        stem["conv3"] = conv2d(chs[1], out_chs, 3, stride=1, **dd)
+    else:
+        stem["conv"] = conv2d(in_chans, out_chs, 7, stride=2, **dd)
+    if "fixed" in stem_type:  # BiT's approximation of 'SAME' padding
+        stem["pad"] = nn.ConstantPad2d(1, 0.0)
+        stem["pool"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=0)
+    else:
+        stem["pool"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    return nn.Sequential(stem)
+
+
+def drop_path_rates(drop_path_rate: float, layers: Sequence[int]) -> list[list[float]]:
+    """Per block, rising linearly from 0 to ``drop_path_rate`` over the whole network (timm's schedule)."""
+    return [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(layers), device="cpu").split(list(layers))]
+
+
+class ResNetV2(NotScriptable, nn.Module):
+    """timm's ``ResNetV2`` with BatchNorm-ReLU pre-activations (its ``resnetv2_18 ... resnetv2_152d``).
+
+    Arguments are timm's: ``layers`` (blocks per stage), ``channels`` (output
+    channels per stage), ``num_classes`` (0: no classifier), ``in_chans``,
+    ``global_pool`` ('avg' or 'max'), ``output_stride`` (32, 16 or 8: later
+    strides become dilations), ``width_factor``, ``stem_chs``, ``stem_type``
+    ('', 'fixed', 'deep', 'deep_fixed', 'tiered'), ``avg_down`` (the 'd'
+    variants' pooled projection), ``basic`` (``PreActBasicBlock``, else
+    ``PreActBottleneck``), ``bottle_ratio``, ``drop_rate`` (before the
+    classifier), ``drop_path_rate`` (stochastic depth, rising per block),
+    ``zero_init_last``. ``small_inputs=True`` makes the stem one 3x3
+    convolution without pooling, for 32x32 images (CIFAR).
+    """
+
+    def __init__(
+        self, layers: Sequence[int], channels: Sequence[int] = (256, 512, 1024, 2048), num_classes: int = 1000,
+        in_chans: int = 3, global_pool: str = "avg", output_stride: int = 32, width_factor: int = 1,
+        stem_chs: int = 64, stem_type: str = "", avg_down: bool = False, preact: bool = True, basic: bool = False,
+        bottle_ratio: float = 0.25, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+        zero_init_last: bool = False, small_inputs: bool = False, device=None, dtype=None,
+    ):
+        super().__init__()
+        if not preact:
+            raise ValueError("preact=False (timm's non-pre-activation ResNetV2 for ViT hybrids) is not supported")
+        if stem_type not in _STEM_TYPES:
+            raise ValueError(f"stem_type must be one of {_STEM_TYPES}, got {stem_type!r}")
+        if small_inputs and stem_type:
+            raise ValueError(f"small_inputs=True replaces the stem: stem_type must be '', got {stem_type!r}")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        if len(layers) != len(channels):
+            raise ValueError(f"layers and channels must have one entry per stage, got {len(layers)} and {len(channels)}")
+        dd = {"device": device, "dtype": dtype}
+        self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
+        stem_chs = make_divisible(stem_chs * width_factor)
+        self.stem = _stem(in_chans, stem_chs, stem_type, small_inputs, dd)
+
+        prev_chs, curr_stride, dilation = stem_chs, 1 if small_inputs else 4, 1
+        block_fn = PreActBasicBlock if basic else PreActBottleneck
+        self.stages = nn.Sequential()
+        for stage_idx, (depth, c, dpr) in enumerate(zip(layers, channels, drop_path_rates(drop_path_rate, layers))):
+            out_chs = make_divisible(c * width_factor)
+            stride = 1 if stage_idx == 0 else 2
+            if curr_stride >= output_stride:
+                dilation *= stride
+                stride = 1
+            self.stages.add_module(str(stage_idx), ResNetStage(
+                prev_chs, out_chs, stride=stride, dilation=dilation, depth=depth, bottle_ratio=bottle_ratio,
+                avg_down=avg_down, block_dpr=dpr, block_fn=block_fn, **dd,
+            ))
+            prev_chs = out_chs
+            curr_stride *= stride
+        self.num_features = self.head_hidden_size = prev_chs
+        self.norm = BatchNormReLU2d(prev_chs, **dd)
+        self.head = ClassifierHead(prev_chs, num_classes, global_pool, drop_rate, **dd)
+        self.init_weights(zero_init_last)
+
+    @torch.no_grad()
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        """timm's: Kaiming-normal (fan out) convolutions, N(0, 0.01) classifier, unit BatchNorms."""
+        for name, m in self.named_modules():
+            if name == "head.fc":
+                _init_classifier(m)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif zero_init_last and isinstance(m, (PreActBasicBlock, PreActBottleneck)):
+                m.zero_init_last()
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def _stem_forward(self, x: Tensor) -> Tensor:
+        stem = self.stem
+        if type(stem) is not nn.Sequential or "norm1" not in stem._modules or stem._forward_hooks \
+                or stem._forward_pre_hooks:
+            return stem(x)
+        # The deep stem: conv1, then each norm's BN-ReLU fused into the convolution after it.
+        x = stem.conv1(x)
+        x = norm_act_conv(stem.norm1, stem.conv2, x)
+        x = norm_act_conv(stem.norm2, stem.conv3, x)
+        for name in list(stem._modules)[5:]:
+            x = stem._modules[name](x)
+        return x
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        check_4d("x", x, "ResNetV2", self.in_chans, "in_chans")
+        return self.norm(self.stages(self._stem_forward(x)))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _resnetv2(layers: Sequence[int], basic: bool, deep: bool, kwargs: dict[str, Any]) -> ResNetV2:
+    arch: dict[str, Any] = {"layers": layers}
+    if basic:
+        arch.update(channels=(64, 128, 256, 512), basic=True, bottle_ratio=1.0)
+    if deep:
+        arch.update(stem_type="deep", avg_down=True)
+    clash = sorted(set(arch) & set(kwargs))
+    if clash:
+        raise TypeError(f"these arguments are fixed by the builder: {', '.join(clash)}")
+    return ResNetV2(**arch, **kwargs)
+
+
+def resnetv2_18(**kwargs: Any) -> ResNetV2:
+    """ResNetV2-18: pre-activation basic blocks, [2, 2, 2, 2]."""
+    return _resnetv2([2, 2, 2, 2], True, False, kwargs)
+
+
+def resnetv2_18d(**kwargs: Any) -> ResNetV2:
+    """ResNetV2-18d: deep 3x3 stem, average-pooled projections."""
+    return _resnetv2([2, 2, 2, 2], True, True, kwargs)
+
+
+def resnetv2_34(**kwargs: Any) -> ResNetV2:
+    """ResNetV2-34: pre-activation basic blocks, [3, 4, 6, 3]."""
+    return _resnetv2([3, 4, 6, 3], True, False, kwargs)
+
+
+def resnetv2_34d(**kwargs: Any) -> ResNetV2:
+    """ResNetV2-34d."""
+    return _resnetv2([3, 4, 6, 3], True, True, kwargs)
+
+
+def resnetv2_50(**kwargs: Any) -> ResNetV2:
+    """ResNetV2-50: pre-activation bottlenecks, [3, 4, 6, 3]."""
+    return _resnetv2([3, 4, 6, 3], False, False, kwargs)
+
+
+def resnetv2_50d(**kwargs: Any) -> ResNetV2:
+    """ResNetV2-50d."""
+    return _resnetv2([3, 4, 6, 3], False, True, kwargs)
+
+
+def resnetv2_101(**kwargs: Any) -> ResNetV2:
+    """ResNetV2-101: [3, 4, 23, 3]."""
+    return _resnetv2([3, 4, 23, 3], False, False, kwargs)
+
+
+def resnetv2_101d(**kwargs: Any) -> ResNetV2:
+    """ResNetV2-101d."""
+    return _resnetv2([3, 4, 23, 3], False, True, kwargs)
+
+
+def resnetv2_152(**kwargs: Any) -> ResNetV2:
+    """ResNetV2-152: [3, 8, 36, 3]."""
+    return _resnetv2([3, 8, 36, 3], False, False, kwargs)
+
+
+def resnetv2_152d(**kwargs: Any) -> ResNetV2:
+    """ResNetV2-152d."""
+    return _resnetv2([3, 8, 36, 3], False, True, kwargs)
