@@ -11,8 +11,8 @@
 # fp32 NCHW, with the copy-bandwidth ceiling); BN-ReLU / BN-add-ReLU at ResNet-50's
 # shapes, batch 64, bf16 channels_last; BN-ReLU-Conv2d (fastres vs cuDNN) at DenseNet-121's
 # 1x1 and 3x3 convolutions and pre-activation ResNet-50's two strided ones, batch 64, bf16
-# channels_last; a ResNet-50 bf16 channels_last training step at batch 64; DenseNet-121 at
-# batch 64, 224x224, bf16. Left out (run the suites for them): torch.compile in the op
+# channels_last; ResNet-50 (against torchvision) and ResNetV2-50 (against timm) bf16
+# channels_last training steps at batch 64; DenseNet-121 at batch 64, 224x224, bf16. Left out (run the suites for them): torch.compile in the op
 # suites and the training steps (its cold compile alone is minutes), batch 256, float32
 # and NCHW batch norm and BN-ReLU-Conv2d, BN-ReLU-Conv2d's other ResNet-50 shapes, ResNet-50
 # batch 128, DenseNet-BC, the blocks suite, torch.compile's DenseNet and every CPU case.
@@ -52,7 +52,7 @@ stage tests 150 env FASTRES_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider \
     --junitxml="$OUT/tests.xml" \
     tests/test_ext.py tests/test_add_relu.py tests/test_batch_norm.py tests/test_compile.py \
     tests/test_bn_relu_conv.py tests/test_dense_fused.py tests/test_densenet.py tests/test_resnet.py \
-    tests/test_convert.py tests/test_bad_input.py
+    tests/test_convert.py tests/test_bad_input.py tests/test_resnetv2.py tests/test_convert_timm.py
 
 BENCH=(-p no:cacheprovider --benchmark-only -q)
 stage bench_add_relu 45 $PY -m pytest benchmarks/test_add_relu.py "${BENCH[@]}" \
@@ -64,8 +64,9 @@ stage bench_batch_norm 60 $PY -m pytest benchmarks/test_batch_norm.py "${BENCH[@
 stage bench_bn_relu_conv 75 $PY -m pytest benchmarks/test_bn_relu_conv.py "${BENCH[@]}" \
     -k "N64 and bfloat16 and channels_last and not compile and (densenet121 or 3x3s2 or 1x1s2)" \
     --benchmark-json "$OUT/bn_relu_conv.json"
-stage bench_resnet50 70 $PY -m pytest benchmarks/test_training_step.py "${BENCH[@]}" \
-    -k "resnet50 and N64 and not compile" --benchmark-json "$OUT/resnet50_step.json"
+# ResNet-50 against torchvision and the pre-activation ResNetV2-50 against timm, one process.
+stage bench_resnet50 100 $PY -m pytest benchmarks/test_training_step.py "${BENCH[@]}" \
+    -k "(resnet50-N64 or resnetv2_50-N64) and not compile" --benchmark-json "$OUT/resnet50_step.json"
 stage bench_densenet121 50 $PY -m pytest benchmarks/test_densenet.py "${BENCH[@]}" \
     -k "densenet121 and bfloat16" --benchmark-json "$OUT/densenet121_step.json"
 for f in "$OUT"/add_relu.json "$OUT"/batch_norm.json "$OUT"/bn_relu_conv.json "$OUT"/resnet50_step.json \

@@ -1,10 +1,11 @@
-"""A whole training step: fastres.models vs torchvision (eager) vs torch.compile.
+"""A whole training step: fastres.models vs the eager model it replaces vs torch.compile.
 
-One step is what a training loop runs per batch: ``zero_grad``, forward,
-cross-entropy on random labels, backward and an SGD step (momentum, weight
-decay). All three start from the same weights (fastres loads torchvision's
-state_dict); ``compile`` compiles the model, the optimizer step stays eager in
-every provider. bfloat16 is mixed precision: fp32 parameters and float32 input
+The eager model is torchvision's ResNet, or timm's ResNetV2 for the
+pre-activation ``resnetv2_*``. One step is what a training loop runs per
+batch: ``zero_grad``, forward, cross-entropy on random labels, backward and an
+SGD step (momentum, weight decay). All three start from the same weights
+(fastres loads the eager model's state_dict); ``compile`` compiles the eager
+model, the optimizer step stays eager in every provider. bfloat16 is mixed precision: fp32 parameters and float32 input
 images, forward and loss under ``torch.autocast``.
 """
 
@@ -33,12 +34,22 @@ SIZES = [
     size("resnet18", 2, 32, 10, "float32", pytest.mark.cpu_only),
     size("resnet50", 64, 224, 1000, "bfloat16", pytest.mark.cuda_only),
     size("resnet50", 128, 224, 1000, "bfloat16", pytest.mark.cuda_only),
+    size("resnetv2_18", 2, 32, 10, "float32", pytest.mark.cpu_only),
+    size("resnetv2_50", 64, 224, 1000, "bfloat16", pytest.mark.cuda_only),
 ]
+
+
+def eager_model(name, num_classes):
+    if name.startswith("resnetv2"):
+        import timm  # after import_torchvision: timm imports torchvision
+
+        return timm.create_model(name, num_classes=num_classes)
+    return getattr(tv.models, name)(num_classes=num_classes)
 
 
 def make_model(provider, name, num_classes, device, fmt, compile_once, key):
     torch.manual_seed(0)
-    eager = getattr(tv.models, name)(num_classes=num_classes)
+    eager = eager_model(name, num_classes)
     if provider == "fastres":
         model = getattr(fastres.models, name)(num_classes=num_classes)
         model.load_state_dict(eager.state_dict())

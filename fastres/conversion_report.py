@@ -15,7 +15,7 @@ class ConversionReport:
     model: str
     fused: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     left: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    norm_acts: int = 0  # timm BatchNormAct2d modules that became BatchNormReLU2d
+    _left_modules: set = dataclasses.field(default_factory=set, repr=False)  # blocks already reported as left
 
     def add_fused(self, path: str, what: str) -> None:
         self.fused.append((path or "(model)", what))
@@ -31,16 +31,16 @@ class ConversionReport:
         self.add_fused(path, f"{what}: {'; '.join(fused)}" if fused else what)
         return True
 
-    def count_norm_act(self) -> None:
-        self.norm_acts += 1
+    def leave(self, module: nn.Module) -> None:
+        self._left_modules.add(id(module))
 
     def find_left(self, root: nn.Module) -> None:
         """Batch norms outside fastres's modules that still run unfused, each with the reason."""
         self._walk(root, "")
 
     def _walk(self, module: nn.Module, path: str) -> None:
-        if type(module).__module__.split(".")[0] == "fastres":
-            return  # fastres's modules say what they fuse (add_block), or fuse everything they hold
+        if type(module).__module__.split(".")[0] == "fastres" or id(module) in self._left_modules:
+            return  # fastres's modules say what they fuse (add_block), as do blocks left whole
         names = list(module._modules)
         for i, name in enumerate(names):
             child = module._modules[name]
@@ -62,8 +62,6 @@ class ConversionReport:
 
     def __str__(self) -> str:
         lines = [f"fastres.convert({self.model}): {len(self.fused)} fused, {len(self.left)} left as written"]
-        if self.norm_acts:
-            lines.append(f"  {self.norm_acts} timm BatchNormAct2d (ReLU) -> fastres.nn.BatchNormReLU2d")
         if not self.fused:
             lines.append("  nothing could be fused")
         for title, rows in (("fused:", self.fused), ("left as written:", self.left)):
@@ -78,6 +76,10 @@ def _why(parent: nn.Module, names: list[str], i: int) -> str:
     child = parent._modules[names[i]]
     if has_hooks(child):
         return "it has forward hooks (a fused call would skip them)"
+    act = child._modules.get("act")
+    if isinstance(act, nn.Module):
+        what = "a ReLU" if type(act) is nn.ReLU else f"{type(act).__name__}"
+        return f"a norm-act module ({what}) outside a block fastres converts, run by its parent's forward"
     if type(parent).forward is not nn.Sequential.forward:
         return f"{type(parent).__name__}'s forward is not one fastres knows"
     following = parent._modules[names[i + 1]] if i + 1 < len(names) else None

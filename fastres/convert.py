@@ -2,7 +2,6 @@
 
 import sys
 import warnings
-from collections import OrderedDict
 
 from torch import nn
 
@@ -43,12 +42,14 @@ def convert(model: nn.Module, report: bool = False):
       ``BasicBlock``/``Bottleneck`` become ``fastres.nn.TimmBasicBlock``/
       ``TimmBottleneck``, which fuse each BN -> act -> conv, BN -> act and
       BN -> add -> act that follows the plain pattern (ReLU, nothing between)
-      and run ``se``, ``aa``, ``drop_block`` and ``drop_path`` as written;
-      the stem's ``bn1``/``act1`` become one ``BatchNormReLU2d``.
+      and run ``se``, ``aa``, ``drop_block`` and ``drop_path`` as written.
+      The model's own stem (``bn1``, ``act1``) runs as timm's forward calls it.
     - timm's ResNetV2 (``timm.models.resnetv2``): ``PreActBasic``/
       ``PreActBottleneck`` become fastres's, each convolution a fused
-      BN-ReLU-convolution; every ``BatchNormAct2d`` with a plain ReLU becomes
-      a ``BatchNormReLU2d`` (same state_dict).
+      BN-ReLU-convolution where the norm is a ``BatchNormAct2d`` with a
+      plain ReLU. The norms stay timm's modules (so timm's SyncBatchNorm and
+      frozen-BN converters still work); those outside blocks (the final norm,
+      a deep stem's) run as timm's forward calls them.
     - BatchNorm2d -> ReLU pairs in any plain ``nn.Sequential`` (one whose
       forward is ``nn.Sequential.forward``; a subclass with its own forward
       may return or use the BN's output, so it is left alone) become one
@@ -74,10 +75,8 @@ def convert(model: nn.Module, report: bool = False):
         raise TypeError(f"report must be a bool, got {type(report).__name__}")
     notes = ConversionReport(type(model).__name__)
     already = any(_is_fastres(m) for m in model.modules())
-    root = _norm_act_version(model) or model
-    _convert_norm_acts(root, notes)
-    fused = _fused_version(root, "", notes)
-    root = fused or root
+    fused = _fused_version(model, "", notes)
+    root = fused or model
     for prefix, parent in list(root.named_modules()):
         for name, child in list(parent.named_children()):
             fused = _fused_version(child, _join(prefix, name), notes)
@@ -90,10 +89,6 @@ def convert(model: nn.Module, report: bool = False):
         elif _is_torchvision_resnet(module):
             module.__class__ = ResNet
             notes.add_fused(path, "torchvision ResNet -> fastres ResNet (stem BN-ReLU fused)")
-        elif _is_timm_resnet(module):
-            module.bn1 = _FUSED_NORMS[type(module.bn1)].from_module(module.bn1)
-            module.act1 = nn.Identity()
-            notes.add_fused(_join(path, "bn1"), "bn1 -> act1 (BN-ReLU)")
     _fuse_pairs_outside_fastres(root, "", notes)
     notes.find_left(root)
     if not notes.fused and not already:
@@ -110,35 +105,11 @@ def _fused_version(module: nn.Module, path: str, notes: ConversionReport) -> nn.
     for cls in _FUSED_BLOCKS:
         if cls.is_convertible(module):
             fused = cls.from_module(module)
-            # A block in which nothing matches stays the module it was.
-            return fused if notes.add_block(path, module, fused) else None
+            if notes.add_block(path, module, fused):
+                return fused
+            notes.leave(module)  # nothing in it matches: it stays the module it was, reported once
+            return None
     return None
-
-
-def _timm_class(module_name: str, class_name: str) -> type | None:
-    return getattr(sys.modules.get(module_name), class_name, None)
-
-
-def _norm_act_version(module: nn.Module) -> BatchNormReLU2d | None:
-    """timm's ``BatchNormAct2d`` with a plain ReLU and no dropout, as a ``BatchNormReLU2d`` (its state shared)."""
-    if type(module) is not _timm_class("timm.layers.norm_act", "BatchNormAct2d"):
-        return None
-    act, drop = module._modules.get("act"), module._modules.get("drop")
-    if type(act) is not nn.ReLU or type(drop) is not nn.Identity or has_hooks(module) or has_hooks(act):
-        return None
-    fused = BatchNormReLU2d.__new__(BatchNormReLU2d)
-    fused.__dict__.update(module.__dict__)
-    fused._modules = OrderedDict()  # the act and drop are the forward's own now
-    return fused
-
-
-def _convert_norm_acts(root: nn.Module, notes: ConversionReport) -> None:
-    for prefix, parent in list(root.named_modules()):
-        for name, child in list(parent.named_children()):
-            fused = _norm_act_version(child)
-            if fused is not None:
-                parent._modules[name] = fused
-                notes.count_norm_act()
 
 
 def _is_fastres(module: nn.Module) -> bool:
@@ -173,14 +144,6 @@ def _is_torchvision_densenet(module: nn.Module) -> bool:
 def _is_torchvision_resnet(module: nn.Module) -> bool:
     """torchvision's ResNet itself: ``fastres.models.ResNet`` has its children and runs them alike, stem fused."""
     return type(module) is _torchvision_class("torchvision.models.resnet", "ResNet")
-
-
-def _is_timm_resnet(module: nn.Module) -> bool:
-    """timm's ResNet, whose ``forward_features`` runs ``act1(bn1(conv1(x)))``: the pair can be one fused BN-ReLU."""
-    if type(module) is not _timm_class("timm.models.resnet", "ResNet"):
-        return False
-    bn, act = module._modules.get("bn1"), module._modules.get("act1")
-    return type(bn) in _FUSED_NORMS and type(act) is nn.ReLU and not has_hooks(bn) and not has_hooks(act)
 
 
 def _pairs(module: nn.Module) -> list[tuple[str, str]]:

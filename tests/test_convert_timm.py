@@ -85,8 +85,9 @@ def test_convert_fuses_every_timm_resnet50_block(timm):
     model, report = fastres.convert(timm.create_model("resnet50"), report=True)
     blocks = [m for m in model.modules() if isinstance(m, fastres.nn.TimmBottleneck)]
     assert len(blocks) == 16
-    assert type(model.bn1) is fastres.nn.BatchNormReLU2d and type(model.act1) is nn.Identity  # the stem
-    assert len(report.fused) == 17 and not report.left
+    assert len(report.fused) == 16
+    # The stem runs as timm's forward calls it (replacing its modules would break timm's SyncBN converter).
+    assert report.left == [("bn1", "BatchNorm2d: as written, ResNet's forward is not one fastres knows")]
     assert "bn1 -> act1 -> conv2 (BN-ReLU-conv)" in report.fused[0][1]
     assert "bn3 + shortcut -> act3 (BN-add-ReLU)" in report.fused[0][1]
 
@@ -94,10 +95,10 @@ def test_convert_fuses_every_timm_resnet50_block(timm):
 def test_convert_fuses_every_timm_resnetv2_50_block(timm):
     model, report = fastres.convert(timm.create_model("resnetv2_50"), report=True)
     assert len([m for m in model.modules() if isinstance(m, fastres.nn.PreActBottleneck)]) == 16
-    # Every norm-act (3 per block and the final norm) is a BatchNormReLU2d, with timm's keys.
-    assert report.norm_acts == 49
-    assert sum(type(m) is fastres.nn.BatchNormReLU2d for m in model.modules()) == 49
+    # The norms stay timm's BatchNormAct2d (timm's SyncBatchNorm and frozen-BN converters know them).
+    assert sum(type(m).__name__ == "BatchNormAct2d" for m in model.modules()) == 49
     assert "norm1 -> conv1 and downsample.conv (BN-ReLU-conv)" in report.fused[0][1]
+    assert [p for p, _ in report.left] == ["norm"]  # the final norm-act, called by timm's forward_features
     assert list(model.state_dict()) == list(timm.create_model("resnetv2_50").state_dict())
 
 
@@ -105,11 +106,13 @@ def test_convert_keeps_se_and_anti_aliasing_modules_working(timm):
     se_model, se_report = fastres.convert(timm.create_model("seresnet50"), report=True)
     se_blocks = [m for m in se_model.modules() if isinstance(m, fastres.nn.TimmBottleneck)]
     assert len(se_blocks) == 16 and all(type(b.se).__name__ == "SEModule" for b in se_blocks)
-    assert len(se_report.left) == 16 and all("se between it and the add" in why for _, why in se_report.left)
+    se_left = [why for _, why in se_report.left if "se" in why]
+    assert len(se_left) == 16 and all("se between it and the add" in why for why in se_left)
     aa_model, aa_report = fastres.convert(timm.create_model("resnetaa50"), report=True)
     aa = [b.aa for b in aa_model.modules() if isinstance(b, fastres.nn.TimmBottleneck) and type(b.aa) is not nn.Identity]
     assert len(aa) == 3 and all(type(m) is nn.AvgPool2d for m in aa)  # the three strided blocks
-    assert [p for p, _ in aa_report.left] == ["layer2.0", "layer3.0", "layer4.0"]
+    assert [p for p, _ in aa_report.left] == ["layer2.0", "layer3.0", "layer4.0", "bn1"]
+    assert "aa (AvgPool2d): as written, between the ReLU and conv3" in aa_report.left[0][1]
 
 
 def test_convert_says_when_nothing_could_be_fused(timm):
@@ -123,7 +126,9 @@ def test_convert_says_when_nothing_could_be_fused(timm):
     assert report.left == [("1", "BatchNorm2d: as written, no ReLU follows it (next: nothing)")]
 
 
-def test_convert_leaves_hooked_modules_as_written_and_says_why(timm):
+def test_convert_leaves_hooked_modules_as_written_and_says_why(monkeypatch, timm):
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # a full-width model: the reference path on CPU
     model = timm.create_model("resnet18", num_classes=10)
     calls = []
     model.layer1[0].bn1.register_forward_hook(lambda *args: calls.append("layer1.0.bn1"))

@@ -22,6 +22,12 @@ BUILDERS = [
 STEP = {torch.float32: {"lr": 0.01, "momentum": 0.0}, torch.float64: {"lr": 0.1, "momentum": 0.9}}
 
 
+def _on_path(monkeypatch, path: str) -> None:
+    """The ``path`` fixture's choice, for tests that pick their paths per case (CPU; CUDA always runs Triton)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "triton" else "0")
+
+
 def _timm_block(timm, kind: str, in_chs: int, out_chs: int, stride: int, proj: str | None):
     from timm.layers import BatchNormAct2d, create_conv2d
     from timm.models import resnetv2
@@ -122,12 +128,6 @@ def _models(timm, builder, dtype, fmt=torch.contiguous_format, **kwargs):
     return eager, fused
 
 
-def _on_path(monkeypatch, path: str) -> None:
-    """The ``path`` fixture's choice, for tests that pick their paths per case."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "triton" else "0")
-
-
 # Whole models in float64 after SGD steps, batch 4 at 64x64: the last stage normalises 16 values per
 # channel. (At 32x32 it normalises 4, and eager timm itself then moves by 3e-8 between NCHW and
 # channels_last after two steps: too ill-conditioned to check wiring at 1e-9.) On a GPU every builder
@@ -153,3 +153,124 @@ def test_builder_trains_like_timm(monkeypatch, device, timm, builder, path, widt
     eager.eval(), fused.eval()
     with torch.no_grad():
         assert_normwise_close(fused(inputs[0].double()), eager(inputs[0].double()))
+
+
+@pytest.mark.parametrize("builder", ["resnetv2_18", "resnetv2_50d"])
+def test_model_forward_fp32_as_accurate_as_timm(path, device, timm, builder):
+    """float32 forward in train mode (outputs, running statistics), then eval, against a float64 twin."""
+    width = 0.125 if path == "triton" and device.type == "cpu" else 1
+    eager, fused = _models(timm, builder, torch.float32, num_classes=10, width_factor=width)
+    x = torch.randn(4, 3, 64, 64, device=device)
+    assert_forward_as_accurate_as_eager(fused.to(device), eager.to(device), x)
+
+
+KWARGS = [
+    ("resnetv2_50", {"num_classes": 0}),
+    ("resnetv2_18", {"in_chans": 1, "global_pool": "max"}),
+    ("resnetv2_50", {"output_stride": 16}),
+    ("resnetv2_18", {"output_stride": 8}),
+    ("resnetv2_50", {"zero_init_last": True, "stem_chs": 32}),
+    ("resnetv2_18d", {"width_factor": 2}),
+    ("resnetv2_50d", {"drop_rate": 0.5, "drop_path_rate": 0.3}),
+]
+
+
+@pytest.mark.parametrize("builder, kwargs", KWARGS, ids=[f"{b}-{'-'.join(k)}" for b, k in KWARGS])
+def test_builder_keyword_arguments_follow_timm(monkeypatch, device, timm, builder, kwargs):
+    """Same seed, same weights; then one training step in float64 with the same random draws (dropout, drop path).
+
+    Full-width models: on CPU the reference path (the interpreter runs the kernels in the tests above).
+    """
+    _on_path(monkeypatch, "reference")
+    torch.manual_seed(0)
+    eager = timm.create_model(builder, **kwargs)
+    torch.manual_seed(0)
+    fused = getattr(fastres.models, builder)(**kwargs)
+    for (name, a), (_, b) in zip(fused.state_dict().items(), eager.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    eager, fused = eager.to(device, torch.float64), fused.to(device, torch.float64)
+    x = torch.randn(4, kwargs.get("in_chans", 3), 32, 32, device=device, dtype=torch.float64)
+    outs = []
+    for model in (fused, eager):
+        torch.manual_seed(1)
+        xl = x.clone().requires_grad_()
+        out = model(xl)
+        out.backward(torch.ones_like(out))
+        outs += [out, xl.grad]
+    assert_normwise_close(outs[0], outs[2])
+    assert_normwise_close(outs[1], outs[3])
+    assert_modules_normwise_close(fused, eager)
+    assert fused.num_features == eager.num_features
+
+
+def test_small_inputs_stem_is_one_3x3_convolution(monkeypatch):
+    _on_path(monkeypatch, "reference")
+    model = fastres.models.resnetv2_18(num_classes=10, small_inputs=True)
+    assert list(model.stem._modules) == ["conv"] and model.stem.conv.kernel_size == (3, 3)
+    assert model.stem.conv.stride == (1, 1) and model.stem.conv.padding == (1, 1)
+    x = torch.randn(2, 3, 32, 32)
+    assert model.stem(x).shape == (2, 64, 32, 32)  # full resolution into the first stage
+    assert model(x).shape == (2, 10)
+    assert model.forward_features(x).shape == (2, 512, 4, 4)
+
+
+def test_classifier_api_follows_timm(monkeypatch, timm):
+    _on_path(monkeypatch, "reference")
+    torch.manual_seed(0)
+    eager, fused = _models(timm, "resnetv2_18", torch.float32, num_classes=10)
+    eager.eval(), fused.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.forward_head(fused.forward_features(x), pre_logits=True),
+                                   eager.forward_head(eager.forward_features(x), pre_logits=True))
+    assert type(fused.get_classifier()) is nn.Conv2d and fused.get_classifier().out_channels == 10
+    fused.reset_classifier(0)
+    with torch.no_grad():
+        assert fused(x).shape == (2, 512)
+    fused.reset_classifier(5, "max")
+    assert fused(x).shape == (2, 5) and fused.head.pool_type == "max"
+    fused.load_state_dict({k: v for k, v in eager.state_dict().items() if not k.startswith("head")}, strict=False)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: fastres.models.resnetv2_50()(torch.randn(2, 4, 32, 32)), ValueError, "x has 4 channels"),
+        (lambda: fastres.models.resnetv2_50()(torch.randn(3, 32, 32)), ValueError, "x must be a 4-D tensor"),
+        (lambda: fastres.models.resnetv2_18()(torch.randint(0, 5, (2, 3, 32, 32))), TypeError, "floating dtype"),
+        (lambda: fastres.models.resnetv2_50(stem_type="deeper"), ValueError, "stem_type must be one of"),
+        (lambda: fastres.models.resnetv2_50(small_inputs=True, stem_type="deep"), ValueError, "small_inputs"),
+        (lambda: fastres.models.resnetv2_50d(stem_type=""), TypeError, "fixed by the builder: stem_type"),
+        (lambda: fastres.models.resnetv2_50(global_pool="catavgmax"), ValueError, "global_pool must be one of"),
+        (lambda: fastres.models.resnetv2_50(output_stride=4), ValueError, "output_stride must be 8, 16 or 32"),
+        (lambda: fastres.models.resnetv2_50(num_classes=-1), ValueError, "num_classes must be >= 0"),
+        (lambda: fastres.models.ResNetV2([1, 1], channels=(64,)), ValueError, "one entry per stage"),
+        (lambda: fastres.models.ResNetV2([1], channels=(64,), preact=False), ValueError, "preact=False"),
+        (lambda: fastres.nn.PreActBottleneck(8, 16, act_layer=nn.SiLU), ValueError, "act_layer must be None or nn.ReLU"),
+        (lambda: fastres.nn.PreActBottleneck(8, 32)(torch.randn(2, 8, 4, 4)), ValueError, "shortcut gives"),
+        (lambda: fastres.nn.PreActBasicBlock(8)(torch.randn(2, 6, 4, 4)), ValueError, "x has 6 channels"),
+        (lambda: fastres.nn.DropPath(1.5), ValueError, r"drop_prob must be in \[0, 1\]"),
+    ],
+    ids=["channels", "3d", "int", "stem_type", "small_inputs_deep", "builder_fixed", "pool", "output_stride",
+         "num_classes", "stages", "preact", "act_layer", "no_projection", "block_channels", "drop_prob"],
+)
+def test_bad_input_names_the_argument(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_batch_norm_converters_keep_the_computation(path, device, timm):
+    """The norms are plain BatchNorm2d (the ReLUs the blocks'): SyncBatchNorm and frozen-BN converters keep the model."""
+    from timm.layers import freeze_batch_norm_2d
+
+    model = fastres.models.resnetv2_18d(num_classes=10, width_factor=0.125).to(device)
+    train_steps(model, [torch.randn(4, 3, 32, 32, device=device)])  # running statistics away from (0, 1)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32, device=device)
+    with torch.no_grad():
+        want = model(x)
+        for convert in (nn.SyncBatchNorm.convert_sync_batchnorm, fastres.nn.convert_sync_batchnorm,
+                        freeze_batch_norm_2d):
+            converted = convert(copy.deepcopy(model)).eval()
+            assert all(type(m) is not nn.BatchNorm2d for m in converted.modules())
+            torch.testing.assert_close(converted(x), want)

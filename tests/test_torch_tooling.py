@@ -29,12 +29,27 @@ def _tv_resnet(tv):
     return tv.models.ResNet(tv.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
 
 
-# name -> (torchvision's model, the fastres model to compare with it: a builder or convert() of the same)
+def _timm_resnetv2(tv):
+    """timm's pre-activation ResNetV2, BatchNorm variant, small (timm imports torchvision: after ``tv``)."""
+    from timm.layers import BatchNormAct2d, create_conv2d
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2([1, 1], channels=(8, 16), stem_chs=8, basic=True, bottle_ratio=1.0, num_classes=10,
+                    norm_layer=BatchNormAct2d, conv_layer=create_conv2d)
+
+
+def _fr_resnetv2():
+    return fastres.models.ResNetV2([1, 1], channels=(8, 16), stem_chs=8, basic=True, bottle_ratio=1.0, num_classes=10)
+
+
+# name -> (the eager reference model, the fastres model to compare with it: a builder or convert() of the same)
 MODELS = {
     "densenet": lambda tv: (_tv_densenet(tv), _fr_densenet()),
     "convert(densenet)": lambda tv: (_tv_densenet(tv), fastres.convert(_tv_densenet(tv))),
     "resnet": lambda tv: (_tv_resnet(tv), fastres.models.ResNet(fastres.nn.BasicBlock, [1, 1, 1, 1], num_classes=10)),
     "convert(resnet)": lambda tv: (_tv_resnet(tv), fastres.convert(_tv_resnet(tv))),
+    "resnetv2": lambda tv: (_timm_resnetv2(tv), _fr_resnetv2()),
+    "convert(resnetv2)": lambda tv: (_timm_resnetv2(tv), fastres.convert(_timm_resnetv2(tv))),
 }
 
 
@@ -72,7 +87,7 @@ def test_no_graph_breaks_without_gradients(path, tv, name):
     assert torch._dynamo.explain(fused)(_input()).graph_break_count == 0
 
 
-@pytest.mark.parametrize("name", ["densenet", "convert(resnet)"])
+@pytest.mark.parametrize("name", ["densenet", "convert(resnet)", "resnetv2"])
 def test_compiled_model_trains_like_eager(path, tv, name):
     """fullgraph=True; outputs, every gradient and BatchNorm buffer as eager torchvision's, float64."""
     torch._dynamo.reset()

@@ -6,7 +6,9 @@ models, so ``fastres.models.resnetv2_50().load_state_dict(
 timm.create_model("resnetv2_50").state_dict())`` loads strictly. Every
 convolution after the stem runs as one fused BN-ReLU-convolution, and the
 final BN-ReLU as one fused pass. The same seed builds the same weights as
-timm.
+timm. The batch norms are plain ``nn.BatchNorm2d`` (the ReLUs are the
+blocks', and explicit ``act`` modules in the deep stem), so SyncBatchNorm and
+frozen-BN converters keep the computation.
 """
 
 from collections import OrderedDict
@@ -16,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_4d
-from ..nn.batch_norm import BatchNormReLU2d
-from ..nn.bn_relu_conv import norm_act_conv
+from .._checks import check_4d, check_float_tensor
+from ..nn.bn_relu_conv import bn_relu_conv, pre_activation
+from ..nn.module_state import has_hooks
 from ..nn.module_state import NotScriptable
 from ..nn.preact_blocks import (
     DownsampleAvg, DownsampleConv, PreActBasicBlock, PreActBottleneck, conv2d, make_divisible,
@@ -30,7 +32,8 @@ __all__ = [
 ]
 
 _STEM_TYPES = ("", "fixed", "deep", "deep_fixed", "tiered")
-_POOLS = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
+_DEEP_STEM = ("conv1", "norm1", "act1", "conv2", "norm2", "act2", "conv3")
+_POOLS = {"avg": lambda: nn.AdaptiveAvgPool2d(1), "max": lambda: nn.AdaptiveMaxPool2d(1), "": nn.Identity}
 
 
 class ResNetStage(nn.Module):
@@ -58,30 +61,37 @@ class ResNetStage(nn.Module):
         return self.blocks(x)
 
 
+def _check_pool(pool_type: str) -> None:
+    if pool_type not in _POOLS:
+        raise ValueError(f"global_pool must be one of {sorted(_POOLS)} ('': no pooling), got {pool_type!r}")
+
+
 class ClassifierHead(nn.Module):
-    """Global pooling, dropout, and a 1x1-convolution classifier (``fc``), flattened: timm's head with ``use_conv``."""
+    """Global pooling, dropout, and a 1x1-convolution classifier (``fc``), flattened: timm's head with ``use_conv``.
+
+    ``pool_type=''`` pools nothing: the classifier runs at every position and nothing is flattened, as in timm.
+    """
 
     def __init__(self, in_features: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0,
                  device=None, dtype=None):
         super().__init__()
-        if pool_type not in _POOLS:
-            raise ValueError(f"global_pool must be one of {sorted(_POOLS)}, got {pool_type!r}")
+        _check_pool(pool_type)
         self.in_features = self.num_features = in_features
         self.pool_type = pool_type
-        self.global_pool = _POOLS[pool_type](1)
+        self.global_pool = _POOLS[pool_type]()
         self.drop = nn.Dropout(drop_rate)
         self.fc = _fc(in_features, num_classes, device, dtype)
-        self.flatten = nn.Flatten(1)
+        self.flatten = nn.Flatten(1) if pool_type else nn.Identity()
 
     def reset(self, num_classes: int, pool_type: str | None = None) -> None:
+        """A new classifier (PyTorch's default init, as timm's), and pooling if ``pool_type`` is given."""
         if pool_type is not None and pool_type != self.pool_type:
-            if pool_type not in _POOLS:
-                raise ValueError(f"global_pool must be one of {sorted(_POOLS)}, got {pool_type!r}")
-            self.pool_type, self.global_pool = pool_type, _POOLS[pool_type](1)
+            _check_pool(pool_type)
+            self.pool_type, self.global_pool = pool_type, _POOLS[pool_type]()
+            self.flatten = nn.Flatten(1) if pool_type else nn.Identity()
         weight = getattr(self.fc, "weight", None)
         device, dtype = (weight.device, weight.dtype) if weight is not None else (None, None)
         self.fc = _fc(self.in_features, num_classes, device, dtype)
-        _init_classifier(self.fc)
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.drop(self.global_pool(x))
@@ -89,7 +99,7 @@ class ClassifierHead(nn.Module):
 
 
 def _fc(in_features: int, num_classes: int, device, dtype) -> nn.Module:
-    if num_classes < 0:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
         raise ValueError(f"num_classes must be >= 0 (0: no classifier), got {num_classes}")
     return nn.Conv2d(in_features, num_classes, 1, device=device, dtype=dtype) if num_classes else nn.Identity()
 
@@ -108,10 +118,13 @@ def _stem(in_chans: int, out_chs: int, stem_type: str, small_inputs: bool, dd: d
         return nn.Sequential(stem)
     if stem_type in ("deep", "deep_fixed", "tiered"):
         chs = (3 * out_chs // 8, out_chs // 2) if stem_type == "tiered" else (out_chs // 2, out_chs // 2)
+        # timm's norm1/norm2 are norm-act modules; here the ReLUs are modules of their own (no state).
         stem["conv1"] = conv2d(in_chans, chs[0], 3, stride=2, **dd)
-        stem["norm1"] = BatchNormReLU2d(chs[0], **dd)
+        stem["norm1"] = nn.BatchNorm2d(chs[0], **dd)
+        stem["act1"] = nn.ReLU(inplace=True)
         stem["conv2"] = conv2d(chs[0], chs[1], 3, stride=1, **dd)
-        stem["norm2"] = BatchNormReLU2d(chs[1], **dd)
+        stem["norm2"] = nn.BatchNorm2d(chs[1], **dd)
+        stem["act2"] = nn.ReLU(inplace=True)
         stem["conv3"] = conv2d(chs[1], out_chs, 3, stride=1, **dd)
     else:
         stem["conv"] = conv2d(in_chans, out_chs, 7, stride=2, **dd)
@@ -133,7 +146,7 @@ class ResNetV2(NotScriptable, nn.Module):
 
     Arguments are timm's: ``layers`` (blocks per stage), ``channels`` (output
     channels per stage), ``num_classes`` (0: no classifier), ``in_chans``,
-    ``global_pool`` ('avg' or 'max'), ``output_stride`` (32, 16 or 8: later
+    ``global_pool`` ('avg', 'max', or '': none), ``output_stride`` (32, 16 or 8: later
     strides become dilations), ``width_factor``, ``stem_chs``, ``stem_type``
     ('', 'fixed', 'deep', 'deep_fixed', 'tiered'), ``avg_down`` (the 'd'
     variants' pooled projection), ``basic`` (``PreActBasicBlock``, else
@@ -156,7 +169,12 @@ class ResNetV2(NotScriptable, nn.Module):
         if stem_type not in _STEM_TYPES:
             raise ValueError(f"stem_type must be one of {_STEM_TYPES}, got {stem_type!r}")
         if small_inputs and stem_type:
-            raise ValueError(f"small_inputs=True replaces the stem: stem_type must be '', got {stem_type!r}")
+            raise ValueError(f"small_inputs=True replaces the stem: it takes the plain stem (stem_type ''), "
+                             f"got stem_type {stem_type!r} (the 'd' builders set 'deep')")
+        if not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+        if not 0.0 <= drop_path_rate <= 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1], got {drop_path_rate}")
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         if len(layers) != len(channels):
@@ -182,7 +200,7 @@ class ResNetV2(NotScriptable, nn.Module):
             prev_chs = out_chs
             curr_stride *= stride
         self.num_features = self.head_hidden_size = prev_chs
-        self.norm = BatchNormReLU2d(prev_chs, **dd)
+        self.norm = nn.BatchNorm2d(prev_chs, **dd)  # the final pre-activation: BN-ReLU in forward_features
         self.head = ClassifierHead(prev_chs, num_classes, global_pool, drop_rate, **dd)
         self.init_weights(zero_init_last)
 
@@ -199,8 +217,10 @@ class ResNetV2(NotScriptable, nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif zero_init_last and isinstance(m, (PreActBasicBlock, PreActBottleneck)):
-                m.zero_init_last()
+        if zero_init_last:  # after the convolutions' own init (timm's runs children first)
+            for m in self.modules():
+                if isinstance(m, (PreActBasicBlock, PreActBottleneck)):
+                    m.zero_init_last()
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc
@@ -211,20 +231,23 @@ class ResNetV2(NotScriptable, nn.Module):
 
     def _stem_forward(self, x: Tensor) -> Tensor:
         stem = self.stem
-        if type(stem) is not nn.Sequential or "norm1" not in stem._modules or stem._forward_hooks \
-                or stem._forward_pre_hooks:
+        names = list(stem._modules)
+        if type(stem) is not nn.Sequential or has_hooks(stem) or names[:7] != list(_DEEP_STEM) or not all(
+            type(stem._modules[a]) is nn.ReLU and not has_hooks(stem._modules[a]) for a in ("act1", "act2")
+        ):
             return stem(x)
-        # The deep stem: conv1, then each norm's BN-ReLU fused into the convolution after it.
+        # The deep stem: conv1, then each BN-ReLU fused into the convolution after it.
         x = stem.conv1(x)
-        x = norm_act_conv(stem.norm1, stem.conv2, x)
-        x = norm_act_conv(stem.norm2, stem.conv3, x)
-        for name in list(stem._modules)[5:]:
+        x = bn_relu_conv(stem.norm1, stem.conv2, x)
+        x = bn_relu_conv(stem.norm2, stem.conv3, x)
+        for name in names[7:]:
             x = stem._modules[name](x)
         return x
 
     def forward_features(self, x: Tensor) -> Tensor:
         check_4d("x", x, "ResNetV2", self.in_chans, "in_chans")
-        return self.norm(self.stages(self._stem_forward(x)))
+        check_float_tensor("x", x)
+        return pre_activation(self.norm, self.stages(self._stem_forward(x)))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         return self.head(x, pre_logits=pre_logits)

@@ -2,21 +2,24 @@
 
 It holds a ``norm`` (``nn.BatchNorm2d``) and a ``conv`` (``nn.Conv2d``), so
 its state_dict keys are ``norm.*`` and ``conv.*``. ``bn_relu_conv(norm, conv,
-x)`` runs ``conv(relu(norm(x)))`` for any such pair: fused for a plain
-BatchNorm2d (or a ``BatchNormReLU2d``, whose ReLU is its own) and a
-zero-padded Conv2d without hooks, as written otherwise.
-``bn_relu_conv_pair`` runs two convolutions on one pre-activation (a
-pre-activation block's conv1 and projection shortcut). ``norm_act_conv`` and
-``norm_act_conv_pair`` take timm's convention instead, a norm-act module whose
-own forward applies the activation: fused for a ``BatchNormReLU2d``.
+x)`` runs ``conv(relu(norm(x)))`` for any such pair, and
+``bn_relu_conv_pair`` two convolutions on one pre-activation (a
+pre-activation block's conv1 and projection shortcut): fused for a plain
+BatchNorm2d and a zero-padded Conv2d without hooks, as written otherwise.
+
+A norm-act module (``BatchNormReLU2d``, timm's ``BatchNormAct2d`` and its
+kin: anything with an ``act`` child) applies its own activation, so for it
+the pre-activation is ``norm(x)``; fused when that activation is a plain ReLU.
 """
+
+import sys
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_4d
 from ..functional import bn_relu_conv2d
-from .batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d, batch_norm
+from .batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d, batch_norm, bn_relu
 from .module_state import NotScriptable, has_hooks, running_stats_args, sync_world
 
 
@@ -24,11 +27,28 @@ _NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _NORM_RELUS = (BatchNormReLU2d, SyncBatchNormReLU2d)  # the ReLU is the module's own
 
 
+def is_norm_act(norm: nn.Module) -> bool:
+    """Whether ``norm``'s forward applies an activation itself (fastres's BN-ReLU modules, timm's norm-act layers)."""
+    return type(norm) in _NORM_RELUS or isinstance(norm._modules.get("act"), nn.Module)
+
+
+def _timm_bn_relu(norm: nn.Module) -> bool:
+    """timm's ``BatchNormAct2d`` with a plain ReLU and no dropout: ``relu(batch_norm(x))``."""
+    if type(norm) is not getattr(sys.modules.get("timm.layers.norm_act"), "BatchNormAct2d", None):
+        return False
+    act, drop = norm._modules.get("act"), norm._modules.get("drop")
+    return type(act) is nn.ReLU and type(drop) is nn.Identity and not has_hooks(act) and not has_hooks(drop)
+
+
+def fusable_norm(norm: nn.Module) -> bool:
+    """Whether ``relu(norm(x))`` (or a norm-act ``norm(x)``) is a batch norm and ReLU that a fused op can run."""
+    return (type(norm) in _NORMS + _NORM_RELUS or _timm_bn_relu(norm)) and not has_hooks(norm)
+
+
 def fusable(norm: nn.Module, conv: nn.Module) -> bool:
     """Whether ``conv(relu(norm(x)))`` can run as one fused op (per call, SyncBN may still synchronize)."""
     return (
-        type(norm) in _NORMS + _NORM_RELUS and type(conv) is nn.Conv2d
-        and conv.padding_mode == "zeros" and not has_hooks(norm) and not has_hooks(conv)
+        fusable_norm(norm) and type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not has_hooks(conv)
     )
 
 
@@ -39,8 +59,12 @@ def _fused(norm: nn.Module, *convs: nn.Module) -> bool:
 
 
 def pre_activation(norm: nn.Module, x: Tensor) -> Tensor:
-    """``relu(norm(x))``, stored: what the modules compute when they cannot be fused with a convolution."""
-    return norm(x) if type(norm) in _NORM_RELUS else F.relu(batch_norm(norm, x))
+    """``relu(norm(x))`` (``norm(x)`` for a norm-act module), stored: fused BN-ReLU for a plain batch norm."""
+    if is_norm_act(norm):
+        return norm(x)
+    if type(norm) in _NORMS and not has_hooks(norm):
+        return bn_relu(norm, x)
+    return F.relu(batch_norm(norm, x))
 
 
 def _conv(conv: nn.Conv2d, x: Tensor, running_mean, running_var, norm, bn_training: bool, factor: float) -> Tensor:
@@ -105,15 +129,3 @@ class BNReLUConv2d(NotScriptable, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return bn_relu_conv(self.norm, self.conv, x)
 
-
-def norm_act_conv(norm: nn.Module, conv: nn.Module, x: Tensor) -> Tensor:
-    """``conv(norm(x))`` for a norm-act module (timm's convention): fused when ``norm`` is a ``BatchNormReLU2d``."""
-    return bn_relu_conv(norm, conv, x) if type(norm) in _NORM_RELUS else conv(norm(x))
-
-
-def norm_act_conv_pair(norm: nn.Module, conv_a: nn.Module, conv_b: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(conv_a(a), conv_b(a))`` with ``a = norm(x)`` for a norm-act module, as ``bn_relu_conv_pair``."""
-    if type(norm) in _NORM_RELUS:
-        return bn_relu_conv_pair(norm, conv_a, conv_b, x)
-    a = norm(x)
-    return conv_a(a), conv_b(a)

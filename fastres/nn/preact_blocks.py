@@ -7,20 +7,23 @@ timm, ``norm1``'s output feeds both ``conv1`` and the projection shortcut when
 there is one (the raw input is the shortcut otherwise), and the block ends in
 a plain ``x + shortcut`` (no ReLU: the next block's norm1 applies it).
 
-The norms are norm-act modules like timm's ``BatchNormAct2d``: by default
-``BatchNormReLU2d``, a ``BatchNorm2d`` whose forward includes the ReLU, so
-state_dict keys and ``norm1(x)`` mean what they mean in timm.
+The norms are plain ``nn.BatchNorm2d`` (timm's ``BatchNormAct2d`` has the
+same state), with the ReLU applied by the block, so that ``torch``'s, timm's
+and fastres's SyncBatchNorm converters and timm's ``freeze_batch_norm_2d``
+keep the computation. A ``norm_layer`` that builds norm-act modules (timm's
+``BatchNormAct2d``, as in timm's blocks) applies its own activation instead,
+and a timm block converted by ``fastres.convert`` keeps its norms.
 """
 
 from collections.abc import Callable
 
 import sys
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_4d
-from .batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d
-from .bn_relu_conv import fusable, norm_act_conv, norm_act_conv_pair
+from .bn_relu_conv import bn_relu_conv, bn_relu_conv_pair, fusable, pre_activation
 from .module_state import FromModule, has_hooks
 
 
@@ -88,6 +91,23 @@ class DownsampleConv(nn.Module):
         return self.norm(self.conv(x))
 
 
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class AvgPool2dSame(nn.AvgPool2d):
+    """Average pooling with TensorFlow's 'SAME' zero padding, computed per input size (timm's)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        kh, kw = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else self.kernel_size
+        sh, sw = (self.stride,) * 2 if isinstance(self.stride, int) else self.stride
+        top, bottom = _same_padding(x.shape[-2], kh, sh)
+        left, right = _same_padding(x.shape[-1], kw, sw)
+        x = F.pad(x, (left, right, top, bottom))
+        return F.avg_pool2d(x, self.kernel_size, self.stride, 0, self.ceil_mode, self.count_include_pad)
+
+
 class DownsampleAvg(nn.Module):
     """The 'D' variants' shortcut: 2x2 average pooling (ceil mode), then a 1x1 convolution (timm's)."""
 
@@ -98,13 +118,12 @@ class DownsampleAvg(nn.Module):
     ):
         super().__init__()
         _check_preact(preact)
-        if dilation > 1 and stride == 1:
-            raise NotImplementedError("DownsampleAvg: dilation > 1 needs timm's AvgPool2dSame, which fastres lacks")
         avg_stride = stride if dilation == 1 else 1
-        self.pool = (
-            nn.AvgPool2d(2, avg_stride, ceil_mode=True, count_include_pad=False) if stride > 1 or dilation > 1
-            else nn.Identity()
-        )
+        if stride > 1 or dilation > 1:
+            pool = AvgPool2dSame if avg_stride == 1 and dilation > 1 else nn.AvgPool2d
+            self.pool = pool(2, avg_stride, ceil_mode=True, count_include_pad=False)
+        else:
+            self.pool = nn.Identity()
         self.conv = (conv_layer or conv2d)(in_chs, out_chs, 1, stride=1, device=device, dtype=dtype)
         self.norm = nn.Identity()
 
@@ -140,11 +159,11 @@ class _PreActBlock(FromModule, nn.Module):
         """``(conv1(norm1(x)), shortcut)``."""
         check_4d("x", x, type(self).__name__, self.norm1.num_features, "in_chs")
         if self.downsample is None:
-            return norm_act_conv(self.norm1, self.conv1, x), x
+            return bn_relu_conv(self.norm1, self.conv1, x), x
         projection = _projection_conv(self.downsample)
         if projection is not None:
-            return norm_act_conv_pair(self.norm1, self.conv1, projection, x)
-        x_preact = self.norm1(x)  # the shortcut pools it first: it must exist
+            return bn_relu_conv_pair(self.norm1, self.conv1, projection, x)
+        x_preact = pre_activation(self.norm1, x)  # the shortcut pools it first: it must exist
         return self.conv1(x_preact), self.downsample(x_preact)
 
     def _merge(self, x: Tensor, shortcut: Tensor) -> Tensor:
@@ -167,9 +186,9 @@ class _PreActBlock(FromModule, nn.Module):
             convs = [conv_name]
             if norm_name == "norm1" and self.downsample is not None and _projection_conv(self.downsample) is not None:
                 convs.append("downsample.conv")
-            if not fusable(norm, conv) or type(norm) not in (BatchNormReLU2d, SyncBatchNormReLU2d):
-                left.append(f"{norm_name} -> {conv_name}: as written, {norm_name} is {type(norm).__name__} "
-                            "(a BatchNormReLU2d fuses) or a module has hooks")
+            if not fusable(norm, conv):
+                left.append(f"{norm_name} -> {conv_name}: as written, {norm_name} ({type(norm).__name__}) is not a "
+                            "batch norm with a plain ReLU, or a module has hooks")
             else:
                 fused.append(f"{norm_name} -> {' and '.join(convs)} (BN-ReLU-conv)")
         if self.downsample is not None and _projection_conv(self.downsample) is None:
@@ -190,13 +209,15 @@ class _PreActBlock(FromModule, nn.Module):
 
 
 def _build(norm_layer, conv_layer, act_layer, drop_path_rate: float, owner: str):
+    if not 0.0 <= drop_path_rate <= 1.0:
+        raise ValueError(f"{owner}: drop_path_rate must be in [0, 1], got {drop_path_rate}")
     if act_layer not in (None, nn.ReLU):
         raise ValueError(
             f"{owner}: act_layer must be None or nn.ReLU (the activation lives in norm_layer, as in timm), "
             f"got {act_layer!r}"
         )
     drop = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
-    return norm_layer or BatchNormReLU2d, conv_layer or conv2d, drop
+    return norm_layer or nn.BatchNorm2d, conv_layer or conv2d, drop
 
 
 class PreActBasicBlock(_PreActBlock):
@@ -233,7 +254,7 @@ class PreActBasicBlock(_PreActBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         out, shortcut = self._stem(x)
-        return self._merge(norm_act_conv(self.norm2, self.conv2, out), shortcut)
+        return self._merge(bn_relu_conv(self.norm2, self.conv2, out), shortcut)
 
 
 class PreActBottleneck(_PreActBlock):
@@ -272,7 +293,7 @@ class PreActBottleneck(_PreActBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         out, shortcut = self._stem(x)
-        out = norm_act_conv(self.norm3, self.conv3, norm_act_conv(self.norm2, self.conv2, out))
+        out = bn_relu_conv(self.norm3, self.conv3, bn_relu_conv(self.norm2, self.conv2, out))
         return self._merge(out, shortcut)
 
 
