@@ -169,6 +169,8 @@ KWARGS = [
     ("resnetv2_18", {"in_chans": 1, "global_pool": "max"}),
     ("resnetv2_50", {"output_stride": 16}),
     ("resnetv2_18", {"output_stride": 8}),
+    ("resnetv2_50d", {"output_stride": 16}),  # a dilated average-pooled projection: 'SAME'-padded pooling
+    ("resnetv2_18", {"global_pool": ""}),  # no pooling: a class map
     ("resnetv2_50", {"zero_init_last": True, "stem_chs": 32}),
     ("resnetv2_18d", {"width_factor": 2}),
     ("resnetv2_50d", {"drop_rate": 0.5, "drop_path_rate": 0.3}),
