@@ -392,9 +392,10 @@ def test_densenet_under_convert_sync_batchnorm_and_ddp_matches_one_process(tmp_p
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{path} step {step}: {m}")
         for r in (rank[path] for rank in ranks):
             if path == "fused_conv":
-                # The stem through shared storage, the 2 x 2 x 2 dense-layer BNs through the fused convolutions
-                # (the transition's synchronizing BN runs as written); norm5 fused.
-                assert r["counts"] == [(1, 1, 8)] * MODEL_STEPS, path
+                # The stem through shared storage, the 2 x 2 x 2 dense-layer BNs through the fused convolutions;
+                # the transition's synchronizing BN-ReLU (unfused with its convolution) and norm5 through the
+                # fused synchronized BN-ReLU.
+                assert r["counts"] == [(1, 2, 8)] * MODEL_STEPS, path
             else:
                 # stem + 2 x 2 dense-layer BNs + transition + 2 x 2 through shared storage; norm5 fused.
                 assert r["counts"] == [(10, 1, 0)] * MODEL_STEPS, path
