@@ -1,6 +1,7 @@
 """Build and install fastres.
 
-The Triton kernels in ``kernels/`` are installed as ``fastres.kernels``.
+The Triton kernels in ``kernels/`` are installed as ``fastres.kernels``, the
+benchmark suites in ``benchmarks/`` as ``fastres.benchmarks`` (what ``fastres bench`` runs).
 ``fastres._C`` (``csrc/``) is the C++ engine of shared-storage dense blocks on
 CPU; on CUDA, dense blocks, transitions and the stem run on the Triton kernels
 and need no compiled code. The extension builds against the torch already
@@ -62,17 +63,21 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastres", "fastres.ops", "fastres.nn", "fastres.models", "fastres.kernels"],
-    package_dir={"fastres": "fastres", "fastres.kernels": "kernels"},
+    # The benchmark suites ship as fastres.benchmarks, so that `fastres bench` runs them from an install.
+    packages=["fastres", "fastres.ops", "fastres.nn", "fastres.models", "fastres.cli", "fastres.kernels",
+              "fastres.benchmarks"],
+    package_dir={"fastres": "fastres", "fastres.kernels": "kernels", "fastres.benchmarks": "benchmarks"},
+    entry_points={"console_scripts": ["fastres = fastres.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     # Lower bounds only: an installed torch that satisfies them is never replaced.
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.4", "tqdm"],  # tqdm: the commands' progress bars
     # Exact pins for a CPU machine (torchvision included) are in .ci/requirements.txt.
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest>=8"],
-        "demo": ["scikit-learn"],
+        "demo": ["scikit-learn"],  # fastres train's built-in data
+        "plot": ["matplotlib"],  # fastres train --plot, fastres memory depth
         "bench": ["pytest-benchmark>=4", "matplotlib"],
     },
 )

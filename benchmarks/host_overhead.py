@@ -38,7 +38,7 @@ import torch.nn.functional as F
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("benchmarks.host_overhead compiles kernels for sm_90: unset TRITON_INTERPRET")
 
-from benchmarks import stub_gpu  # noqa: E402
+from . import stub_gpu  # noqa: E402
 
 SHAPE = (2, 16, 8, 8)  # tiny: eager's compute is a small part of its time
 MODES = ("forward", "backward", "full")

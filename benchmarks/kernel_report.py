@@ -30,7 +30,7 @@ import torch
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("benchmarks.kernel_report compiles kernels for sm_90: unset TRITON_INTERPRET")
 
-from benchmarks import stub_gpu  # noqa: E402
+from . import stub_gpu  # noqa: E402
 
 RESNET50 = [(64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7), (2048, 7)]
 SMALL = [(64, 8), (48, 7)]

@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON from these suites into a markdown table and bar plots.
 
-    python benchmarks/report.py benchmarks/results/NAME.json [--out DIR]
+    python -m benchmarks.report benchmarks/results/NAME.json [--out DIR]   (fastres bench calls it too)
 
 Prints the table and writes DIR/report.md (DIR defaults to the JSON's folder),
 plus one PNG per op (DIR/NAME-OP.png) with each provider's speedup over eager
@@ -156,18 +156,22 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="folder for report.md and the plots (default: the JSON's folder)")
     args = parser.parse_args(argv)
 
-    data = json.loads(args.json.read_text())
+    print(write_report(args.json, args.out or args.json.parent), end="")
+    return 0
+
+
+def write_report(json_path: Path, out_dir: Path, plots: bool = True) -> str:
+    """Write OUT_DIR/report.md (and the plots) from a pytest-benchmark JSON; returns the table's text."""
+    data = json.loads(json_path.read_text())
     table = rows(data)
-    out_dir = args.out or args.json.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = markdown(data, table, args.json.name)
-    print(text, end="")
+    text = markdown(data, table, json_path.name)
     (out_dir / "report.md").write_text(text)
-    for path in plot(table, out_dir, args.json.stem):
+    for path in plot(table, out_dir, json_path.stem) if plots else ():
         print(f"wrote {path}", file=sys.stderr)
     if not table:
         print("no benchmarks in the JSON (all skipped, or run without --benchmark-only?)", file=sys.stderr)
-    return 0
+    return text
 
 
 if __name__ == "__main__":

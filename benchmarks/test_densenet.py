@@ -1,6 +1,6 @@
 """A DenseNet training step: fastres's shared-storage blocks vs naive concatenation vs checkpointing.
 
-Providers (``make_model`` in ``densenet_memory.py``, same weights in all three):
+Providers (``make_model`` in ``fastres/cli/memory.py``, same weights in all three):
 ``fastres`` is ``fastres.models`` with ``memory_efficient=True``; ``naive`` and
 ``checkpoint`` are torchvision's DenseNet with ``memory_efficient=False`` and
 ``True`` (``torch.utils.checkpoint`` around each layer's cat-BN-ReLU-conv1).
@@ -12,16 +12,17 @@ on random labels, backward, SGD step. Besides the times, ``extra_info`` holds
 ``saved_tensors_hooks`` in one untimed step; blind to what checkpoints keep
 inside themselves) and, on CUDA, ``peak_mb``. A process's peak RSS cannot be
 measured per case inside one pytest process: for CPU memory, one variant per
-process, use ``python -m benchmarks.densenet_memory``.
+process, use ``fastres memory``.
 """
 
 import pytest
 import torch
 
+from fastres.cli.memory import make_model, make_optimizer, model_label, saved_bytes
+
 from .common import memory_format
 from .common import cudnn_benchmark  # noqa: F401 - an autouse fixture, active in this module
 from .common import training_step
-from .densenet_memory import make_model, make_optimizer, model_label, saved_bytes
 
 
 def size(model, depth, batch, hw, dtype, layout, mark):

@@ -1,0 +1,21 @@
+"""argparse types shared by the subcommands: a bad value is argparse's error (exit 2), naming the option."""
+
+import argparse
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def bc_depth(text: str) -> int:
+    """A DenseNet-BC depth: 6n + 4 with n >= 1."""
+    value = positive(text)
+    if value < 10 or (value - 4) % 6:
+        raise argparse.ArgumentTypeError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (10, 40, 100, ...), got {value}")
+    return value

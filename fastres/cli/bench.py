@@ -1,0 +1,64 @@
+"""Run the benchmark suites: fused vs eager vs torch.compile, speed and memory.
+
+    fastres bench                          # every suite
+    fastres bench -k "add_relu and N64"    # pytest's -k selection
+    fastres bench --suite batch_norm --out results/
+    fastres bench --smoke                  # each case once, nothing timed
+
+Runs the pytest-benchmark suites that ship with fastres in a pytest
+subprocess with the environment they need: ``TRITON_INTERPRET`` unset (the
+interpreter's timings mean nothing). Writes OUT/bench.json
+(pytest-benchmark's JSON with the machine), OUT/report.md (the table) and one
+PNG per op (each provider's speedup over eager) to OUT. On a CPU the suites
+time fastres's CPU paths on smoke sizes and skip the GPU-sized cases. Exit
+status: pytest's (1 when a case failed).
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SUITES = ("add_relu", "batch_norm", "blocks", "bn_relu_conv", "training_step", "densenet")
+
+
+def suites_dir() -> Path:
+    import fastres.benchmarks
+
+    return Path(fastres.benchmarks.__file__).parent
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-k", metavar="EXPR", help="only cases matching this pytest -k expression")
+    p.add_argument("--suite", choices=SUITES, action="append", help="only this suite (repeatable; default all)")
+    p.add_argument("--out", type=Path, default=Path("fastres-bench"), help="output folder (default ./fastres-bench)")
+    p.add_argument("--smoke", action="store_true", help="run each case once, untimed (--benchmark-disable)")
+    p.add_argument("--no-plots", action="store_true", help="table only")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER,
+                   help="after --: more pytest arguments (e.g. -- -x --benchmark-min-rounds 20)")
+
+
+def run(args, parser) -> int:
+    here = suites_dir()
+    paths = [str(here / f"test_{s}.py") for s in args.suite] if args.suite else [str(here)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / "bench.json"
+    extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    cmd = [sys.executable, "-m", "pytest", *paths, "-p", "no:cacheprovider", "--rootdir", str(here),
+           "-c", os.devnull, "-q"]
+    cmd += ["--benchmark-disable"] if args.smoke else ["--benchmark-only", "--benchmark-json", str(json_path)]
+    if args.k:
+        cmd += ["-k", args.k]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    print("running: " + " ".join(cmd), file=sys.stderr, flush=True)
+    status = subprocess.run(cmd + extra, env=env).returncode
+    if status == 5:
+        print("no benchmark matched the selection", file=sys.stderr)
+        return status
+    if args.smoke or not json_path.exists():
+        return status
+    from fastres.benchmarks import report
+
+    print(report.write_report(json_path, args.out, plots=not args.no_plots), end="")
+    return status

@@ -1,0 +1,338 @@
+"""Train a fastres model, optionally next to the model it replaces, on the same batches.
+
+    fastres train --model resnet18 --compare eager --steps 30
+    fastres train --model densenet_bc --depth 40 --compare naive --steps 20 --plot train.png
+    fastres train --model resnet50 --data ~/imagenette --epochs 2 --device cuda --amp --channels-last
+
+With ``--compare`` both models start from the same weights (fastres's loads
+the reference's state_dict) and see the same batches in the same order with
+the same optimizer (SGD, momentum 0.9, weight decay 5e-4). A progress bar shows
+each model's loss, batch accuracy, step time and step memory; the summary
+table gives held-out accuracy, median step time and peak step memory, each as
+a ratio to the compared model.
+
+Step memory is the peak during a step minus what was in use before it
+(weights, optimizer state and inputs excluded): the CUDA caching allocator's
+``max_memory_allocated`` on a GPU, the process's resident set (VmHWM, reset
+before each step) on a CPU. The first step (one-time allocations, autotuning)
+is left out of the median time and the peak.
+
+``--check-agreement`` (with ``--compare``) also checks that the two models
+compute the same thing: float32 logits within 1e-4 (relative to their
+magnitude) at every step, and BatchNorm ``num_batches_tracked`` equal at the
+end; it reports the largest parameter and running-statistic differences. With
+``--amp`` the differences are reported, not failed on. Exit status 1 when the
+check fails or a loss is not finite.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import zoo
+from .argtypes import bc_depth, positive
+from .measure import StepMemory, environment, timed
+
+LOGIT_TOL = 1e-4  # float32: max |logit difference| / max(1, max |logit|) allowed at each step
+SKIP = 1  # first steps left out of the median step time and the peak memory
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=zoo.MODELS, default="resnet18", metavar="MODEL",
+                   help=f"a fastres.models builder (default resnet18): {', '.join(zoo.MODELS)}")
+    p.add_argument("--depth", type=bc_depth, default=100, help="densenet_bc: depth 6n+4 (default 100)")
+    p.add_argument("--growth-rate", type=positive, default=12, help="densenet_bc: growth rate k (default 12)")
+    p.add_argument("--compare", choices=zoo.COMPARE,
+                   help="also train the model fastres's replaces: eager (torchvision's, timm's for resnetv2), "
+                        "naive or checkpoint (DenseNets: torchvision's with memory_efficient=False / True)")
+    p.add_argument("--check-agreement", action="store_true",
+                   help="fail unless both models compute the same logits and BatchNorm counters (needs --compare)")
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="an image folder (torchvision ImageFolder layout; train/ and val/ if present); "
+                        "default: scikit-learn's digits, upscaled")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=positive, help="passes over the training set (default 1)")
+    length.add_argument("--steps", type=positive, help="optimizer steps (instead of --epochs)")
+    p.add_argument("--batch-size", type=positive, default=64)
+    p.add_argument("--image-size", type=positive, help="default: 32 for digits, 224 for --data")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="--data: DataLoader worker processes (default 2)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the configuration, every step and the summary")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="loss, step time and memory per step (matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _device(text: str, parser) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        parser.error(f"argument --device: not a device: {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"argument --device: fastres trains on cpu or cuda, got {text!r}")
+    return device
+
+
+def fastres_path(device: torch.device, model: str) -> str:
+    """Which implementation fastres's ops dispatch to for ``model`` on ``device``."""
+    from fastres import ops
+
+    if ops.use_triton(torch.empty(0, device=device)):
+        return "Triton kernels on CUDA" if device.type == "cuda" else "Triton interpreter on CPU"
+    dense = "; dense blocks share storage through fastres._C" if zoo.is_densenet(model) else ""
+    return f"eager PyTorch reference ops on {device.type.upper()}{dense} (the fused Triton kernels run on CUDA)"
+
+
+class Trainee:
+    """One model being trained: its optimizer and what each step measured."""
+
+    def __init__(self, label: str, model: torch.nn.Module, device, channels_last: bool, lr: float):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.label = label
+        self.model = model.to(device, memory_format=fmt).train()
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        self.history = {"loss": [], "accuracy": [], "step_ms": [], "memory_mb": []}
+        self.test_accuracy: float | None = None
+
+    def step(self, x, y, amp: bool, device) -> torch.Tensor:
+        def run():
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = self.model(x)
+                loss = F.cross_entropy(logits, y)
+            loss.backward()
+            self.optimizer.step()
+            return loss.detach(), logits.detach().float()
+
+        with StepMemory(device, trim=True) as mem:  # CPU: free heap handed back, so the step's growth shows
+            (loss, logits), seconds = timed(run, device)
+        h = self.history
+        h["loss"].append(loss.item())
+        h["accuracy"].append((logits.argmax(1) == y).float().mean().item())
+        h["step_ms"].append(seconds * 1e3)
+        h["memory_mb"].append(mem.peak_mb)
+        return logits
+
+    def summary(self) -> dict:
+        h = self.history
+        kept = slice(min(SKIP, len(h["step_ms"]) - 1), None)
+        memory = [m for m in h["memory_mb"][kept] if m is not None]
+        return {
+            "label": self.label, "test_accuracy": self.test_accuracy,
+            "median_step_ms": statistics.median(h["step_ms"][kept]),
+            "peak_memory_mb": max(memory) if memory else None,
+            "final_loss": h["loss"][-1],
+        }
+
+    @torch.no_grad()
+    def evaluate(self, data, amp: bool, device, channels_last: bool) -> None:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.eval()
+        correct = total = 0
+        for x, y in data.test_batches(256):
+            x, y = x.to(device).contiguous(memory_format=fmt), y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                correct += (self.model(x).argmax(1) == y).sum().item()
+            total += len(y)
+        self.model.train()
+        self.test_accuracy = correct / total if total else None
+
+
+def compare_state(reference: torch.nn.Module, fused: torch.nn.Module) -> dict:
+    """Largest |difference| of parameters and BN running statistics; whether the BN counters agree."""
+    fs = fused.state_dict()
+    params = {n for n, _ in reference.named_parameters()}
+    out = {"parameters": 0.0, "running_stats": 0.0, "num_batches_tracked_agree": True}
+    for name, r in reference.state_dict().items():
+        f = fs[name]
+        if name.endswith("num_batches_tracked"):
+            out["num_batches_tracked_agree"] &= bool(torch.equal(r, f))
+            continue
+        diff = (r.double() - f.double()).abs().max().item() if r.numel() else 0.0
+        key = "parameters" if name in params else "running_stats" if name.endswith(("running_mean", "running_var")) else None
+        if key:
+            out[key] = max(out[key], diff)
+    return out
+
+
+def _postfix(trainees) -> str:
+    parts = []
+    for t in trainees:
+        h = t.history
+        mem = h["memory_mb"][-1]
+        parts.append(f"{t.label}: loss {h['loss'][-1]:.3f} acc {h['accuracy'][-1]:.2f} "
+                     f"{h['step_ms'][-1]:.0f} ms" + (f" {mem:.0f} MB" if mem is not None else ""))
+    return " | ".join(parts)
+
+
+def _ratio(a, b) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _table(summaries: list[dict]) -> str:
+    ref = summaries[1] if len(summaries) > 1 else None
+
+    def cell(value, spec, ratio_of=None, key=None):
+        text = "-" if value is None else format(value, spec)
+        if ref is not None:
+            r = _ratio(value, ref[key])
+            text += f" | {r:.2f}x" if r is not None else " | -"
+        return text
+
+    vs = f" vs {ref['label']}" if ref else ""
+    head = ["model", "test accuracy"] + ([vs.strip()] if ref else []) + ["median step ms"] + ([vs.strip()] if ref else []) \
+        + ["peak step memory MB"] + ([vs.strip()] if ref else [])
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for s in summaries:
+        lines.append(
+            f"| {s['label']} | {cell(s['test_accuracy'], '.4f', key='test_accuracy')} "
+            f"| {cell(s['median_step_ms'], '.1f', key='median_step_ms')} "
+            f"| {cell(s['peak_memory_mb'], '.1f', key='peak_memory_mb')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(path: Path, trainees, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot draws with matplotlib: pip install matplotlib") from None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for t in trainees:
+        h = t.history
+        steps = range(1, len(h["loss"]) + 1)
+        axes[0].plot(steps, h["loss"], label=t.label)
+        axes[1].plot(steps, h["step_ms"], label=t.label)
+        axes[2].plot(steps, [m if m is not None else float("nan") for m in h["memory_mb"]], label=t.label)
+    for ax, ylabel in zip(axes, ("training loss", "step time (ms)", "step memory (MB)")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args, parser) -> int:
+    from tqdm import tqdm
+
+    from .data import digits, image_folder
+
+    device = _device(args.device, parser)
+    choices = zoo.compare_choices(args.model)
+    if args.compare and args.compare not in choices:
+        parser.error(f"argument --compare: {args.model} can be compared with {', '.join(choices) or 'nothing'}, "
+                     f"not {args.compare}")
+    if args.check_agreement and not args.compare:
+        parser.error("argument --check-agreement: needs --compare (the model to agree with)")
+    if args.workers < 0:
+        parser.error("argument --workers: must be at least 0")
+    strict = args.check_agreement and not args.amp
+    if args.check_agreement:
+        # TF32 rounding and cuDNN's atomics-based backward convolutions would make two
+        # eager runs drift apart on their own: the check compares fastres alone.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.deterministic = True
+
+    image_size = args.image_size or (224 if args.data else 32)
+    data = image_folder(args.data, image_size, args.seed, args.workers) if args.data else digits(image_size, args.seed)
+    steps = args.steps or (args.epochs or 1) * math.ceil(data.train_size / args.batch_size)
+    torch.manual_seed(args.seed)
+    fused, reference = zoo.build_pair(args.model, args.compare, data.num_classes, args.depth, args.growth_rate)
+    name = f"densenet_bc-{args.depth}-k{args.growth_rate}" if args.model == "densenet_bc" else args.model
+    trainees = [Trainee("fastres", fused, device, args.channels_last, args.lr)]
+    if reference is not None:
+        trainees.append(Trainee(args.compare, reference, device, args.channels_last, args.lr))
+
+    precision = "bf16 autocast" if args.amp else "float32"
+    title = (f"fastres train: {name} on {data.name}, {data.train_size} train / {data.test_size} held out, "
+             f"batch {args.batch_size}, {steps} steps, {device}, {precision}"
+             + (", channels_last" if args.channels_last else ""))
+    print(title)
+    print(f"fastres path: {fastres_path(device, args.model)}")
+    if reference is not None:
+        print(f"compared with: {zoo.reference_name(args.model, args.compare)}, same weights and batches")
+
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    failures, worst_dlogit = [], 0.0
+    bar = tqdm(total=steps, desc=name, unit="step", file=sys.stderr, disable=args.no_progress,
+               mininterval=0.5, dynamic_ncols=True)
+    for i, (x, y) in enumerate(data.batches(args.batch_size, steps, args.seed)):
+        x, y = x.to(device).contiguous(memory_format=fmt), y.to(device)
+        # Alternate which model goes first: neither always finds the caches warm.
+        order = trainees if i % 2 == 0 else trainees[::-1]
+        logits = {t.label: t.step(x, y, args.amp, device) for t in order}
+        if args.check_agreement:
+            ref_logits = logits[trainees[1].label]
+            dlogit = ((logits["fastres"] - ref_logits).abs().max() / ref_logits.abs().max().clamp(min=1)).item()
+            worst_dlogit = max(worst_dlogit, dlogit) if not math.isnan(dlogit) else math.nan
+            if strict and not dlogit <= LOGIT_TOL:  # `not <=` also catches NaN
+                failures.append(f"step {i + 1}: max |logit difference| {dlogit:.3e} > {LOGIT_TOL:.0e}")
+        bar.set_postfix_str(_postfix(trainees), refresh=False)
+        bar.update()
+    bar.close()
+
+    for t in trainees:
+        t.evaluate(data, args.amp, device, args.channels_last)
+        if not all(math.isfinite(v) for v in t.history["loss"]):
+            failures.append(f"{t.label}: a training loss is not finite")
+    summaries = [t.summary() for t in trainees]
+    print()
+    print(_table(summaries))
+    print(f"median over steps {SKIP + 1}-{steps}; step memory: peak during a step minus memory in use before it "
+          f"({'CUDA allocator' if device.type == 'cuda' else 'process resident set'}).")
+
+    agreement = None
+    if args.check_agreement:
+        agreement = {"max_logit_difference": worst_dlogit, "tolerance": LOGIT_TOL, "strict": strict,
+                     **compare_state(trainees[1].model, fused)}
+        if not agreement["num_batches_tracked_agree"]:
+            failures.append("BatchNorm num_batches_tracked differ")
+        print(f"agreement with {trainees[1].label}: max |logit difference| {worst_dlogit:.2e} (relative; "
+              f"tolerance {LOGIT_TOL:.0e}{'' if strict else ', bf16: not checked'}), parameters "
+              f"{agreement['parameters']:.2e}, BN running stats {agreement['running_stats']:.2e}, "
+              f"num_batches_tracked {'agree' if agreement['num_batches_tracked_agree'] else 'DIFFER'}")
+
+    if args.json:
+        out = {
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")},
+            "steps": steps, "data": data.name, "machine_info": environment(device), "fastres_path": fastres_path(device, args.model),
+            "models": [{**s, "history": t.history} for s, t in zip(summaries, trainees)],
+            "ratios": None if len(summaries) < 2 else {
+                k: _ratio(summaries[0][k], summaries[1][k]) for k in ("test_accuracy", "median_step_ms", "peak_memory_mb")
+            },
+            "agreement": agreement, "failures": failures, "ok": not failures,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(args.plot, trainees, title.removeprefix("fastres train: "))
+        print(f"wrote {args.plot}")
+
+    if failures:
+        print("FAIL:\n  " + "\n  ".join(failures))
+        return 1
+    if args.check_agreement:
+        print(f"OK: fastres and {trainees[1].label} agree" + ("" if strict else " (bf16: not checked strictly)"))
+    return 0
