@@ -44,6 +44,7 @@ def run(args, parser) -> int:
     paths = [str(here / f"test_{s}.py") for s in args.suite] if args.suite else [str(here)]
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "bench.json"
+    json_path.unlink(missing_ok=True)  # a report is only ever of this run
     extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     cmd = [sys.executable, "-m", "pytest", *paths, "-p", "no:cacheprovider", "--rootdir", str(here),
            "-c", os.devnull, "-q"]
