@@ -9,8 +9,9 @@
   every op against eager PyTorch.
 
 Each subcommand's module holds ``add_arguments(parser)`` and ``run(args,
-parser) -> exit status``; modules are imported when their subcommand runs, so
-``fastres check`` works where plotting or training dependencies are missing.
+parser) -> exit status``. Optional dependencies (tqdm, matplotlib,
+scikit-learn, pytest) are imported only when a subcommand needs them, so
+``fastres check`` and ``--help`` work without them.
 """
 
 import argparse

@@ -55,9 +55,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-from tqdm import tqdm
-
 from . import zoo
 from .argtypes import bc_depth, positive
 from .measure import MB, environment, memory_format, release_free_memory, reset_rss_peak, rss, rss_peak, training_step
@@ -268,6 +265,8 @@ def _describe(r: dict) -> str:
 
 
 def _measure_all(configs: list[dict], args, *, tolerate_oom: bool = False) -> list[dict]:
+    from tqdm import tqdm
+
     out = []
     bar = tqdm(configs, desc="measuring", unit="run", file=sys.stderr, leave=False, disable=None)
     for opts in bar:
@@ -463,6 +462,23 @@ def _f(value, spec: str, suffix: str = "") -> str:
     return "-" if value is None else format(value, spec) + suffix
 
 
+def _search_table(rows: list[dict], what: str, best: str) -> list[str]:
+    """The table of a budget search over ``what`` (depth or batch): per variant, the best fit and the first miss."""
+    lines = [
+        "",
+        f"| variant | {best} {what} that fits | its growth MB | its step ms | first {what} over | its growth MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        fit = _f(r[f"{best}_{what}"], "d") + (" (cap)" if r["capped"] else "")
+        miss = "-" if r[f"first_miss_{what}"] is None else str(r[f"first_miss_{what}"])
+        lines.append(
+            f"| {r['variant']} | {fit} | {_f(r['growth_mb'], '.1f')} "
+            f"| {_f(r['step_s'] and r['step_s'] * 1e3, '.1f')} | {miss} | {_f(r['first_miss_growth_mb'], '.1f')} |"
+        )
+    return lines
+
+
 def render(data: dict) -> str:
     """The markdown table (and machine lines) of a result JSON of any mode."""
     m, c = data["machine_info"], data["config"]
@@ -478,34 +494,12 @@ def render(data: dict) -> str:
     ]
     rows = data["results"]
     if data["mode"] == "budget":
-        lines += [
-            f"- budget: {c['budget_mb']} MB of memory growth per step; DenseNet-BC k={c['growth_rate']}, "
-            f"depths 6n+4 up to {c['max_depth']}",
-            "",
-            "| variant | deepest depth that fits | its growth MB | its step ms | first depth over | its growth MB |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for r in rows:
-            deepest = _f(r["deepest_depth"], "d") + (" (cap)" if r["capped"] else "")
-            miss = "-" if r["first_miss_depth"] is None else str(r["first_miss_depth"])
-            lines.append(
-                f"| {r['variant']} | {deepest} | {_f(r['growth_mb'], '.1f')} "
-                f"| {_f(r['step_s'] and r['step_s'] * 1e3, '.1f')} | {miss} | {_f(r['first_miss_growth_mb'], '.1f')} |"
-            )
+        lines.append(f"- budget: {c['budget_mb']} MB of memory growth per step; DenseNet-BC k={c['growth_rate']}, "
+                     f"depths 6n+4 up to {c['max_depth']}")
+        lines += _search_table(rows, "depth", "deepest")
     elif data["mode"] == "batch":
-        lines += [
-            f"- budget: {c['budget_mb']} MB of memory growth per step; {c['model']}, batches up to {c['max_batch']}",
-            "",
-            "| variant | largest batch that fits | its growth MB | its step ms | first batch over | its growth MB |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for r in rows:
-            largest = _f(r["largest_batch"], "d") + (" (cap)" if r["capped"] else "")
-            miss = "-" if r["first_miss_batch"] is None else str(r["first_miss_batch"])
-            lines.append(
-                f"| {r['variant']} | {largest} | {_f(r['growth_mb'], '.1f')} "
-                f"| {_f(r['step_s'] and r['step_s'] * 1e3, '.1f')} | {miss} | {_f(r['first_miss_growth_mb'], '.1f')} |"
-            )
+        lines.append(f"- budget: {c['budget_mb']} MB of memory growth per step; {c['model']}, batches up to {c['max_batch']}")
+        lines += _search_table(rows, "batch", "largest")
     else:
         depth_col = data["mode"] == "depth"
         lines += [
