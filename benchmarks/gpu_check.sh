@@ -4,10 +4,10 @@
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
 # Sized for 8 minutes on an H100 with cold caches (Triton, cuDNN and torch.compile all
-# start empty): each stage has its own time limit, and a stage that fails or runs out
+# start empty): each stage has its own time limit (480 s in all), and a stage that fails or runs out
 # of time is recorded in OUTDIR/status.json while the others still run.
 #
-# Included: the tests on CUDA; add_relu at ResNet-50 batch 64 (bf16 channels_last and
+# Included: `fastres check`'s self-test on CUDA; the tests on CUDA; add_relu at ResNet-50 batch 64 (bf16 channels_last and
 # fp32 NCHW, with the copy-bandwidth ceiling); BN-ReLU / BN-add-ReLU at ResNet-50's
 # shapes, batch 64, bf16 channels_last; BN-ReLU-Conv2d (fastres vs cuDNN) at DenseNet-121's
 # 1x1 and 3x3 convolutions and pre-activation ResNet-50's two strided ones, batch 64, bf16
@@ -35,8 +35,8 @@ stage() {  # stage NAME SECONDS CMD...
     tail -5 "$OUT/$name.log"
 }
 
-stage install 120 env MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
-stage env 30 $PY -c "
+stage install 75 env MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
+stage env 15 $PY -c "
 import json, sys, torch, triton, fastres, fastres.functional as F
 p = torch.cuda.get_device_properties(0)
 json.dump({'device': torch.cuda.get_device_name(), 'sms': p.multi_processor_count,
@@ -44,30 +44,32 @@ json.dump({'device': torch.cuda.get_device_name(), 'sms': p.multi_processor_coun
            'triton': triton.__version__, 'python': sys.version.split()[0], 'fastres': fastres.__version__,
            'extension': F.extension_available()}, open('$OUT/env.json', 'w'), indent=1)
 print(open('$OUT/env.json').read())"
+# Every op and block against eager on this GPU, as a user's `fastres check` runs it.
+stage check 35 $PY -m fastres check --json "$OUT/check.json"
 # The GPU paths first (kernels, then blocks and models); the CPU-only checks (sm_90 static
 # compile) already ran where there was no GPU.
 # FASTRES_AUTOTUNE=0: the convolutions take their first config at each of the tests' many shapes
 # (test_every_launch_config_matches_eager runs every config); the benchmarks autotune.
-stage tests 150 env FASTRES_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider \
+stage tests 110 env FASTRES_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider \
     --junitxml="$OUT/tests.xml" \
     tests/test_ext.py tests/test_add_relu.py tests/test_batch_norm.py tests/test_compile.py \
     tests/test_bn_relu_conv.py tests/test_dense_fused.py tests/test_densenet.py tests/test_resnet.py \
     tests/test_convert.py tests/test_bad_input.py tests/test_resnetv2.py tests/test_convert_timm.py
 
 BENCH=(-p no:cacheprovider --benchmark-only -q)
-stage bench_add_relu 45 $PY -m pytest benchmarks/test_add_relu.py "${BENCH[@]}" \
+stage bench_add_relu 35 $PY -m pytest benchmarks/test_add_relu.py "${BENCH[@]}" \
     -k "N64 and ((bfloat16 and channels_last) or (float32 and nchw)) and (fastres or eager or copy) and not compile" \
     --benchmark-json "$OUT/add_relu.json"
-stage bench_batch_norm 60 $PY -m pytest benchmarks/test_batch_norm.py "${BENCH[@]}" \
+stage bench_batch_norm 45 $PY -m pytest benchmarks/test_batch_norm.py "${BENCH[@]}" \
     -k "N64 and bfloat16 and channels_last and not compile" --benchmark-json "$OUT/batch_norm.json"
 # Most of this stage is Triton compiling and autotuning the convolution kernels (cold cache).
-stage bench_bn_relu_conv 75 $PY -m pytest benchmarks/test_bn_relu_conv.py "${BENCH[@]}" \
+stage bench_bn_relu_conv 60 $PY -m pytest benchmarks/test_bn_relu_conv.py "${BENCH[@]}" \
     -k "N64 and bfloat16 and channels_last and not compile and (densenet121 or 3x3s2 or 1x1s2)" \
     --benchmark-json "$OUT/bn_relu_conv.json"
 # ResNet-50 against torchvision and the pre-activation ResNetV2-50 against timm, one process.
-stage bench_resnet50 100 $PY -m pytest benchmarks/test_training_step.py "${BENCH[@]}" \
+stage bench_resnet50 70 $PY -m pytest benchmarks/test_training_step.py "${BENCH[@]}" \
     -k "(resnet50-N64 or resnetv2_50-N64) and not compile" --benchmark-json "$OUT/resnet50_step.json"
-stage bench_densenet121 50 $PY -m pytest benchmarks/test_densenet.py "${BENCH[@]}" \
+stage bench_densenet121 35 $PY -m pytest benchmarks/test_densenet.py "${BENCH[@]}" \
     -k "densenet121 and bfloat16" --benchmark-json "$OUT/densenet121_step.json"
 for f in "$OUT"/add_relu.json "$OUT"/batch_norm.json "$OUT"/bn_relu_conv.json "$OUT"/resnet50_step.json \
         "$OUT"/densenet121_step.json; do
