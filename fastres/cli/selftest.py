@@ -8,6 +8,7 @@ statistics. Tensors agree when their dtypes and shapes match and their
 normwise difference is within the dtype's tolerance (NaN never agrees).
 """
 
+import contextlib
 import dataclasses
 import traceback
 from collections.abc import Callable
@@ -180,5 +181,17 @@ def run_case(name: str, case: Callable, device: str, dtype: torch.dtype) -> Resu
         return Result(name, device, label, False, f"{type(err).__name__}: {err} ({where.filename.rsplit('/', 1)[-1]}:{where.lineno})")
 
 
+@contextlib.contextmanager
+def _exact_float32():
+    """TF32 off while the cases run: with it, both sides' float32 convolutions round to 10-bit mantissas."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def run_all(device: str, dtypes=(torch.float64, torch.float32)) -> list[Result]:
-    return [run_case(name, case, device, dtype) for name, case in cases().items() for dtype in dtypes]
+    with _exact_float32():
+        return [run_case(name, case, device, dtype) for name, case in cases().items() for dtype in dtypes]

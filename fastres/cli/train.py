@@ -185,7 +185,7 @@ def _ratio(a, b) -> float | None:
 def _table(summaries: list[dict]) -> str:
     ref = summaries[1] if len(summaries) > 1 else None
 
-    def cell(value, spec, ratio_of=None, key=None):
+    def cell(value, spec, key):
         text = "-" if value is None else format(value, spec)
         if ref is not None:
             r = _ratio(value, ref[key])
