@@ -5,8 +5,9 @@
     fastres check --json check.json
 
 The self-test runs each fused op and block (add_relu, batch_norm_relu with and
-without residual, train and eval, bn_relu_conv2d, torchvision's BasicBlock,
-Bottleneck and a DenseNet-BC) with fastres and with the eager code it
+without residual, train and eval, bn_relu_conv2d; torchvision's BasicBlock,
+Bottleneck and a DenseNet-BC; timm's pre-activation blocks where timm is
+installed) with fastres and with the eager code it
 replaces, on the same inputs, and compares outputs, gradients and running
 statistics. On a CPU fastres runs eager PyTorch (and ``fastres._C`` for dense
 blocks); on CUDA the Triton kernels; ``--interpreter`` runs those same

@@ -129,6 +129,22 @@ def _blocks():
 
         return fastres.models.densenet_bc(10, 4, 3, memory_efficient=True), _torchvision_densenet_bc(10, 4, 3, False)
 
+    timm_cases = {}
+    try:
+        from timm.layers import BatchNormAct2d, create_conv2d
+        from timm.models import resnetv2 as timm_v2
+    except ImportError:  # an optional reference: its blocks are checked where it is installed
+        timm_v2 = None
+    if timm_v2 is not None:
+        # What timm's BatchNorm resnetv2_* models build (its blocks default to GroupNorm and StdConv2d).
+        timm_layers = {"norm_layer": BatchNormAct2d, "conv_layer": create_conv2d}
+        timm_cases = {
+            "PreActBasicBlock (vs timm)": _module_case(
+                lambda: (fastres.nn.PreActBasicBlock(8, 8), timm_v2.PreActBasic(8, 8, **timm_layers)), SHAPE),
+            "PreActBottleneck (vs timm)": _module_case(
+                lambda: (fastres.nn.PreActBottleneck(16, 16), timm_v2.PreActBottleneck(16, 16, **timm_layers)),
+                (2, 16, 6, 6)),
+        }
     return {
         "BasicBlock (vs torchvision)": _module_case(
             lambda: (fastres.nn.BasicBlock(8, 16, 2, down(8, 16)), tv.models.resnet.BasicBlock(8, 16, 2, down(8, 16))),
@@ -136,6 +152,7 @@ def _blocks():
         "Bottleneck (vs torchvision)": _module_case(
             lambda: (fastres.nn.Bottleneck(16, 4), tv.models.resnet.Bottleneck(16, 4)), (2, 16, 6, 6)),
         "DenseNet-BC depth 10 (vs torchvision)": _module_case(densenet_bc, (2, 3, 8, 8)),
+        **timm_cases,
     }
 
 
