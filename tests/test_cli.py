@@ -55,6 +55,11 @@ def test_help(command, capsys):
         (["train", "--check-agreement"], "argument --check-agreement: needs --compare"),
         (["train", "--device", "cuda:0"] if not torch.cuda.is_available() else ["train", "--device", "tpu"],
          "argument --device:"),
+        (["train", "--lr", "-1"], "argument --lr: must be positive, got -1"),
+        (["train", "--batch-size", "5000"], "argument --batch-size: 5000 is more than the 1438 training images"),
+        (["train", "--depth", "40"], "argument --depth/--growth-rate: only for --model densenet_bc, not resnet18"),
+        (["train", "--compare", "eager", "--check-agreement", "--amp"], "--check-agreement: trains in float64"),
+        (["memory", "report", "/nonexistent.json"], "argument json: cannot read /nonexistent.json"),
         (["train", "--data", "/nonexistent/dir", "--steps", "1"], None),  # SystemExit with a message, not argparse
         (["memory"], "the following arguments are required: MODE"),
         (["memory", "compare", "--variants", "eager"], "argument --variants: invalid choice: 'eager'"),
@@ -198,9 +203,33 @@ def test_bench_smoke_and_report(tmp_path, capsys):
     assert list(out.glob("*.png"))
 
 
-def test_train_resnetv2_next_to_timm(timm, capsys):
-    argv = ["train", "--model", "resnetv2_18", "--compare", "eager", "--check-agreement", "--steps", "2",
-            "--batch-size", "8", "--no-progress"]
+def test_train_resnetv2_next_to_timm(timm):
+    # A fresh process: timm imports torchvision, which needs fastres's CPU-torch workaround first.
+    argv = ["train", "--model", "resnetv2_18", "--compare", "eager", "--check-agreement", "--steps", "1",
+            "--batch-size", "4", "--no-progress"]
+    out = subprocess.run([sys.executable, "-m", "fastres", *argv], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "compared with: timm resnetv2_18" in out.stdout and "OK: fastres and eager agree" in out.stdout
+
+
+def test_train_next_to_checkpointing_leaves_its_buffers_out(capsys):
+    argv = ["train", "--model", "densenet_bc", "--depth", "10", "--growth-rate", "4", "--compare", "checkpoint",
+            "--check-agreement", "--steps", "2", "--batch-size", "8", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "compared with: timm resnetv2_18" in out and "OK: fastres and eager agree" in out
+    assert "BN buffers not compared (torchvision's checkpointing updates them twice per step)" in out
+    assert "OK: fastres and checkpoint agree" in out
+
+
+def test_train_names_an_unreadable_image(tmp_path):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "a" / "broken.png").write_text("not an image")
+    argv = ["train", "--data", str(tmp_path), "--image-size", "16", "--epochs", "2", "--batch-size", "2",
+            "--workers", "0", "--no-progress"]
+    status = _exit_status(argv)
+    assert isinstance(status, str) and status.startswith(f"--data {tmp_path}: cannot read an image")

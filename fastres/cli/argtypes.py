@@ -19,3 +19,13 @@ def bc_depth(text: str) -> int:
     if value < 10 or (value - 4) % 6:
         raise argparse.ArgumentTypeError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (10, 40, 100, ...), got {value}")
     return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0:  # `not >` also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value

@@ -74,7 +74,7 @@ def _interpreter_results() -> list[dict]:
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         return [{"case": "Triton interpreter run", "device": "cpu (interpreter)", "dtype": "-", "ok": False,
-                 "error": (proc.stderr.strip().splitlines() or ["no output"])[-1], "worst": 0.0}]
+                 "error": (proc.stderr.strip().splitlines() or ["no output"])[-1], "worst": None}]
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
@@ -82,7 +82,7 @@ def _table(results: list[dict]) -> str:
     lines = ["| case | device | dtype | | largest difference | error |", "|---|---|---|---|---:|---|"]
     for r in results:
         lines.append(f"| {r['case']} | {r['device']} | {r['dtype']} | {'✓' if r['ok'] else '✗'} "
-                     f"| {r['worst']:.1e} | {r['error']} |")
+                     f"| {'-' if r['worst'] is None else format(r['worst'], '.1e')} | {r['error']} |")
     return "\n".join(lines)
 
 
@@ -111,7 +111,7 @@ def run(args, parser) -> int:
         if args.interpreter:
             if info["triton"] is None:
                 results.append({"case": "Triton interpreter run", "device": "cpu (interpreter)", "dtype": "-",
-                                "ok": False, "error": "triton is not installed (pip install triton)", "worst": 0.0})
+                                "ok": False, "error": "triton is not installed (pip install triton)", "worst": None})
             else:
                 results += _interpreter_results()
         print()

@@ -59,6 +59,14 @@ def digits(image_size: int, seed: int) -> Data:
     )
 
 
+def _readable(loader, root: Path) -> Iterator:
+    """``loader``'s batches; an image that cannot be read ends the run with a message naming it."""
+    try:
+        yield from loader
+    except OSError as err:  # PIL's UnidentifiedImageError, truncated files, unreadable files
+        raise SystemExit(f"--data {root}: cannot read an image: {err}") from None
+
+
 def image_folder(root: Path, image_size: int, seed: int, workers: int) -> Data:
     """torchvision's ImageFolder layout: ``root/CLASS/*.png``, or ``root/train/CLASS`` and ``root/val/CLASS``.
 
@@ -98,14 +106,14 @@ def image_folder(root: Path, image_size: int, seed: int, workers: int) -> Data:
                                              num_workers=workers, drop_last=len(train) >= batch_size)
         done = 0
         while done < steps:
-            for batch in loader:
+            for batch in _readable(loader, root):
                 yield batch
                 done += 1
                 if done == steps:
                     return
 
     def test_batches(batch_size):
-        yield from torch.utils.data.DataLoader(test, batch_size=batch_size, num_workers=workers)
+        yield from _readable(torch.utils.data.DataLoader(test, batch_size=batch_size, num_workers=workers), root)
 
     return Data(name=f"image folder {root} ({image_size}x{image_size})", num_classes=len(train.classes),
                 train_size=len(train), test_size=len(test), batches=batches, test_batches=test_batches)

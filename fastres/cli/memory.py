@@ -647,8 +647,14 @@ def run(args, parser: argparse.ArgumentParser) -> int:
     if args.mode == "worker" and (args.batch is None or args.size is None):
         parser.error("worker needs --batch and --size")
     if args.mode == "report":
-        data = json.loads(args.json.read_text())
-        print(render(data), end="")
+        try:
+            data = json.loads(args.json.read_text())
+            text = render(data)
+        except (OSError, ValueError) as err:
+            parser.error(f"argument json: cannot read {args.json}: {err}")
+        except (KeyError, TypeError):
+            parser.error(f"argument json: {args.json} is not the JSON of a fastres memory run")
+        print(text, end="")
         if data["mode"] == "depth" and args.plot:
             plot_depth(data, args.plot)
             print(f"wrote {args.plot}", file=sys.stderr)

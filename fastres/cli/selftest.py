@@ -32,7 +32,7 @@ class Result:
     dtype: str
     ok: bool
     error: str = ""
-    worst: float = 0.0  # largest normwise difference seen
+    worst: float | None = None  # largest normwise difference seen (None: the case did not get that far)
 
 
 def _randn(shape, device, dtype, seed, requires_grad=True):

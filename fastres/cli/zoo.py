@@ -68,6 +68,7 @@ def build_reference(model: str, compare: str, num_classes: int, depth: int = 100
     if compare not in compare_choices(model):
         raise ValueError(f"--compare {compare} is not available for {model}: choose from {compare_choices(model)}")
     if model in RESNETV2S:
+        import_torchvision()  # timm imports torchvision: through the CPU-torch workaround first
         try:
             import timm
         except ImportError:
