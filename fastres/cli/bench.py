@@ -46,12 +46,14 @@ def run(args, parser) -> int:
     json_path = args.out / "bench.json"
     json_path.unlink(missing_ok=True)  # a report is only ever of this run
     extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
-    cmd = [sys.executable, "-m", "pytest", *paths, "-p", "no:cacheprovider", "--rootdir", str(here),
+    cmd = [sys.executable, "-m", "pytest", *paths, "-p", "no:cacheprovider", "-p", "no:xdist", "--rootdir", str(here),
            "-c", os.devnull, "-q"]
     cmd += ["--benchmark-disable"] if args.smoke else ["--benchmark-only", "--benchmark-json", str(json_path)]
     if args.k:
         cmd += ["-k", args.k]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # Never the interpreter; and no pytest-xdist worker variables from a calling test run, which would
+    # make pytest-benchmark disable itself.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_XDIST")}
     print("running: " + " ".join(cmd), file=sys.stderr, flush=True)
     status = subprocess.run(cmd + extra, env=env).returncode
     if status == 5:
