@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", metavar="EXPR", help="only cases matching this pytest -k expression")
     p.add_argument("--suite", choices=SUITES, action="append", help="only this suite (repeatable; default all)")
     p.add_argument("--out", type=Path, default=Path("fastres-bench"), help="output folder (default ./fastres-bench)")
-    p.add_argument("--smoke", action="store_true", help="run each case once, untimed (--benchmark-disable): a check that the suites run; writes nothing")
+    p.add_argument("--smoke", action="store_true",
+                   help="run each case once, untimed (--benchmark-disable): a check that the suites run; writes nothing")
     p.add_argument("--no-plots", action="store_true", help="table only")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER,
                    help="after --: more pytest arguments (e.g. -- -x --benchmark-min-rounds 20)")

@@ -195,7 +195,8 @@ def run_case(name: str, case: Callable, device: str, dtype: torch.dtype) -> Resu
         return Result(name, device, label, True, worst=worst)
     except Exception as err:  # a self-test reports every failure, whatever it is
         where = traceback.extract_tb(err.__traceback__)[-1]
-        return Result(name, device, label, False, f"{type(err).__name__}: {err} ({where.filename.rsplit('/', 1)[-1]}:{where.lineno})")
+        place = f"{where.filename.rsplit('/', 1)[-1]}:{where.lineno}"
+        return Result(name, device, label, False, f"{type(err).__name__}: {err} ({place})")
 
 
 @contextlib.contextmanager
