@@ -16,11 +16,6 @@ if not torch.cuda.is_available():
 # be replayed with stale output sizes.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastres-inductor-"))
 
-# Under pytest-xdist each worker gets its share of the cores: intra-op threads
-# beyond that only make the workers' processes preempt each other.
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-
 import pytest  # noqa: E402
 
 from fastres._torchvision import import_torchvision  # noqa: E402
