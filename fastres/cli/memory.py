@@ -374,8 +374,38 @@ def largest_fit(fits, n_max: int) -> tuple[int, int | None]:
     return lo, hi
 
 
-def _fits_budget(r: dict, budget_mb: float) -> bool:
-    return not r.get("oom") and r["growth_mb"] <= budget_mb
+def _budget_rows(args, n_max: int, config, what: str, best: str, value) -> list[dict]:
+    """Per variant, the largest n up to ``n_max`` whose step grows memory by at most ``args.budget_mb``.
+
+    ``config(variant, n)`` is the worker configuration of probe n (one worker
+    each); ``value(n)`` is what the row reports for it: the depth or the batch,
+    under ``f"{best}_{what}"`` and ``f"first_miss_{what}"``.
+    """
+    rows = []
+    for variant in args.variants:
+        probes = {}
+
+        def fits(n):
+            if n not in probes:
+                probes[n] = _measure_all([config(variant, n)], args, tolerate_oom=True)[0]
+            r = probes[n]
+            return not r.get("oom") and r["growth_mb"] <= args.budget_mb
+
+        lo, hi = largest_fit(fits, n_max)
+        fit = probes.get(lo)
+        miss = probes.get(hi) if hi is not None else None
+        rows.append({
+            "variant": variant,
+            f"{best}_{what}": value(lo) if lo else None,
+            "growth_mb": fit["growth_mb"] if fit else None,
+            "step_s": fit["step_s"] if fit else None,
+            f"first_miss_{what}": value(hi) if hi is not None else None,
+            "first_miss_growth_mb": None if miss is None or miss.get("oom") else miss["growth_mb"],
+            "capped": hi is None,
+            "probes": [{what: value(k), "growth_mb": p.get("growth_mb"), "oom": bool(p.get("oom")),
+                        "worker_wall_s": p["worker_wall_s"]} for k, p in sorted(probes.items())],
+        })
+    return rows
 
 
 def run_batch(args) -> dict:
@@ -384,31 +414,12 @@ def run_batch(args) -> dict:
     label = model_label(args.model, args.depth, args.growth_rate)
     print(f"batch: {args.budget_mb} MB, {label} up to batch {args.max_batch}, {opts['size']}x{opts['size']}, "
           f"{opts['device']}", file=sys.stderr)
-    rows = []
-    for variant in args.variants:
-        probes = {}
 
-        def fits(batch):
-            if batch not in probes:
-                cfg = {"variant": variant, "model": args.model, "depth": args.depth,
-                       "growth_rate": args.growth_rate, **opts, "batch": batch}
-                probes[batch] = _measure_all([cfg], args, tolerate_oom=True)[0]
-            return _fits_budget(probes[batch], args.budget_mb)
+    def config(variant, batch):
+        return {"variant": variant, "model": args.model, "depth": args.depth, "growth_rate": args.growth_rate,
+                **opts, "batch": batch}
 
-        lo, hi = largest_fit(fits, args.max_batch)
-        best = probes.get(lo)
-        miss = probes.get(hi) if hi is not None else None
-        rows.append({
-            "variant": variant,
-            "largest_batch": lo or None,
-            "growth_mb": best["growth_mb"] if best else None,
-            "step_s": best["step_s"] if best else None,
-            "first_miss_batch": hi,
-            "first_miss_growth_mb": None if miss is None or miss.get("oom") else miss["growth_mb"],
-            "capped": hi is None,
-            "probes": [{"batch": k, "growth_mb": p.get("growth_mb"), "oom": bool(p.get("oom")),
-                        "worker_wall_s": p["worker_wall_s"]} for k, p in sorted(probes.items())],
-        })
+    rows = _budget_rows(args, args.max_batch, config, "batch", "largest", lambda batch: batch)
     header = _header(args, "batch", opts, model=label, budget_mb=args.budget_mb, max_batch=args.max_batch)
     return {**header, "results": rows}
 
@@ -416,40 +427,20 @@ def run_batch(args) -> dict:
 def run_budget(args) -> dict:
     """Per variant, the largest n (depth 6n+4) whose step grows memory by at most the budget.
 
-    Doubles n from 1 until a step does not fit (or n reaches --max-depth's),
-    then bisects between the last fit and the first miss: one worker per probe.
-    Assumes the growth rises with depth, as it does for every variant.
+    One worker per probe (``largest_fit``'s doubling and bisection); assumes
+    the growth rises with depth, as it does for every variant.
     """
     opts = {**_common_opts(args, "budget"), "saved": False}
     max_depth = args.max_depth or DEFAULTS["budget"]["max_depth"][args.device == "cuda"]
     n_max = bc_layers(max_depth - (max_depth - 4) % 6) if max_depth >= 10 else 1
     print(f"budget: {args.budget_mb} MB, DenseNet-BC k={args.growth_rate} up to depth {6 * n_max + 4}, "
           f"batch {opts['batch']}, {opts['size']}x{opts['size']}, {opts['device']}", file=sys.stderr)
-    rows = []
-    for variant in args.variants:
-        probes = {}
 
-        def fits(n):
-            if n not in probes:
-                cfg = {"variant": variant, "model": "densenet_bc", "depth": 6 * n + 4,
-                       "growth_rate": args.growth_rate, **opts}
-                probes[n] = _measure_all([cfg], args, tolerate_oom=True)[0]
-            return _fits_budget(probes[n], args.budget_mb)
+    def config(variant, n):
+        return {"variant": variant, "model": "densenet_bc", "depth": 6 * n + 4, "growth_rate": args.growth_rate,
+                **opts}
 
-        lo, hi = largest_fit(fits, n_max)
-        best = probes.get(lo)
-        miss = probes.get(hi) if hi is not None else None
-        rows.append({
-            "variant": variant,
-            "deepest_depth": 6 * lo + 4 if lo else None,
-            "growth_mb": best["growth_mb"] if best else None,
-            "step_s": best["step_s"] if best else None,
-            "first_miss_depth": 6 * hi + 4 if hi is not None else None,
-            "first_miss_growth_mb": None if miss is None or miss.get("oom") else miss["growth_mb"],
-            "capped": hi is None,
-            "probes": [{"depth": 6 * k + 4, "growth_mb": p.get("growth_mb"), "oom": bool(p.get("oom")),
-                        "worker_wall_s": p["worker_wall_s"]} for k, p in sorted(probes.items())],
-        })
+    rows = _budget_rows(args, n_max, config, "depth", "deepest", lambda n: 6 * n + 4)
     header = _header(args, "budget", opts, growth_rate=args.growth_rate, budget_mb=args.budget_mb,
                      max_depth=6 * n_max + 4)
     return {**header, "results": rows}
