@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Kernel, aligned, cdiv, stream
+from .launch import Kernel, cdiv, stream
 from .utils import as_4d, elementwise_settings, pack_mask, strided_offsets, unpack_mask
 
 
@@ -121,9 +121,8 @@ def add_relu_forward(
     xs, rs, zs = x.stride(), r.stride(), z.stride()
     block, num_warps = elementwise_settings(n, z.device)
     fp64 = x.dtype == torch.float64 or r.dtype == torch.float64
-    key = (z.shape, xs, rs, zs, x.dtype, r.dtype, z.device, aligned(x), aligned(r), aligned(z), mask is None)
     add_relu_fwd_kernel(
-        key, (cdiv(n, block), 1, 1), stream(z.device), num_warps,
+        (cdiv(n, block), 1, 1), stream(z.device), num_warps,
         x, r, z, mask, n, z.shape[1], z.shape[2], z.shape[3], *xs, *rs, *zs,
         x.is_contiguous(), r.is_contiguous(), z.is_contiguous(), mask is not None, fp64, block,
     )
@@ -137,9 +136,8 @@ def add_relu_backward(dz: torch.Tensor, mask: torch.Tensor, dx: torch.Tensor) ->
     dz, dx = as_4d(dz), as_4d(dx)
     ds = dz.stride()
     block, num_warps = elementwise_settings(n, dx.device)
-    key = (dx.shape, ds, dz.dtype, dx.device, aligned(dz))
     add_relu_bwd_kernel(
-        key, (cdiv(n, block), 1, 1), stream(dx.device), num_warps,
+        (cdiv(n, block), 1, 1), stream(dx.device), num_warps,
         dz, mask, dx, n, dx.shape[1], dx.shape[2], dx.shape[3], *ds, dz.is_contiguous(), block,
     )
 
@@ -150,9 +148,8 @@ def add_relu_forward_dense(x: torch.Tensor, r: torch.Tensor, z: torch.Tensor, ma
     if n == 0:
         return
     block, num_warps = elementwise_settings(n, z.device)
-    key = (n, x.dtype, r.dtype, z.device, aligned(x), aligned(r), aligned(z), mask is None)
     add_relu_fwd_kernel(
-        key, (cdiv(n, block), 1, 1), stream(z.device), num_warps,
+        (cdiv(n, block), 1, 1), stream(z.device), num_warps,
         x, r, z, mask, n, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         True, True, True, mask is not None, x.dtype == torch.float64 or r.dtype == torch.float64, block,
     )
@@ -164,8 +161,7 @@ def add_relu_backward_dense(dz: torch.Tensor, mask: torch.Tensor, dx: torch.Tens
     if n == 0:
         return
     block, num_warps = elementwise_settings(n, dx.device)
-    key = (n, dz.dtype, dx.device, aligned(dz), aligned(dx))
     add_relu_bwd_kernel(
-        key, (cdiv(n, block), 1, 1), stream(dx.device), num_warps,
+        (cdiv(n, block), 1, 1), stream(dx.device), num_warps,
         dz, mask, dx, n, 1, 1, 1, 0, 0, 0, 0, True, block,
     )

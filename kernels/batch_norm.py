@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Kernel, aligned, cdiv, counters, next_power_of_2, scratch, stream, tensor_key
+from .launch import Kernel, cdiv, counters, next_power_of_2, scratch, stream
 from .utils import (
     acc_dtype, pack_mask_2d, partial_block, reduction_settings, row_bytes, rsqrt_rn, tile_index, tile_offsets,
     tile_2d, tile_settings, tl_dtype,
@@ -323,9 +323,8 @@ def batch_norm_stats(
     s = stream(x.device)
     partial = scratch(x.device, s, splits * (2 * c + c_blocks), acc)
     tickets = counters(x.device, s, c_blocks)
-    key = (shape, x_strides, x.dtype, x.device, aligned(x), tensor_key(running_mean), tensor_key(running_var), local)
     stats_kernel(
-        key, (c_blocks, splits, 1), s, num_warps,
+        (c_blocks, splits, 1), s, num_warps,
         x, partial, tickets, stats, running_mean, running_var,
         n, c, hw, *x_strides, per_split, n_tiles, splits, float(momentum), float(eps),
         per_n, x_strides[0] == hw * x_strides[2], local, tl_dtype(acc), block_r, block_c, block_p,
@@ -340,9 +339,8 @@ def batch_norm_combine(
     w, row = gathered.shape
     c = (row - 1) // 2
     block_c = min(next_power_of_2(c), 128)
-    key = (w, c, gathered.dtype, gathered.device, tensor_key(running_mean), tensor_key(running_var))
     combine_kernel(
-        key, (cdiv(c, block_c), 1, 1), stream(gathered.device), 4,
+        (cdiv(c, block_c), 1, 1), stream(gathered.device), 4,
         gathered, stats, running_mean, running_var, w, c, float(momentum), float(eps),
         tl_dtype(gathered.dtype), partial_block(w, block_c), block_c,
     )
@@ -360,9 +358,8 @@ def batch_norm_finish(
     """
     c = mean.shape[0]
     block_c = min(next_power_of_2(c), 1024)
-    key = (c, mean.dtype, mean.device, tensor_key(running_mean), tensor_key(running_var))
     finish_kernel(
-        key, (cdiv(c, block_c), 1, 1), stream(mean.device), 4,
+        (cdiv(c, block_c), 1, 1), stream(mean.device), 4,
         mean, m2, count, stats, running_mean, running_var, c, float(momentum), float(eps),
         tl_dtype(mean.dtype), block_c,
     )
@@ -401,14 +398,8 @@ def batch_norm_relu_apply(
     rows, cols = (n * hw, c) if c_last else (n * c, hw)
     block_m, block_k, num_warps = tile_settings(rows, cols, z.device)
     r = residual
-    key = (
-        shape, x_strides, z_strides, None if r is None else (r_strides, r.dtype, aligned(r)),
-        x.dtype, z.dtype, x.device, aligned(x), mask is None, stats_out is None, rstd_offset,
-        from_var, c_last, mean.dtype, rstd_or_var.dtype, aligned(mean), aligned(rstd_or_var),
-        tensor_key(weight), tensor_key(bias),
-    )
     apply_kernel(
-        key, (cdiv(rows, block_m), cdiv(cols, block_k), 1), stream(x.device), num_warps,
+        (cdiv(rows, block_m), cdiv(cols, block_k), 1), stream(x.device), num_warps,
         x, r, z, mask, mean, rstd_or_var, weight, bias, stats_out,
         rows, cols, c, hw, rstd_offset, float(eps), *x_strides, *(x_strides if r is None else r_strides),
         x_strides == z_strides, r is not None and r_strides == z_strides,

@@ -22,30 +22,38 @@ import triton
 import triton.language as tl
 
 from .batch_norm import channel_vector, mask_strides, stats_plan
-from .launch import Kernel, aligned, cdiv, counters, scratch, stream, tensor_key
+from .launch import Kernel, cdiv, counters, scratch, stream
 from .utils import tile_2d, tile_index, tile_mask_bits, tile_offsets, tile_settings, tl_dtype, unpack_mask_2d
 
 
 @triton.jit
-def finish_sums(
-    partial_ptr,  # [2, P, C]: partial sum(g), sum(g * xmu), written by other programs of this launch
-    P, C, cols, col_ok,
+def sum_partial_rows(
+    partial_ptr,  # [2, P, C]: partial sum(g), then partial sum(g * xmu)
+    P, r0, r1, C, cols, col_ok,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """(sum(g), sum(g * xmu)) of channels ``cols`` over partial rows ``r0 .. r1 - 1``, in a fixed order."""
+    sum_g = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    sum_gx = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for p0 in range(r0, r1, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        ok = (rows < r1)[:, None] & col_ok[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        # .cg: written by other programs of this launch, read past L1.
+        sum_g += tl.load(partial_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        sum_gx += tl.load(partial_ptr + P * C + offs, mask=ok, other=0.0, cache_modifier=".cg")
+    return tl.sum(sum_g, axis=0), tl.sum(sum_gx, axis=0)
+
+
+@triton.jit
+def store_sums(
+    total_g, total_gx, C, cols, col_ok,
     stats_ptr,  # [2C + 1]: mean, rstd, count
     sums_ptr,  # [2C] output: sum(g), sum(g * xmu)
     dw_ptr, db_ptr,  # [C] outputs in the parameters' dtypes, or None
-    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    """The last program of a channel block: add the P partial sums, store them and dweight, dbias."""
-    sum_g = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    sum_gx = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    for p0 in range(0, P, BLOCK_P):
-        rows = p0 + tl.arange(0, BLOCK_P)
-        ok = (rows < P)[:, None] & col_ok[None, :]
-        offs = rows[:, None] * C + cols[None, :]
-        sum_g += tl.load(partial_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
-        sum_gx += tl.load(partial_ptr + P * C + offs, mask=ok, other=0.0, cache_modifier=".cg")
-    total_g = tl.sum(sum_g, axis=0)
-    total_gx = tl.sum(sum_gx, axis=0)
+    """Store a channel block's finished sums, and dweight = rstd * sum(g * xmu), dbias = sum(g)."""
     tl.store(sums_ptr + cols, total_g, mask=col_ok)
     tl.store(sums_ptr + C + cols, total_gx, mask=col_ok)
     if dw_ptr is not None:
@@ -53,6 +61,17 @@ def finish_sums(
         tl.store(dw_ptr + cols, (total_gx * rstd).to(dw_ptr.dtype.element_ty), mask=col_ok)
     if db_ptr is not None:
         tl.store(db_ptr + cols, total_g.to(db_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def finish_sums(
+    partial_ptr,  # [2, P, C]: partial sum(g), sum(g * xmu), written by other programs of this launch
+    P, C, cols, col_ok, stats_ptr, sums_ptr, dw_ptr, db_ptr,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The last program of a channel block: add the P partial sums, store them and dweight, dbias."""
+    total_g, total_gx = sum_partial_rows(partial_ptr, P, 0, P, C, cols, col_ok, ACC, BLOCK_P, BLOCK_C)
+    store_sums(total_g, total_gx, C, cols, col_ok, stats_ptr, sums_ptr, dw_ptr, db_ptr, ACC)
 
 
 @triton.jit
@@ -182,10 +201,8 @@ def batch_norm_relu_backward_reduce(
     s = stream(x.device)
     partial = scratch(x.device, s, 2 * splits * c, stats.dtype)
     tickets = counters(x.device, s, c_blocks)
-    key = (shape, x_strides, dz_strides, c_last, x.dtype, dz.dtype, x.device, aligned(x), aligned(dz),
-           stats.dtype, tensor_key(dweight), tensor_key(dbias))
     reduce_kernel(
-        key, (c_blocks, splits, 1), s, num_warps,
+        (c_blocks, splits, 1), s, num_warps,
         dz, x, mask, stats, partial, tickets, sums, dweight, dbias,
         n, c, hw, *dz_strides, *x_strides, *z_strides, per_split, n_tiles, splits,
         per_n, all(s[0] == hw * s[2] for s in (dz_strides, x_strides, z_strides)), mask_tile,
@@ -212,11 +229,8 @@ def batch_norm_relu_backward_elementwise(
     rows, cols = (n * hw, c) if c_last else (n * c, hw)
     device = x.device
     block_m, block_k, num_warps = tile_settings(rows, cols, device)
-    key = (shape, dz_strides, x_strides, out_strides, dz.dtype, x.dtype, device, aligned(dz), aligned(x),
-           stats.dtype, tensor_key(weight), sums is None, tensor_key(dx), tensor_key(dr), c_last, mask is None,
-           dx_strides, accumulate)
     elementwise_kernel(
-        key, (cdiv(rows, block_m), cdiv(cols, block_k), 1), stream(device), num_warps,
+        (cdiv(rows, block_m), cdiv(cols, block_k), 1), stream(device), num_warps,
         dz, x, mask, stats, weight, sums, dx, dr,
         rows, cols, c, hw, *dz_strides, *x_strides, *dx_strides,
         dz_strides == out_strides, x_strides == out_strides, c_last, dx_strides == out_strides, accumulate,

@@ -27,14 +27,15 @@ write it. Tensors are 4-D with any strides: an input that is a channel slice
 of a larger buffer is read in place and the output can be a channel slice.
 """
 
-import os
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .batch_norm_backward import finish_sums
-from .launch import Kernel, aligned, cdiv, compiled, counters, next_power_of_2, scratch, sm_count, stream, tensor_key
+from .batch_norm_backward import store_sums, sum_partial_rows
+from .launch import Kernel, cdiv, compiled, counters, next_power_of_2, sm_count, stream
+from .tuning import choose
 from .utils import tl_dtype
 
 
@@ -104,22 +105,40 @@ def _forward_kernel(
     kc = tl.arange(0, BLOCK_K)
     c_blocks = tl.cdiv(C, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    # One flat K loop over (tap, channel block), channels innermost, which Triton pipelines as one loop.
-    for kk in range(0, KH * KW * c_blocks):
-        tap = kk // c_blocks
-        kh = tap // KW
-        kw = tap % KW
-        ch = (kk % c_blocks) * BLOCK_K + kc
-        ch_ok = ch < C
-        ih = oh * SH - PH + kh
-        iw = ow * SW - PW + kw
+    if KH * KW == 1:
+        # A GEMM: no tap arithmetic, so the tiles' alignment stays provable (vector loads, cp.async).
+        ih = oh * SH - PH
+        iw = ow * SW - PW
         pos_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        mean, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, FOLDED, ACC)
-        offs = (n * xs_n + ih * xs_h + iw * xs_w)[:, None] + ch[None, :] * xs_c
-        a = load_activation(x_ptr, offs, pos_ok[:, None] & ch_ok[None, :], mean, scale, shift, FOLDED, ACC)
-        wt = tl.load(w_ptr + ch[:, None] * ws_c + co[None, :] * ws_o + kh * ws_h + kw * ws_w,
-                     mask=ch_ok[:, None] & co_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PRECISION, out_dtype=ACC)
+        x_row = n * xs_n + ih * xs_h + iw * xs_w
+        for kb in range(0, c_blocks):
+            ch = kb * BLOCK_K + kc
+            ch_ok = ch < C
+            mean, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, FOLDED, ACC)
+            a = load_activation(x_ptr, x_row[:, None] + ch[None, :] * xs_c, pos_ok[:, None] & ch_ok[None, :],
+                                mean, scale, shift, FOLDED, ACC)
+            wt = tl.load(w_ptr + ch[:, None] * ws_c + co[None, :] * ws_o, mask=ch_ok[:, None] & co_ok[None, :],
+                         other=0.0)
+            acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PRECISION, out_dtype=ACC)
+    else:
+        # One flat K loop (Triton pipelines one loop), channel blocks outermost and the taps inside
+        # (a constexpr count: no run-time division), so consecutive steps reuse the block's BN
+        # parameters and overlapping x rows from L1.
+        for kk in range(0, c_blocks * (KH * KW)):
+            tap = kk % (KH * KW)
+            kh = tap // KW
+            kw = tap % KW
+            ch = (kk // (KH * KW)) * BLOCK_K + kc
+            ch_ok = ch < C
+            ih = oh * SH - PH + kh
+            iw = ow * SW - PW + kw
+            pos_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            mean, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, FOLDED, ACC)
+            offs = (n * xs_n + ih * xs_h + iw * xs_w)[:, None] + ch[None, :] * xs_c
+            a = load_activation(x_ptr, offs, pos_ok[:, None] & ch_ok[None, :], mean, scale, shift, FOLDED, ACC)
+            wt = tl.load(w_ptr + ch[:, None] * ws_c + co[None, :] * ws_o + kh * ws_h + kw * ws_w,
+                         mask=ch_ok[:, None] & co_ok[None, :], other=0.0)
+            acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PRECISION, out_dtype=ACC)
     if bias_ptr is not None:
         acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(acc.dtype)[None, :]
     y_offs = (n * ys_n + oh * ys_h + ow * ys_w)[:, None] + co[None, :] * ys_c
@@ -132,8 +151,8 @@ def _dgrad_kernel(
     w_ptr,  # conv weight [CO, C, KH, KW], the dot's dtype
     x_ptr, stats_ptr, bnw_ptr, bnb_ptr,  # as in forward
     g_ptr,  # [N, C, H, W] output: g = da * [a > 0] (or dx, DX_DIRECT), any strides
-    partial_ptr,  # scratch [2, P, C]: per-program sum(g), sum(g * (x - mean)) (None: no sums)
-    ticket_ptr,  # int32 [c_blocks], zero on entry and on exit
+    partial_ptr,  # scratch [2, P, C] per-program sum(g), sum(g * (x - mean)), then [2, groups, C] (None: no sums)
+    ticket_ptr,  # int32 [c_blocks, groups + 1], zero on entry and on exit
     sums_ptr,  # [2C] output: sum(g), sum(g * (x - mean))
     dbnw_ptr, dbnb_ptr,  # [C] BN weight/bias gradients, or None
     N, C, H, W, CO, OH, OW, HP, WP,  # HP, WP: input rows and columns per phase, cdiv(H, SH), cdiv(W, SW)
@@ -141,6 +160,7 @@ def _dgrad_kernel(
     ws_o, ws_c, ws_h, ws_w,
     xs_n, xs_c, xs_h, xs_w,
     gs_n, gs_c, gs_h, gs_w,
+    GROUP_ROWS,  # partial rows per group of the sums' first round
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     FOLDED: tl.constexpr, DX_DIRECT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -167,20 +187,34 @@ def _dgrad_kernel(
     n_kw = tl.cdiv(KW - kw0, SW)
     co_blocks = tl.cdiv(CO, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for kk in range(0, n_kh * n_kw * co_blocks):
-        tap = kk // co_blocks
-        kh = kh0 + (tap // n_kw) * SH
-        kw = kw0 + (tap % n_kw) * SW
-        co = (kk % co_blocks) * BLOCK_K + kc
-        co_ok = co < CO
-        oh = (ih + PH - kh) // SH
-        ow = (iw + PW - kw) // SW
-        pos_ok = row_ok & (ih + PH - kh >= 0) & (oh < OH) & (iw + PW - kw >= 0) & (ow < OW)
-        dy = tl.load(dy_ptr + (n * dys_n + oh * dys_h + ow * dys_w)[:, None] + co[None, :] * dys_c,
-                     mask=pos_ok[:, None] & co_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + co[:, None] * ws_o + ch[None, :] * ws_c + kh * ws_h + kw * ws_w,
-                     mask=co_ok[:, None] & ch_ok[None, :], other=0.0)
-        acc = tl.dot(dy.to(wt.dtype), wt, acc, input_precision=PRECISION, out_dtype=ACC)
+    if KH * KW == 1:  # one tap, kh = kw = 0: no tap arithmetic in the loop (alignment stays provable)
+        oh = (ih + PH) // SH
+        ow = (iw + PW) // SW
+        pos_ok = row_ok & (oh < OH) & (ow < OW)
+        dy_row = n * dys_n + oh * dys_h + ow * dys_w
+        for kb in range(0, co_blocks * n_kh * n_kw):  # no steps in a phase that no tap reaches
+            co = kb * BLOCK_K + kc
+            co_ok = co < CO
+            dy = tl.load(dy_ptr + dy_row[:, None] + co[None, :] * dys_c, mask=pos_ok[:, None] & co_ok[None, :],
+                         other=0.0)
+            wt = tl.load(w_ptr + co[:, None] * ws_o + ch[None, :] * ws_c, mask=co_ok[:, None] & ch_ok[None, :],
+                         other=0.0)
+            acc = tl.dot(dy.to(wt.dtype), wt, acc, input_precision=PRECISION, out_dtype=ACC)
+    else:
+        for kk in range(0, n_kh * n_kw * co_blocks):
+            tap = kk // co_blocks
+            kh = kh0 + (tap // n_kw) * SH
+            kw = kw0 + (tap % n_kw) * SW
+            co = (kk % co_blocks) * BLOCK_K + kc
+            co_ok = co < CO
+            oh = (ih + PH - kh) // SH
+            ow = (iw + PW - kw) // SW
+            pos_ok = row_ok & (ih + PH - kh >= 0) & (oh < OH) & (iw + PW - kw >= 0) & (ow < OW)
+            dy = tl.load(dy_ptr + (n * dys_n + oh * dys_h + ow * dys_w)[:, None] + co[None, :] * dys_c,
+                         mask=pos_ok[:, None] & co_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + co[:, None] * ws_o + ch[None, :] * ws_c + kh * ws_h + kw * ws_w,
+                         mask=co_ok[:, None] & ch_ok[None, :], other=0.0)
+            acc = tl.dot(dy.to(wt.dtype), wt, acc, input_precision=PRECISION, out_dtype=ACC)
 
     # Epilogue: the ReLU decision of forward, recomputed; g, and the BN backward's sums.
     ok = row_ok[:, None] & ch_ok[None, :]
@@ -195,15 +229,31 @@ def _dgrad_kernel(
     else:
         tl.store(g_ptr + g_offs, g.to(g_ptr.dtype.element_ty), mask=ok)
     if partial_ptr is not None:
+        # The BN sums in two parallel rounds, each in a fixed order (deterministic): the last program of
+        # each group of GROUP_ROWS partial rows adds its group, the last group adds the group sums.
         P = tl.num_programs(0) * tl.num_programs(2)
         p = phase * tl.num_programs(0) + pid_m
         tl.store(partial_ptr + p * C + ch, tl.sum(g, axis=0), mask=ch_ok)
         tl.store(partial_ptr + (P + p) * C + ch, tl.sum(g * tl.where(ok, x - mean[None, :], 0.0), axis=0), mask=ch_ok)
+        groups = tl.cdiv(P, GROUP_ROWS)
+        group = p // GROUP_ROWS
+        r0 = group * GROUP_ROWS
+        r1 = tl.minimum(r0 + GROUP_ROWS, P)
+        tickets = ticket_ptr + pid_n * (groups + 1)
         tl.debug_barrier()  # every thread's stores come before the ticket's release
-        ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel")
-        if ticket == P - 1:
-            finish_sums(partial_ptr, P, C, ch, ch_ok, stats_ptr, sums_ptr, dbnw_ptr, dbnb_ptr, ACC, BLOCK_P, BLOCK_N)
-            tl.atomic_xchg(ticket_ptr + pid_n, 0)
+        ticket = tl.atomic_add(tickets + group, 1, sem="acq_rel")
+        if ticket == r1 - r0 - 1:
+            group_g, group_gx = sum_partial_rows(partial_ptr, P, r0, r1, C, ch, ch_ok, ACC, BLOCK_P, BLOCK_N)
+            sums2_ptr = partial_ptr + 2 * P * C  # [2, groups, C]
+            tl.store(sums2_ptr + group * C + ch, group_g, mask=ch_ok)
+            tl.store(sums2_ptr + (groups + group) * C + ch, group_gx, mask=ch_ok)
+            tl.atomic_xchg(tickets + group, 0)
+            tl.debug_barrier()
+            last = tl.atomic_add(tickets + groups, 1, sem="acq_rel")
+            if last == groups - 1:
+                total_g, total_gx = sum_partial_rows(sums2_ptr, groups, 0, groups, C, ch, ch_ok, ACC, BLOCK_P, BLOCK_N)
+                store_sums(total_g, total_gx, C, ch, ch_ok, stats_ptr, sums_ptr, dbnw_ptr, dbnb_ptr, ACC)
+                tl.atomic_xchg(tickets + groups, 0)
 
 
 @triton.jit
@@ -211,14 +261,15 @@ def _wgrad_kernel(
     dy_ptr,  # [N, CO, OH, OW] any strides
     x_ptr, stats_ptr, bnw_ptr, bnb_ptr,  # as in forward
     dw_ptr,  # [CO, C, KH, KW] output, any strides
-    partial_ptr,  # fp32 scratch [SPLITS, tiles, BLOCK_M, BLOCK_N] (None when SPLITS == 1)
+    partial_ptr,  # fp32 scratch [splits, tiles, BLOCK_M, BLOCK_N] (None when not SPLIT)
     ticket_ptr,  # int32 [tiles], zero on entry and on exit
     N, C, H, W, CO, OH, OW, blocks_per_split,
+    splits,  # programs along K per tile: a run-time value, so every split count shares one binary
     dys_n, dys_c, dys_h, dys_w,
     xs_n, xs_c, xs_h, xs_w,
     dws_o, dws_c, dws_h, dws_w,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    SPLITS: tl.constexpr, FOLDED: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, FOLDED: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)  # (co block, c block, tap)
@@ -253,7 +304,7 @@ def _wgrad_kernel(
         acc = tl.dot(dy, a.to(dy.dtype), acc, input_precision=PRECISION, out_dtype=ACC)
     ok = co_ok[:, None] & ch_ok[None, :]
     dw_offs = co[:, None] * dws_o + ch[None, :] * dws_c + kh * dws_h + kw * dws_w
-    if SPLITS == 1:
+    if not SPLIT:
         tl.store(dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=ok)
     else:
         tiles = tl.num_programs(0)
@@ -261,9 +312,9 @@ def _wgrad_kernel(
         tl.store(partial_ptr + (split * tiles + tile) * (BLOCK_M * BLOCK_N) + local, acc)
         tl.debug_barrier()  # every thread's stores come before the ticket's release
         ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel")
-        if ticket == SPLITS - 1:
+        if ticket == splits - 1:
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc.dtype)
-            for s in range(0, SPLITS):
+            for s in range(0, splits):
                 total += tl.load(partial_ptr + (s * tiles + tile) * (BLOCK_M * BLOCK_N) + local, cache_modifier=".cg")
             tl.store(dw_ptr + dw_offs, total.to(dw_ptr.dtype.element_ty), mask=ok)
             tl.atomic_xchg(ticket_ptr + tile, 0)
@@ -275,17 +326,21 @@ wgrad_kernel = Kernel(_wgrad_kernel)
 
 
 # --- launch settings --------------------------------------------------------
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). tl.dot needs every block
-# >= 16. At most 4 warps where the K loop runs over taps: Triton has been seen
-# to miscompile flattened tap loops with 8. Every config compiles for sm_90
-# without spills (tests/test_kernels_compile_sm90.py).
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). tl.dot needs every block >= 16.
+# The first config of each list is the fixed choice (no tuning, deterministic runs, graph
+# capture) and the reference every other candidate's output is checked against before it may
+# be timed: 4 warps where the K loop runs over taps, where Triton has been reported to
+# miscompile with 8 (../shared/CONV.md); 8-warp configs are candidates behind that check.
+# Every config compiles for sm_90 without spills (tests/test_kernels_compile_sm90.py).
 
 INTERPRETER_CONFIG = (32, 32, 16, 1, 1)
-# Channel-contiguous operands (channels_last) on tensor cores (bf16/fp16, TF32). At most 32 fp32
-# accumulators a thread: the prologue's fp32 tile and the dgrad epilogue's need the rest of the registers.
-GEMM_CONFIGS = ((128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 3))
-TAP_CONFIGS = ((64, 64, 64, 4, 3), (128, 32, 64, 4, 3), (64, 32, 64, 4, 4))
-WGRAD_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (32, 32, 128, 4, 3))
+# Channel-contiguous operands (channels_last) on tensor cores (bf16/fp16, TF32): wgmma N up to 256
+# where the output channels allow (a block larger than the problem is shrunk, duplicates dropped).
+GEMM_CONFIGS = ((128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4))
+# dgrad keeps an fp32 tile of x beside the accumulator in its epilogue: N up to 128.
+GEMM_DGRAD_CONFIGS = ((128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4))
+TAP_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3))
+WGRAD_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (32, 32, 128, 4, 3))
 # Strided channels (NCHW: one address per element) or exact fp32/fp64 dots (no tensor cores):
 # smaller tiles, fewer stages.
 NARROW_CONFIGS = ((64, 32, 32, 4, 2), (32, 32, 32, 4, 2))
@@ -302,7 +357,9 @@ def configs(kind: str, taps: int, device: torch.device, wide: bool = True) -> tu
         return NARROW_CONFIGS
     if kind == "wgrad":
         return WGRAD_CONFIGS
-    return GEMM_CONFIGS if taps == 1 else TAP_CONFIGS
+    if taps > 1:
+        return TAP_CONFIGS
+    return GEMM_DGRAD_CONFIGS if kind == "dgrad" else GEMM_CONFIGS
 
 
 def wide(x: torch.Tensor, dot_dtype: torch.dtype, allow_tf32: bool) -> bool:
@@ -331,29 +388,22 @@ def _fit(config: tuple, rows: int, cols: int, k: int, dtype: torch.dtype) -> tup
     return bm, bn, bk, warps, stages
 
 
-_chosen: dict = {}
+def candidates(kind: str, taps: int, device: torch.device, wide_: bool, rows: int, cols: int, k: int,
+               dtype: torch.dtype) -> tuple:
+    """The distinct configs, fitted to the problem, that a launch may take (the fixed one first)."""
+    fitted = []
+    for config in configs(kind, taps, device, wide_):
+        config = _fit(config, rows, cols, k, dtype)
+        if config not in fitted:
+            fitted.append(config)
+    return tuple(fitted)
 
 
-def choose(kind: str, key: tuple, candidates: tuple, run) -> tuple:
-    """The fastest of ``candidates`` for launches keyed by ``key``, timed on the GPU at the first call.
-
-    ``run(config)`` launches with one config. On a GPU each candidate runs a
-    few times under ``triton.testing.do_bench`` and the fastest is kept for
-    every later launch with this key; with one candidate, or without a GPU to
-    time on, the first is taken untimed; likewise with ``FASTRES_AUTOTUNE=0``
-    (no tuning time at each new shape, for tests and quick runs).
-    """
-    full = (kind, key)
-    best = _chosen.get(full)
-    if best is not None:
-        return best
-    if len(candidates) == 1 or not torch.cuda.is_available() or os.environ.get("FASTRES_AUTOTUNE") == "0":
-        best = candidates[0]
-    else:
-        timings = [(triton.testing.do_bench(lambda c=c: run(c), warmup=3, rep=10), c) for c in candidates]
-        best = min(timings, key=lambda t: t[0])[1]
-    _chosen[full] = best
-    return best
+def _bucket(kind: str, x: torch.Tensor, dot_dtype: torch.dtype, rows: int, cols: int, k: int, taps: int,
+            stride, padding, wide_: bool, prec: str, *flags) -> tuple:
+    """The tuning bucket of a launch: all that shapes its speed, rows rounded to a power of two."""
+    return (kind, str(x.dtype), str(dot_dtype), next_power_of_2(rows), cols, k, taps, tuple(stride), tuple(padding),
+            wide_, prec, *flags)
 
 
 def precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -365,31 +415,53 @@ def _acc(x: torch.Tensor):
     return tl_dtype(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
+def mma_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in ``dtype``, laid out as the kernels' MMA loads it: [CO, KH, KW, C] in memory (channels_last).
+
+    The tiles of both convolutions then run along contiguous channels (vector
+    loads and cp.async), whatever layout the module's weight has: torchvision's
+    default OIHW included. The weight itself when it is laid out so already;
+    else a copy per call, as autocast's cast to ``dtype`` makes anyway: its
+    memory is one weight, freed with the op. (Not kept across calls: a
+    weight changed through ``.data`` keeps its version counter and storage,
+    so no cache key could tell that the copy is stale.)
+    """
+    return weight.detach().to(dtype, memory_format=torch.channels_last)
+
+
 def conv_forward(
     x: torch.Tensor, stats: torch.Tensor, bn_weight, bn_bias, weight: torch.Tensor, bias, y: torch.Tensor,
     stride: tuple[int, int], padding: tuple[int, int], folded: bool, allow_tf32: bool,
 ) -> None:
-    """``y = conv2d(relu(bn(x)), weight, bias, stride, padding)``; ``y`` preallocated, any strides."""
+    """``y = conv2d(relu(bn(x)), weight, bias, stride, padding)``; ``y`` preallocated, any strides.
+
+    ``weight`` is in the dot's dtype, best from ``mma_weight`` (any layout works).
+    """
     n, c, h, w = x.shape
     co, _, kh, kw = weight.shape
     _, _, oh, ow = y.shape
     acc, prec = _acc(x), precision(weight.dtype, allow_tf32)
     rows = n * oh * ow
     s = stream(x.device)
-    key = (x.shape, x.stride(), y.shape, y.stride(), weight.shape, weight.stride(), x.dtype, weight.dtype, y.dtype,
-           aligned(x), aligned(y), aligned(weight), tensor_key(bn_weight), tensor_key(bn_bias), tensor_key(bias),
-           stride, padding, folded, prec, x.device)
+    wide_ = wide(x, weight.dtype, allow_tf32)
 
     def launch(config):
-        bm, bn, bk, warps, stages = _fit(config, rows, co, c, weight.dtype)
+        bm, bn, bk, warps, stages = config
         forward_kernel(
-            (key, config), (cdiv(rows, bm), cdiv(co, bn), 1), s, warps,
+            (cdiv(rows, bm), cdiv(co, bn), 1), s, warps,
             x, stats, bn_weight, bn_bias, weight, bias, y, n, c, h, w, co, oh, ow,
             *x.stride(), *weight.stride(), *y.stride(), kh, kw, *stride, *padding, folded, acc, prec, bm, bn, bk,
             num_stages=stages,
         )
 
-    launch(choose("forward", key, configs("forward", kh * kw, x.device, wide(x, weight.dtype, allow_tf32)), launch))
+    options = candidates("forward", kh * kw, x.device, wide_, rows, co, c, weight.dtype)
+    bucket = _bucket("forward", x, weight.dtype, rows, co, c, kh * kw, stride, padding, wide_, prec, folded)
+    launch(choose("forward", bucket, options, launch, x.device, lambda: (y,)))
+
+
+def _group_rows(parts: int) -> int:
+    """Partial rows per group of the dgrad's BN-sum rounds: about sqrt(parts), so both rounds are short."""
+    return next_power_of_2(max(1, math.isqrt(parts)))
 
 
 def conv_dgrad(
@@ -411,32 +483,38 @@ def conv_dgrad(
     rows = n * hp * wp
     acc, prec = _acc(x), precision(weight.dtype, allow_tf32)
     s = stream(x.device)
-    key = (x.shape, x.stride(), dy.shape, dy.stride(), g.stride(), weight.shape, weight.stride(), x.dtype, dy.dtype,
-           weight.dtype, g.dtype, aligned(x), aligned(dy), aligned(g), aligned(weight), tensor_key(bn_weight),
-           tensor_key(bn_bias), tensor_key(dbn_weight), tensor_key(dbn_bias), sums is None, stride, padding, folded,
-           dx_direct, prec, x.device)
+    wide_ = wide(x, weight.dtype, allow_tf32)
 
     def launch(config):
-        bm, bn, bk, warps, stages = _fit(config, rows, c, co, weight.dtype)
+        bm, bn, bk, warps, stages = config
         grid = (cdiv(rows, bm), cdiv(c, bn), sh * sw)
         parts = grid[0] * grid[2]
-        partial = scratch(x.device, s, 2 * parts * c, stats.dtype) if sums is not None else None
-        tickets = counters(x.device, s, grid[1])
+        group_rows = _group_rows(parts)
+        groups = cdiv(parts, group_rows)
+        partial = torch.empty(2 * (parts + groups) * c, dtype=stats.dtype, device=x.device) \
+            if sums is not None else None
+        tickets = counters(x.device, s, grid[1] * (groups + 1))
         dgrad_kernel(
-            (key, config), grid, s, warps,
+            grid, s, warps,
             dy, weight, x, stats, bn_weight, bn_bias, g, partial, tickets, sums, dbn_weight, dbn_bias,
             n, c, h, w, co, oh, ow, hp, wp,
-            *dy.stride(), *weight.stride(), *x.stride(), *g.stride(),
+            *dy.stride(), *weight.stride(), *x.stride(), *g.stride(), group_rows,
             kh, kw, sh, sw, *padding, folded, dx_direct, acc, prec, bm, bn, bk,
-            max(1, min(next_power_of_2(parts), 4096 // bn)),
+            max(1, min(next_power_of_2(max(group_rows, groups)), 4096 // bn)),
             num_stages=stages,
         )
 
-    launch(choose("dgrad", key, configs("dgrad", kh * kw, x.device, wide(x, weight.dtype, allow_tf32)), launch))
+    def outputs():
+        return tuple(t for t in (g, sums, dbn_weight, dbn_bias) if t is not None)
+
+    options = candidates("dgrad", kh * kw, x.device, wide_, rows, c, co, weight.dtype)
+    bucket = _bucket("dgrad", x, weight.dtype, rows, c, co, kh * kw, stride, padding, wide_, prec, folded, dx_direct,
+                     sums is None)
+    launch(choose("dgrad", bucket, options, launch, x.device, outputs))
 
 
 def _wgrad_splits(tiles: int, k_blocks: int, device: torch.device) -> int:
-    """Programs per output tile along K: about two programs per SM, each with at least 8 K blocks."""
+    """Programs per output tile along K: at most two waves of the GPU, each with at least 8 K blocks."""
     if not compiled(device):
         return 1
     want = cdiv(2 * sm_count(device), tiles)
@@ -457,27 +535,27 @@ def conv_wgrad(
     m = n * oh * ow
     acc, prec = _acc(x), precision(dy.dtype, allow_tf32)
     s = stream(x.device)
-    key = (x.shape, x.stride(), dy.shape, dy.stride(), dw.shape, dw.stride(), x.dtype, dy.dtype, dw.dtype,
-           aligned(x), aligned(dy), aligned(dw), tensor_key(bn_weight), tensor_key(bn_bias), stride, padding,
-           folded, prec, x.device)
+    wide_ = wide(x, dy.dtype, allow_tf32)
 
     def launch(config):
-        bm, bn, bk, warps, stages = _fit(config, co, c, m, dy.dtype)
+        bm, bn, bk, warps, stages = config
         tiles = cdiv(co, bm) * cdiv(c, bn) * kh * kw
         k_blocks = cdiv(m, bk)
         splits = _wgrad_splits(tiles, k_blocks, x.device)
         per_split = cdiv(k_blocks, splits)
         splits = cdiv(k_blocks, per_split)
-        partial = scratch(x.device, s, splits * tiles * bm * bn, torch.float32 if acc == tl.float32 else torch.float64) \
-            if splits > 1 else None
+        partial = torch.empty(splits * tiles * bm * bn, dtype=torch.float32 if acc == tl.float32 else torch.float64,
+                              device=x.device) if splits > 1 else None
         tickets = counters(x.device, s, tiles)
         wgrad_kernel(
-            (key, config), (tiles, splits, 1), s, warps,
+            (tiles, splits, 1), s, warps,
             dy, x, stats, bn_weight, bn_bias, dw, partial, tickets,
-            n, c, h, w, co, oh, ow, per_split,
+            n, c, h, w, co, oh, ow, per_split, splits,
             *dy.stride(), *x.stride(), *dw.stride(),
-            kh, kw, *stride, *padding, splits, folded, acc, prec, bm, bn, bk,
+            kh, kw, *stride, *padding, splits > 1, folded, acc, prec, bm, bn, bk,
             num_stages=stages,
         )
 
-    launch(choose("wgrad", key, configs("wgrad", kh * kw, x.device, wide(x, dy.dtype, allow_tf32)), launch))
+    options = candidates("wgrad", kh * kw, x.device, wide_, co, c, m, dy.dtype)
+    bucket = _bucket("wgrad", x, dy.dtype, m, co, c, kh * kw, stride, padding, wide_, prec, folded)
+    launch(choose("wgrad", bucket, options, launch, x.device, lambda: (dw,)))

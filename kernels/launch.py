@@ -2,12 +2,11 @@
 
 ``JITFunction.run`` binds and specialises every argument on every call (about
 16 us per launch in Triton 3.6). Here each kernel keeps the binaries it has
-compiled under a key that the caller builds from what decides Triton's
-specialisation (shapes, strides, dtypes, pointer alignment, constexprs), and a
-later launch with the same key goes straight to the binary's launcher. The
-first launch of a key goes through ``JITFunction.run``, which compiles (or
-loads from Triton's cache) and launches as usual; under the interpreter every
-launch does.
+compiled under a key derived with Triton's own binder from the arguments
+(what decides Triton's specialisation), and a later launch with the same key
+goes straight to the binary's launcher. The first launch of a key goes
+through ``JITFunction.run``, which compiles (or loads from Triton's cache)
+and launches as usual; under the interpreter every launch does.
 
 ``DEVICE`` holds the three device queries the launch path needs; a stand-in
 device (``benchmarks/stub_gpu.py``) replaces them to run the GPU host path on
@@ -58,37 +57,70 @@ def stream(device: torch.device) -> int:
     return DEVICE.stream(device) if DEVICE.compiled(device) else 0
 
 
-def aligned(t: torch.Tensor | None) -> bool:
-    """Whether Triton will specialise ``t``'s pointer as 16-byte aligned (part of a launch key)."""
-    return t is None or t.data_ptr() % 16 == 0
+def _cuda_backend():
+    """Triton's NVIDIA backend for sm_90, whatever driver is active (keys are derived with its rules)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    return make_backend(GPUTarget("cuda", 90, 32))
 
 
-def tensor_key(t: torch.Tensor | None):
-    """What of an optional tensor argument decides Triton's specialisation: None, or (dtype, aligned)."""
-    return None if t is None else (t.dtype, t.data_ptr() % 16 == 0)
+def _jit_function(fn):
+    """The JITFunction behind ``fn`` (under the interpreter ``triton.jit`` gives an InterpretedFunction)."""
+    from triton.runtime.jit import JITFunction
+
+    return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
 
 
 class Kernel:
     """A ``@triton.jit`` function and the binaries it was compiled to, by launch key.
 
-    ``kernel(key, grid, stream, num_warps, *args)``: ``args`` are all of the
-    function's parameters in order, constexprs included; ``key`` must tell
-    apart every two calls that Triton would compile differently.
+    ``kernel(grid, stream, num_warps, *args, num_stages=None)``: ``args`` are
+    all of the function's parameters in order, constexprs included. The launch
+    key is derived, never written by hand: Triton's own binder for this
+    function (the code ``JITFunction.run`` specialises with) maps the
+    arguments to their specialisation (each tensor's dtype and 16-byte
+    alignment, each integer's ``== 1`` / divisibility by 16 / width, every
+    constexpr's value), and the key is that plus the stream (which names the
+    device), warps and stages. Two launches share a binary exactly when
+    Triton would compile them alike. The first launch of a key goes through
+    ``JITFunction.run`` (compile or load, then launch); later ones call the
+    binary's launcher directly. Under the interpreter every launch goes
+    through the interpreter.
     """
 
-    __slots__ = ("fn", "binaries")
+    __slots__ = ("fn", "binaries", "_binder")
 
     def __init__(self, fn):
         self.fn = fn
         self.binaries: dict = {}
+        self._binder = None
 
-    def __call__(self, key, grid: tuple[int, int, int], stream: int, num_warps: int, *args, num_stages=None) -> None:
+    def binder(self, backend=None):
+        """Triton's argument binder for this function (``backend`` defaults to sm_90's)."""
+        if backend is not None:
+            from triton.runtime.jit import create_function_from_signature
+
+            jit = _jit_function(self.fn)
+            return create_function_from_signature(jit.signature, jit.params, backend)
+        if self._binder is None:
+            self._binder = self.binder(_cuda_backend())
+        return self._binder
+
+    def key(self, stream: int, num_warps: int, num_stages, *args) -> tuple:
+        """What decides the binary a launch runs: see the class docstring."""
+        _, specialization, _ = self.binder()(*args)
+        return (stream, num_warps, num_stages, *specialization)
+
+    def __call__(self, grid: tuple[int, int, int], stream: int, num_warps: int, *args, num_stages=None) -> None:
+        if not hasattr(self.fn, "device_caches"):  # the interpreter
+            self.fn[grid](*args, num_warps=num_warps)
+            return
+        key = self.key(stream, num_warps, num_stages, *args)
         binary = self.binaries.get(key)
         if binary is None:
             options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
-            binary = self.fn[grid](*args, **options)  # compiles (or interprets) and launches
-            if binary is not None and hasattr(binary, "run"):  # the interpreter returns nothing to keep
-                self.binaries[key] = binary
+            self.binaries[key] = self.fn[grid](*args, **options)  # compiles (or loads) and launches
             return
         enter = knobs.runtime.launch_enter_hook
         if enter is None or not getattr(enter, "calls", True):  # Triton 3.6: an empty HookChain
@@ -112,24 +144,20 @@ def next_power_of_2(n: int) -> int:
 
 
 _counters: dict = {}
-_scratch: dict = {}
-_retired: list = []  # grown-out buffers stay allocated: a captured CUDA graph may point at them
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def scratch(device: torch.device, stream_: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """At least ``numel`` uninitialised elements for partial results that die within one op's launches.
+    """``numel`` uninitialised elements for partial results that die within one op's launches.
 
-    ``stream_`` is ``stream(device)``, which the caller has at hand for its
-    launches. One buffer per (device, stream, dtype): launches on a stream run in its
-    order, so the next op's kernels only touch it after this op's are done.
+    From PyTorch's caching allocator at each call (no device work, and inside
+    a CUDA graph's capture from the graph's own pool, valid at every replay).
+    ``stream_`` is kept in the signature for the callers' symmetry with ``counters``.
     """
-    key = (device, stream_, dtype)
-    buf = _scratch.get(key)
-    if buf is None or buf.numel() < numel:
-        if buf is not None:
-            _retired.append(buf)
-        buf = _scratch[key] = torch.empty(max(numel, 1 << 16), dtype=dtype, device=device)
-    return buf
+    return torch.empty(max(numel, 1), dtype=dtype, device=device)
 
 
 def counters(device: torch.device, stream_: int, n: int) -> torch.Tensor:
@@ -137,12 +165,16 @@ def counters(device: torch.device, stream_: int, n: int) -> torch.Tensor:
 
     Kernels that finish with their last program (an atomic ticket per block)
     leave every counter at zero again, so one buffer per stream serves every
-    launch in that stream's order, with no memset per launch.
+    launch in that stream's order, with no memset per launch. A buffer that
+    grows is replaced; the caching allocator reuses the old one only after the
+    stream's earlier work. While a CUDA graph is being captured a fresh zeroed
+    buffer is taken from the graph's pool instead (its memset is part of the
+    graph), so a graph never depends on a buffer outside it.
     """
+    if _capturing(device):
+        return torch.zeros(n, dtype=torch.int32, device=device)
     key = (device, stream_)
     buf = _counters.get(key)
     if buf is None or buf.numel() < n:
-        if buf is not None:
-            _retired.append(buf)
         buf = _counters[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return buf

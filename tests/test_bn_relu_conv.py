@@ -111,17 +111,20 @@ def test_gradcheck_float64(path, device, training, k, stride, padding):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, fast_mode=True)
 
 
-def test_every_launch_config_matches_eager(device, monkeypatch):
-    """Each block config the GPU autotuner may choose computes the same thing (on the GPU, or interpreted)."""
+@pytest.mark.parametrize("weight_layout", ["oihw", "channels_last"])
+def test_every_launch_config_matches_eager(device, monkeypatch, weight_layout):
+    """Each block config the GPU autotuner may choose computes the same thing (on the GPU, or interpreted),
+    with torchvision's default OIHW weights (packed for the MMA) and with channels_last ones (used as they are)."""
     if not ops.use_triton(torch.empty(0, device=device)):
         pytest.skip("needs the Triton path (a GPU, or TRITON_INTERPRET=1)")
     k = ops.kernels("bn_relu_conv")
     x, p = _inputs(device, torch.float32, 2, 40, 9, 9, 72, 3, "channels_last", bias=True)
+    if weight_layout == "channels_last":
+        p["conv_weight"] = p["conv_weight"].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     y_e, grads_e, _, _ = _run(_eager, x, p, stride=2, padding=1, training=True)
-    every = sorted(set(k.GEMM_CONFIGS + k.TAP_CONFIGS + k.WGRAD_CONFIGS + k.NARROW_CONFIGS))
+    every = sorted(set(k.GEMM_CONFIGS + k.GEMM_DGRAD_CONFIGS + k.TAP_CONFIGS + k.WGRAD_CONFIGS + k.NARROW_CONFIGS))
     for config in every:
         monkeypatch.setattr(k, "configs", lambda kind, taps, device, wide=True, config=config: (config,))
-        monkeypatch.setattr(k, "_chosen", {})
         y, grads, _, _ = _run(bn_relu_conv2d, x, p, stride=2, padding=1, training=True)
         for a, e in zip((y, *grads), (y_e, *grads_e)):
             assert _normwise(a, e) < 1e-5, config

@@ -72,10 +72,11 @@ def forward(x, bn_weight, bn_bias, running_mean, running_var, conv_weight, conv_
             training, momentum, eps, dtype, allow_tf32, out=None):
     """(y, stats). ``dtype``: what the convolution runs in (and y's dtype); ``out``: y's storage, any strides."""
     stats = statistics(x, running_mean, running_var, training, momentum, eps)
-    weight = conv_weight.to(dtype)
+    k = kernels("bn_relu_conv")
+    weight = k.mma_weight(conv_weight, dtype)
     bias = None if conv_bias is None else conv_bias.to(dtype)
     y = empty_output(x, conv_weight, stride, padding, dtype) if out is None else out
-    kernels("bn_relu_conv").conv_forward(
+    k.conv_forward(
         x, stats, bn_weight, bn_bias, weight, bias, y, tuple(stride), tuple(padding), not training, allow_tf32,
     )
     return y, stats
@@ -91,7 +92,7 @@ def backward(grad, x, stats, bn_weight, bn_bias, conv_weight, stride, padding, t
     k = kernels("bn_relu_conv")
     stride, padding = tuple(stride), tuple(padding)
     dx = dw = db = dcw = dcb = None
-    weight = conv_weight.to(grad.dtype)
+    weight = k.mma_weight(conv_weight, grad.dtype)
     if need_dx or need_dw or need_db:
         c_last = channels_last(x)
         g = empty_out(x, c_last)

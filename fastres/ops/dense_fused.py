@@ -116,13 +116,13 @@ class FusedDenseBlockFunction(torch.autograd.Function):
             n1, n2 = layer.norm1, layer.norm2
             stats1 = _norm1_stats(layer, concat, cache, count)
             b = torch.empty((n, bottleneck, h, w), dtype=dtype, device=x.device, memory_format=fmt)
-            conv.conv_forward(concat, stats1, n1.weight, n1.bias, layer.conv1_weight.to(dtype), None, b,
+            conv.conv_forward(concat, stats1, n1.weight, n1.bias, conv.mma_weight(layer.conv1_weight, dtype), None, b,
                               (1, 1), (0, 0), not n1.training, allow_tf32)
             stats2 = _norm2_stats(n2, b)
             target = features[:, c : c + k]
             direct = dtype == x.dtype and not _drops(layer)
             new = target if direct else torch.empty((n, k, h, w), dtype=dtype, device=x.device, memory_format=fmt)
-            conv.conv_forward(b, stats2, n2.weight, n2.bias, layer.conv2_weight.to(dtype), None, new,
+            conv.conv_forward(b, stats2, n2.weight, n2.bias, conv.mma_weight(layer.conv2_weight, dtype), None, new,
                               (1, 1), (1, 1), not n2.training, allow_tf32)
             if _drops(layer):
                 new, mask = torch.native_dropout(new, layer.drop_rate, True)  # F.dropout's RNG use
@@ -166,7 +166,7 @@ class FusedDenseBlockFunction(torch.autograd.Function):
             dy2 = grad_new.to(dtype).contiguous(memory_format=fmt)
 
             # conv2 (3x3) and norm2: the bottleneck's gradient, written over the masked one.
-            w2 = layer.conv2_weight.to(dtype)
+            w2 = conv.mma_weight(layer.conv2_weight, dtype)
             grad_b = torch.empty_like(b)
             sums2 = torch.empty(2 * b.shape[1], dtype=stats2.dtype, device=b.device)
             dw2, db2 = _param_grads(n2)
@@ -179,7 +179,7 @@ class FusedDenseBlockFunction(torch.autograd.Function):
 
             # conv1 (1x1) and norm1: dx added into the gradient buffer's slice.
             concat = features[:, :c]
-            w1 = layer.conv1_weight.to(dtype)
+            w1 = conv.mma_weight(layer.conv1_weight, dtype)
             g1 = _scratch_view(scratch, concat.shape, fmt)
             sums1 = torch.empty(2 * c, dtype=stats1.dtype, device=b.device)
             dw1, db1 = _param_grads(n1)
