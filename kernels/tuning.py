@@ -65,9 +65,18 @@ def _versions() -> str:
     return f"fastres{own}-triton{triton.__version__}-torch{torch.__version__}"
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _can_time(device: torch.device) -> bool:
+    """Whether launches on ``device`` run on a GPU that candidates can be timed on."""
+    return device.type == "cuda"
+
+
 def cache_path(device: torch.device) -> str:
     """The tuning file for ``device``: one per device name and versions."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    name = _device_name(device)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{name}-{_versions()}")
     return os.path.join(cache_dir(), f"tuning-{safe}.json")
 
@@ -110,7 +119,7 @@ def _table(device: torch.device) -> tuple[str, dict]:
 
 
 def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return _can_time(device) and torch.cuda.is_current_stream_capturing()
 
 
 def _as_config(stored, candidates: Sequence):
@@ -144,7 +153,7 @@ def choose(kind: str, bucket: tuple, candidates: Sequence, run: Callable, device
     ``run(config)`` launches once with ``config``; ``outputs()`` returns the
     tensors a launch writes (compared between candidates before timing).
     """
-    if len(candidates) == 1:
+    if len(candidates) == 1 or not autotune_enabled():  # fixed: nothing but the inputs decides the result
         return candidates[0]
     key = repr((kind, bucket))
     path, table = _table(device)
@@ -153,10 +162,11 @@ def choose(kind: str, bucket: tuple, candidates: Sequence, run: Callable, device
         config = _as_config(stored, candidates)
         if config is not None:
             return config
-    timed = device.type == "cuda" and autotune_enabled() and not _capturing(device)
+    capturing = _capturing(device)
+    timed = _can_time(device) and not capturing
     SESSIONS.append({"kind": kind, "bucket": bucket, "candidates": len(candidates), "tuned": timed})
     if not timed:
-        if device.type == "cuda" and not _capturing(device):
+        if not capturing:
             table[key] = list(candidates[0])  # fixed: remembered in this process only
         return candidates[0]
     best = tune(kind, candidates, run, outputs)
