@@ -28,8 +28,10 @@ of a larger buffer is read in place and the output can be a channel slice.
 """
 
 import math
+import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -149,6 +151,7 @@ def _forward_kernel(
 def _dgrad_kernel(
     dy_ptr,  # [N, CO, OH, OW] any strides
     w_ptr,  # conv weight [CO, C, KH, KW], the dot's dtype
+    da_ptr,  # [N, C, H, W] da computed elsewhere (torch's convolution), any strides; None: computed here
     x_ptr, stats_ptr, bnw_ptr, bnb_ptr,  # as in forward
     g_ptr,  # [N, C, H, W] output: g = da * [a > 0] (or dx, DX_DIRECT), any strides
     partial_ptr,  # scratch [2, P, C] per-program sum(g), sum(g * (x - mean)), then [2, groups, C] (None: no sums)
@@ -160,6 +163,7 @@ def _dgrad_kernel(
     ws_o, ws_c, ws_h, ws_w,
     xs_n, xs_c, xs_h, xs_w,
     gs_n, gs_c, gs_h, gs_w,
+    das_n, das_c, das_h, das_w,
     GROUP_ROWS,  # partial rows per group of the sums' first round
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     FOLDED: tl.constexpr, DX_DIRECT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -187,7 +191,10 @@ def _dgrad_kernel(
     n_kw = tl.cdiv(KW - kw0, SW)
     co_blocks = tl.cdiv(CO, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    if KH * KW == 1:  # one tap, kh = kw = 0: no tap arithmetic in the loop (alignment stays provable)
+    if da_ptr is not None:  # the epilogue alone, on a given da (stride 1: one phase, ih = i, iw = j)
+        da_offs = (n * das_n + ih * das_h + iw * das_w)[:, None] + ch[None, :] * das_c
+        acc = tl.load(da_ptr + da_offs, mask=row_ok[:, None] & ch_ok[None, :], other=0.0).to(ACC)
+    elif KH * KW == 1:  # one tap, kh = kw = 0: no tap arithmetic in the loop (alignment stays provable)
         oh = (ih + PH) // SH
         ow = (iw + PW) // SW
         pos_ok = row_ok & (oh < OH) & (ow < OW)
@@ -320,7 +327,34 @@ def _wgrad_kernel(
             tl.atomic_xchg(ticket_ptr + tile, 0)
 
 
+@triton.jit
+def _bn_relu_kernel(
+    x_ptr, stats_ptr, bnw_ptr, bnb_ptr,  # as in forward
+    a_ptr,  # [N, C, H, W] output relu(bn(x)) in the convolution's dtype, any strides
+    N, C, H, W,
+    xs_n, xs_c, xs_h, xs_w,
+    as_n, as_c, as_h, as_w,
+    FOLDED: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The unfused candidate's activation: the fused prologue's own formula (so that any dgrad's
+    recomputed ReLU decision matches it bit for bit), written out for torch's convolution."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N * H * W
+    iw = rows % W
+    ih = (rows // W) % H
+    n = (rows // (W * H)).to(tl.int64)
+    ch = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ch_ok = ch < C
+    ok = row_ok[:, None] & ch_ok[None, :]
+    mean, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, FOLDED, ACC)
+    a = load_activation(x_ptr, (n * xs_n + ih * xs_h + iw * xs_w)[:, None] + ch[None, :] * xs_c, ok,
+                        mean, scale, shift, FOLDED, ACC)
+    tl.store(a_ptr + (n * as_n + ih * as_h + iw * as_w)[:, None] + ch[None, :] * as_c,
+             a.to(a_ptr.dtype.element_ty), mask=ok)
+
+
 forward_kernel = Kernel(_forward_kernel)
+bn_relu_kernel = Kernel(_bn_relu_kernel)
 dgrad_kernel = Kernel(_dgrad_kernel)
 wgrad_kernel = Kernel(_wgrad_kernel)
 
@@ -388,14 +422,40 @@ def _fit(config: tuple, rows: int, cols: int, k: int, dtype: torch.dtype) -> tup
     return bm, bn, bk, warps, stages
 
 
+UNFUSED = ("unfused",)  # fastres's BN-ReLU kernel, then torch's convolution (cuDNN on a GPU)
+
+
+def conv_path() -> str:
+    """``FASTRES_CONV_PATH``: ``auto`` (default: the tuner may take either), ``fused`` or ``unfused`` (forced)."""
+    path = os.environ.get("FASTRES_CONV_PATH", "auto")
+    if path not in ("auto", "fused", "unfused"):
+        raise ValueError(f"FASTRES_CONV_PATH must be auto, fused or unfused, not {path!r}")
+    return path
+
+
+def _offers_unfused(device: torch.device) -> bool:
+    """Whether the tuner times the unfused candidate too: on a GPU (it would never win an interpreted race)."""
+    return compiled(device)
+
+
 def candidates(kind: str, taps: int, device: torch.device, wide_: bool, rows: int, cols: int, k: int,
                dtype: torch.dtype) -> tuple:
-    """The distinct configs, fitted to the problem, that a launch may take (the fixed one first)."""
+    """The distinct configs, fitted to the problem, that a launch may take (the fixed one first).
+
+    Compiled, the unfused composition is always a candidate too, so that the
+    tuner can never pick something slower than BN-ReLU followed by torch's
+    convolution; ``FASTRES_CONV_PATH`` forces one path.
+    """
+    path = conv_path()
+    if path == "unfused":
+        return (UNFUSED,)
     fitted = []
     for config in configs(kind, taps, device, wide_):
         config = _fit(config, rows, cols, k, dtype)
         if config not in fitted:
             fitted.append(config)
+    if path == "auto" and _offers_unfused(device):
+        fitted.append(UNFUSED)
     return tuple(fitted)
 
 
@@ -446,6 +506,10 @@ def conv_forward(
     wide_ = wide(x, weight.dtype, allow_tf32)
 
     def launch(config):
+        if config == UNFUSED:
+            _with_tf32(allow_tf32, lambda: y.copy_(F.conv2d(bn_relu(x, stats, bn_weight, bn_bias, folded, weight.dtype),
+                                                            weight, bias, stride, padding)))
+            return
         bm, bn, bk, warps, stages = config
         forward_kernel(
             (cdiv(rows, bm), cdiv(co, bn), 1), s, warps,
@@ -457,6 +521,32 @@ def conv_forward(
     options = candidates("forward", kh * kw, x.device, wide_, rows, co, c, weight.dtype)
     bucket = _bucket("forward", x, weight.dtype, rows, co, c, kh * kw, stride, padding, wide_, prec, folded)
     launch(choose("forward", bucket, options, launch, x.device, lambda: (y,)))
+
+
+def _with_tf32(allow_tf32: bool, fn):
+    """Run ``fn`` with cuDNN's TF32 flag as the op was called with (the fused dots follow the same flag)."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    try:
+        return fn()
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
+def bn_relu(x: torch.Tensor, stats: torch.Tensor, bn_weight, bn_bias, folded: bool, dtype: torch.dtype) -> torch.Tensor:
+    """``relu(bn(x))`` in ``dtype`` and x's memory format, by the fused prologue's formula (unfused candidate)."""
+    n, c, h, w = x.shape
+    fmt = torch.channels_last if x.stride(1) == 1 and c > 1 else torch.contiguous_format
+    a = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
+    if compiled(x.device):
+        bm, bn, warps = (32, 64, 4) if fmt == torch.channels_last else (128, 16, 4)
+    else:
+        bm, bn, warps = min(256, next_power_of_2(n * h * w)), min(64, next_power_of_2(c)), 1
+    bn_relu_kernel(
+        (cdiv(n * h * w, bm), cdiv(c, bn), 1), stream(x.device), warps,
+        x, stats, bn_weight, bn_bias, a, n, c, h, w, *x.stride(), *a.stride(), folded, _acc(x), bm, bn,
+    )
+    return a
 
 
 def _group_rows(parts: int) -> int:
@@ -485,24 +575,33 @@ def conv_dgrad(
     s = stream(x.device)
     wide_ = wide(x, weight.dtype, allow_tf32)
 
-    def launch(config):
+    def epilogue(config, da, grid):
         bm, bn, bk, warps, stages = config
-        grid = (cdiv(rows, bm), cdiv(c, bn), sh * sw)
         parts = grid[0] * grid[2]
         group_rows = _group_rows(parts)
         groups = cdiv(parts, group_rows)
         partial = torch.empty(2 * (parts + groups) * c, dtype=stats.dtype, device=x.device) \
             if sums is not None else None
         tickets = counters(x.device, s, grid[1] * (groups + 1))
+        # With da given the kernel is its epilogue alone, over one stride-1 "phase" of every position.
+        geometry = (kh, kw, sh, sw, *padding) if da is None else (1, 1, 1, 1, 0, 0)
         dgrad_kernel(
             grid, s, warps,
-            dy, weight, x, stats, bn_weight, bn_bias, g, partial, tickets, sums, dbn_weight, dbn_bias,
-            n, c, h, w, co, oh, ow, hp, wp,
-            *dy.stride(), *weight.stride(), *x.stride(), *g.stride(), group_rows,
-            kh, kw, sh, sw, *padding, folded, dx_direct, acc, prec, bm, bn, bk,
+            dy, weight, da, x, stats, bn_weight, bn_bias, g, partial, tickets, sums, dbn_weight, dbn_bias,
+            n, c, h, w, co, oh, ow, *((hp, wp) if da is None else (h, w)),
+            *dy.stride(), *weight.stride(), *x.stride(), *g.stride(), *(da.stride() if da is not None else (0,) * 4),
+            group_rows, *geometry, folded, dx_direct, acc, prec, bm, bn, bk,
             max(1, min(next_power_of_2(max(group_rows, groups)), 4096 // bn)),
             num_stages=stages,
         )
+
+    def launch(config):
+        if config == UNFUSED:
+            da = _with_tf32(allow_tf32, lambda: torch.nn.grad.conv2d_input(x.shape, weight, dy, stride, padding))
+            config = (64, 64, 16, 4, 1) if compiled(x.device) else _interpreter_blocks(n * h * w, c, 16)
+            epilogue(config, da, (cdiv(n * h * w, config[0]), cdiv(c, config[1]), 1))
+            return
+        epilogue(config, None, (cdiv(rows, config[0]), cdiv(c, config[1]), sh * sw))
 
     def outputs():
         return tuple(t for t in (g, sums, dbn_weight, dbn_bias) if t is not None)
@@ -538,6 +637,10 @@ def conv_wgrad(
     wide_ = wide(x, dy.dtype, allow_tf32)
 
     def launch(config):
+        if config == UNFUSED:
+            a = bn_relu(x, stats, bn_weight, bn_bias, folded, dy.dtype)
+            dw.copy_(_with_tf32(allow_tf32, lambda: torch.nn.grad.conv2d_weight(a, dw.shape, dy, stride, padding)))
+            return
         bm, bn, bk, warps, stages = config
         tiles = cdiv(co, bm) * cdiv(c, bn) * kh * kw
         k_blocks = cdiv(m, bk)

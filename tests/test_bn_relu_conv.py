@@ -4,6 +4,8 @@ On CPU the fused kernels run through Triton's interpreter (the ``triton`` path);
 the ``reference`` path is the eager fallback.
 """
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,10 +70,20 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["fused", "unfused"])
+def conv_path(request, monkeypatch) -> str:
+    """The convolution path the Triton op takes: fused kernels, or fastres's BN-ReLU then torch's convolution
+    (the tuner's unfused candidate; ``FASTRES_CONV_PATH`` forces either)."""
+    monkeypatch.setenv("FASTRES_CONV_PATH", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_matches_eager(path, device, case, training, dtype):
+def test_matches_eager(path, conv_path, device, case, training, dtype):
+    if path == "reference" and conv_path == "unfused":
+        pytest.skip("the eager reference has no conv paths")
     n, c, h, w, co, k, stride, padding, layout = case
     x, p = _inputs(device, dtype, n, c, h, w, co, k, layout, bias=k == 3)
     kw = dict(stride=stride, padding=padding, training=training)
@@ -130,6 +142,48 @@ def test_every_launch_config_matches_eager(device, monkeypatch, weight_layout):
             assert _normwise(a, e) < 1e-5, config
 
 
+def test_tuner_may_choose_the_unfused_candidate(device, monkeypatch, tmp_path):
+    """Where the unfused composition is fastest it is chosen per launch kind, after its outputs were checked
+    against the fused reference config's on the same inputs, and the op still matches eager."""
+    if not ops.use_triton(torch.empty(0, device=device)):
+        pytest.skip("needs the Triton path")
+    from fastres.kernels import tuning
+
+    k = ops.kernels("bn_relu_conv")
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTRES_AUTOTUNE", raising=False)
+    monkeypatch.delenv("FASTRES_CONV_PATH", raising=False)
+    monkeypatch.setattr(k, "_offers_unfused", lambda device: True)
+    monkeypatch.setattr(tuning, "_can_time", lambda device: True)
+    monkeypatch.setattr(tuning, "_capturing", lambda device: False)
+    monkeypatch.setattr(tuning, "_device_name", lambda device: "Stand-in GPU")
+    last = []
+    original = k.choose
+
+    def spy(kind, bucket, candidates, run, device, outputs=None):
+        def run_and_note(config):
+            last[:] = [config]
+            run(config)
+        return original(kind, bucket, candidates, run_and_note, device, outputs)
+
+    monkeypatch.setattr(k, "choose", spy)
+    monkeypatch.setattr(tuning, "BENCH", lambda fn: (fn(), 1.0 if last[0] == k.UNFUSED else 2.0)[1])
+    tuning.forget()
+    try:
+        x, p = _inputs(device, torch.float32, 2, 24, 7, 7, 12, 3, "channels_last", bias=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # the unfused candidate agrees with the fused reference
+            y, grads, _, _ = _run(bn_relu_conv2d, x, p, padding=1, training=True)
+        y_e, grads_e, _, _ = _run(_eager, x, p, padding=1, training=True)
+        for a, e in zip((y, *grads), (y_e, *grads_e)):
+            assert _normwise(a, e) < 1e-5
+        _, table = tuning._table(device)
+        assert sorted(eval(key)[0] for key in table) == ["dgrad", "forward", "wgrad"]
+        assert all(config == list(k.UNFUSED) for config in table.values())
+    finally:
+        tuning.forget()
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_and_inf_propagate_as_in_eager(path, device, value):
     x, p = _inputs(device, torch.float32, 2, 5, 5, 5, 6, 3, "nchw", bias=False)
@@ -161,8 +215,9 @@ def test_low_precision_as_close_as_eager(path, device, dtype):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_backward_saves_x_and_per_channel_vectors_only(device, training):
-    """Nothing of the activation's size is kept: x itself, the parameters, and a [2C + 1] stats vector."""
+def test_backward_saves_x_and_per_channel_vectors_only(device, conv_path, training):
+    """Nothing of the activation's size is kept: x itself, the parameters, and a [2C + 1] stats vector
+    (on either conv path: the unfused one recomputes its BN-ReLU in backward)."""
     if not ops.use_triton(torch.empty(0, device=device)):
         pytest.skip("needs the Triton path")
     x, p = _inputs(device, torch.float32, 2, 24, 7, 7, 12, 3, "channels_last", bias=False)
