@@ -135,6 +135,9 @@ def test_bn_relu_conv(bench, benchmark, compile_once, device, case, dtype, layou
     w_bytes = conv_weight.numel() * conv_weight.element_size()
     nbytes = X_PASSES[mode] * x_bytes + W_PASSES[mode] * w_bytes + Y_PASSES[mode] * y_bytes
     flops = FLOP_PASSES[mode] * 2 * batch * out_hw * out_hw * c_out * c_in * kernel * kernel
+    from fastres.kernels import tuning
+
+    tuning.LAST.clear()
     bench(
         fn, setup, op=op, provider=provider, mode=mode,
         # bench joins the shape's items with "x": one label, x's shape -> C_out.
@@ -145,3 +148,6 @@ def test_bn_relu_conv(bench, benchmark, compile_once, device, case, dtype, layou
         benchmark.extra_info["tf32"] = device.type == "cuda" and torch.backends.cudnn.allow_tf32
     if not benchmark.disabled:
         benchmark.extra_info["tflops"] = flops / benchmark.stats.stats.median / 1e12
+    if provider == "fastres":  # which candidate the tuner took for each launch: a tile config, or "unfused"
+        kinds = ("forward",) if mode == "forward" else ("forward", "dgrad", "wgrad")
+        benchmark.extra_info["chosen"] = {k: list(tuning.LAST[k]) for k in kinds if k in tuning.LAST}

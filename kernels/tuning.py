@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 SESSIONS: list[dict] = []  # {"kind", "bucket", "candidates", "tuned"} per choice not found in a cache
+LAST: dict = {}  # kind -> the config its latest launch took (what benchmarks report as the winner)
 BENCH: Callable | None = None  # times a callable in ms; None: triton.testing.do_bench on the GPU
 
 _chosen: dict[str, dict] = {}  # cache file path -> {bucket string: config}
@@ -153,6 +154,12 @@ def choose(kind: str, bucket: tuple, candidates: Sequence, run: Callable, device
     ``run(config)`` launches once with ``config``; ``outputs()`` returns the
     tensors a launch writes (compared between candidates before timing).
     """
+    config = _choose(kind, bucket, candidates, run, device, outputs)
+    LAST[kind] = config
+    return config
+
+
+def _choose(kind, bucket, candidates, run, device, outputs):
     if len(candidates) == 1 or not autotune_enabled():  # fixed: nothing but the inputs decides the result
         return candidates[0]
     key = repr((kind, bucket))
