@@ -459,10 +459,17 @@ def candidates(kind: str, taps: int, device: torch.device, wide_: bool, rows: in
     return tuple(fitted)
 
 
-def _bucket(kind: str, x: torch.Tensor, dot_dtype: torch.dtype, rows: int, cols: int, k: int, taps: int,
+def _size_class(d: int) -> tuple[int, int]:
+    """One GEMM dimension's bucket: the block it fits (``_fit`` clamps blocks to next_power_of_2, at
+    most 256), and its size on a scale of powers of 4 up to 65536 (past that, work only adds waves)."""
+    return min(next_power_of_2(d), 256), min(1 << (2 * math.ceil(math.log(max(d, 1), 4))), 1 << 16)
+
+
+def _bucket(kind: str, x: torch.Tensor, dot_dtype: torch.dtype, fit: tuple[int, int, int], taps: int,
             stride, padding, wide_: bool, prec: str, *flags) -> tuple:
-    """The tuning bucket of a launch: all that shapes its speed, rows rounded to a power of two."""
-    return (kind, str(x.dtype), str(dot_dtype), next_power_of_2(rows), cols, k, taps, tuple(stride), tuple(padding),
+    """The tuning bucket of a launch: what shapes its speed, sizes in classes. Every problem in a bucket
+    has the same fitted candidates (``fit`` is ``_fit``'s rows, cols, k), so one choice serves them all."""
+    return (kind, str(x.dtype), str(dot_dtype), *map(_size_class, fit), taps, tuple(stride), tuple(padding),
             wide_, prec, *flags)
 
 
@@ -519,7 +526,7 @@ def conv_forward(
         )
 
     options = candidates("forward", kh * kw, x.device, wide_, rows, co, c, weight.dtype)
-    bucket = _bucket("forward", x, weight.dtype, rows, co, c, kh * kw, stride, padding, wide_, prec, folded)
+    bucket = _bucket("forward", x, weight.dtype, (rows, co, c), kh * kw, stride, padding, wide_, prec, folded)
     launch(choose("forward", bucket, options, launch, x.device, lambda: (y,)))
 
 
@@ -607,7 +614,7 @@ def conv_dgrad(
         return tuple(t for t in (g, sums, dbn_weight, dbn_bias) if t is not None)
 
     options = candidates("dgrad", kh * kw, x.device, wide_, rows, c, co, weight.dtype)
-    bucket = _bucket("dgrad", x, weight.dtype, rows, c, co, kh * kw, stride, padding, wide_, prec, folded, dx_direct,
+    bucket = _bucket("dgrad", x, weight.dtype, (rows, c, co), kh * kw, stride, padding, wide_, prec, folded, dx_direct,
                      sums is None)
     launch(choose("dgrad", bucket, options, launch, x.device, outputs))
 
@@ -660,5 +667,5 @@ def conv_wgrad(
         )
 
     options = candidates("wgrad", kh * kw, x.device, wide_, co, c, m, dy.dtype)
-    bucket = _bucket("wgrad", x, dy.dtype, m, co, c, kh * kw, stride, padding, wide_, prec, folded)
+    bucket = _bucket("wgrad", x, dy.dtype, (co, c, m), kh * kw, stride, padding, wide_, prec, folded)
     launch(choose("wgrad", bucket, options, launch, x.device, lambda: (dw,)))
