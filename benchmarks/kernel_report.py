@@ -9,15 +9,25 @@ distinct binary: registers, spills and shared memory (``cuobjdump -res-usage``),
 the share of global loads and stores that move 128 bits, and the main loop's
 bytes moved per warp-instruction, read off the SASS (``cuobjdump -sass``): the
 first loop that loads from global memory, or the whole kernel where there is
-no loop.
+no loop; in that loop, the global loads narrower than 128 bits (a scalar path)
+and the cp.async copies (LDGSTS) by width.
+
+A second table is the speed-of-light model (``benchmarks/speed_of_light.py``)
+of every launch, a binary at one problem shape read off its recorded
+arguments: compulsory DRAM bytes, MMA FLOPs, shared-memory tile traffic,
+occupancy and waves, the time each implies on an H100 SXM and an H200, the
+binding limit and the share of peak against the targets. An estimate, not a
+measurement.
 
 ``--shapes resnet50``: ResNet-50's batch norms and residual merges at batch
-64, float32 and bfloat16, NCHW and channels_last. ``small``: the same kernel
-variants at small shapes (what the unit test compiles).
+64, float32 and bfloat16, NCHW and channels_last, and the fused convolutions
+at ``CONV_SHAPES`` (the conv weight in both layouts). ``small``: the same
+kernel variants at small shapes (what the unit test compiles).
 """
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import re
@@ -30,7 +40,7 @@ import torch
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("benchmarks.kernel_report compiles kernels for sm_90: unset TRITON_INTERPRET")
 
-from . import stub_gpu  # noqa: E402
+from . import speed_of_light, stub_gpu  # noqa: E402
 
 RESNET50 = [(64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7), (2048, 7)]
 SMALL = [(64, 8), (48, 7)]
@@ -70,7 +80,9 @@ def _run_ops(shapes: list[tuple[int, int]], batch: int) -> None:
 CONV_SHAPES = [(128, 128, 1, 1, 14), (128, 32, 3, 1, 14), (256, 128, 1, 2, 14), (64, 64, 3, 2, 14)]
 # The unit test's share: a 1x1 and a strided 3x3 (the latter has every code path of the kernels).
 CONV_SHAPES_SMALL = [(128, 128, 1, 1, 14), (64, 64, 3, 2, 14)]
-# (dtype, TF32, layout, every config, only the strided 3x3 of the small shapes)
+# The conv weight's layouts: torchvision's default OIHW and channels_last (what a channels_last model holds).
+WEIGHT_LAYOUTS = (torch.contiguous_format, torch.channels_last)
+# (dtype, TF32, layout, every config, only the strided 3x3 of the small shapes), each in both weight layouts
 CONV_VARIANTS = [
     (torch.bfloat16, False, torch.channels_last, True, False),  # the wide configs
     (torch.bfloat16, False, torch.contiguous_format, True, True),  # the narrow ones
@@ -93,7 +105,7 @@ def _run_conv_ops(batch: int, shapes: list[tuple]) -> None:
     choose = conv.choose
     every = [False]
 
-    def every_config(kind, key, candidates, run):
+    def every_config(kind, key, candidates, run, *_, **__):
         if every[0]:
             for config in candidates[1:]:
                 run(config)
@@ -103,11 +115,11 @@ def _run_conv_ops(batch: int, shapes: list[tuple]) -> None:
     try:
         for dtype, tf32, fmt, all_configs, strided_only in CONV_VARIANTS:
             torch.backends.cudnn.allow_tf32 = tf32
-            for cin, cout, k, stride, hw in shapes:
+            for (cin, cout, k, stride, hw), w_fmt in itertools.product(shapes, WEIGHT_LAYOUTS):
                 if strided_only and shapes is CONV_SHAPES_SMALL and k == 1:
                     continue
                 x = torch.empty(batch, cin, hw, hw, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
-                cw = torch.empty(cout, cin, k, k, dtype=dtype).requires_grad_()
+                cw = torch.empty(cout, cin, k, k, dtype=dtype).contiguous(memory_format=w_fmt).requires_grad_()
                 w, b = torch.ones(cin, requires_grad=True), torch.zeros(cin, requires_grad=True)
                 if dtype == torch.float64:
                     w, b = (t.detach().double().requires_grad_() for t in (w, b))
@@ -139,10 +151,19 @@ def _run_dense_block(batch: int) -> None:
         dense_path.FUSED_ON_CPU = before
 
 
+def _bits(op: str) -> int:
+    """The access width of a load or store opcode, from its suffixes (none: 32 bits)."""
+    parts = op.split(".")
+    return next((bits for suffix, bits in (("128", 128), ("64", 64), ("U16", 16), ("S16", 16), ("U8", 8), ("S8", 8))
+                 if suffix in parts), 32)
+
+
 def _sass_stats(sass: str) -> dict:
-    lines = []
+    lines, never = [], set()
     for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", sass):
         lines.append((int(m.group(1), 16), m.group(3), m.group(4)))
+        if (m.group(2) or "").strip() == "@!PT":  # predicated off for good: scheduling filler
+            never.add(lines[-1][0])
     mem = [(a, op) for a, op, _ in lines if op.startswith(("LDG", "STG"))]
     wide = sum(1 for _, op in mem if ".128" in op)
     loops = []
@@ -159,6 +180,11 @@ def _sass_stats(sass: str) -> dict:
     else:
         kind = "loop"
     body = [(a, op) for a, op, _ in lines if main[0] <= a <= main[1]]
+    live = collections.Counter(op.split(".")[0] for a, op in body if a not in never)
+    # Per iteration (a K step of a convolution): loads narrower than 128 bits (a scalar path), cp.async by width.
+    narrow = collections.Counter(_bits(op) for a, op in body
+                                 if a not in never and op.split(".")[0] == "LDG" and _bits(op) < 128)
+    ldgsts = collections.Counter(_bits(op) for a, op in body if a not in never and op.split(".")[0] == "LDGSTS")
     moved = 0
     for _, op in body:
         if op.startswith(("LDG", "STG")):
@@ -175,6 +201,12 @@ def _sass_stats(sass: str) -> dict:
         "main": kind,
         "main_instructions": len(body),
         "bytes_per_warp_instruction": moved / len(body) if body else 0.0,
+        "main_ldg_narrow": {str(b): n for b, n in sorted(narrow.items())},  # bits -> instructions
+        "main_ldgsts": {str(b): n for b, n in sorted(ldgsts.items())},
+        # Shared-memory loads to registers and stores back in the main loop: a tile staged by cp.async,
+        # changed in registers (the BN-ReLU prologue) and stored again for the MMA.
+        "main_lds": live["LDS"],
+        "main_sts": live["STS"],
     }
 
 
@@ -195,12 +227,14 @@ def triton_kernels(shapes: list[tuple[int, int]], batch: int) -> list[dict]:
         launches = list(rec.launches)
     by_hash: dict = collections.OrderedDict()
     grids: dict = collections.defaultdict(list)
+    problems: dict = collections.defaultdict(dict)  # hash -> {(grid, args): [grid, args, launches]}
     for launch in launches:
         k = launch.kernel
         if k is None:
             continue
         by_hash.setdefault(k.hash, k)
         grids[k.hash].append(launch.grid[0] * launch.grid[1] * launch.grid[2])
+        problems[k.hash].setdefault((launch.grid, repr(launch.args)), [launch.grid, launch.args, 0])[2] += 1
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for h, k in by_hash.items():
@@ -224,18 +258,35 @@ def triton_kernels(shapes: list[tuple[int, int]], batch: int) -> list[dict]:
                    "divisible_by_16": aligned_args,
                    "constexprs": {a: (v if isinstance(v, (bool, int, float)) else str(v)) for a, v in constants.items()
                                   if v is not None and not a.endswith("_ptr")},
-                   "programs": sorted(set(grids[h])), **_res_usage(cuobjdump, path), **_sass_stats(sass)}
+                   "programs": sorted(set(grids[h])), "num_stages": k.metadata.num_stages,
+                   "dynamic_shared": k.metadata.shared, **_res_usage(cuobjdump, path), **_sass_stats(sass)}
+            row["speed_of_light"] = [_speed_of_light(row, grid, args, n) for grid, args, n in problems[h].values()]
             rows.append(row)
     return rows
 
 
+def _speed_of_light(row: dict, grid: tuple, args: dict, launches: int) -> dict:
+    """The model's estimate for one launch of this binary (``speed_of_light.estimate``), or why there is none."""
+    # cuobjdump's SHARED is the 1 KB the driver reserves per CTA (where shared memory is used): the model adds it.
+    smem = row["dynamic_shared"] + max(0, row["shared"] - speed_of_light.SMEM_RESERVED)
+    round_trip = row["main_lds"] > 0 and row["main_sts"] > 0
+    out = {"grid": list(grid), "launches": launches, "round_trip": round_trip}
+    try:
+        out.update(speed_of_light.estimate(row["kernel"], args, grid, row["registers"], row["num_warps"], smem,
+                                           round_trip) or {"error": "no model for this kernel"})
+    except (KeyError, AttributeError) as e:  # a parameter the model reads was renamed or removed
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def markdown(triton_rows: list[dict]) -> str:
     lines = [
-        "| Triton kernel | key constexprs | warps | regs | spills | smem | 128-bit share | main | instr | B/warp-instr | HGMMA/HMMA | programs (132 SMs) |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "| Triton kernel | key constexprs | warps | regs | spills | smem | 128-bit share | main | instr | B/warp-instr "
+        "| narrow LDG (main) | LDGSTS (main) | HGMMA/HMMA | programs (132 SMs) |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---:|---|",
     ]
     shown = ("BLOCK", "BLOCK_R", "BLOCK_C", "PER_N", "C_LAST", "X_DENSE", "Z_DENSE", "DZ_DENSE", "FROM_VAR", "LOCAL",
-             "KH", "SH", "FOLDED", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLITS")
+             "KH", "SH", "FOLDED", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLITS", "SPLIT")
     for r in triton_rows:
         cx = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k in shown)
         share = "-" if r["share_128bit"] is None else f"{r['share_128bit']:.0%}"
@@ -244,7 +295,62 @@ def markdown(triton_rows: list[dict]) -> str:
         lines.append(
             f"| {r['kernel']} | {cx} | {r['num_warps']} | {r['registers']} | {r['spill_bytes']} | {r['shared']} | "
             f"{share} | {r['main']} | {r['main_instructions']} | {r['bytes_per_warp_instruction']:.1f} | "
-            f"{r['hgmma']}/{r['hmma']} | {progs_s} |"
+            f"{_widths(r['main_ldg_narrow'])} | {_widths(r['main_ldgsts'])} | {r['hgmma']}/{r['hmma']} | {progs_s} |"
+        )
+    return "\n".join(lines)
+
+
+def _widths(counts: dict) -> str:
+    return ", ".join(f"{n}x{bits}b" for bits, n in counts.items()) or "0"
+
+
+_ORDER = {"_forward_kernel": 0, "_dgrad_kernel": 1, "_wgrad_kernel": 2}  # then the rest, as launched
+
+
+def _both(s: dict, f) -> str:
+    """``f`` of the H100 and the H200 columns of an estimate, once where they agree."""
+    a, b = f(s["h100"]), f(s["h200"])
+    return a if a == b else f"{a}/{b}"
+
+
+def sol_markdown(triton_rows: list[dict]) -> str:
+    """The speed-of-light table: one row per launch (a binary at a problem), convolutions first."""
+    lines = [
+        "## Speed of light (estimate)",
+        "",
+        "An ESTIMATE from a model (`benchmarks/speed_of_light.py`), not a measurement: compulsory DRAM bytes, the "
+        "MMA FLOPs of whole tiles and the shared-memory tile traffic, each at H100 SXM / H200 peaks (HBM 3.35 / "
+        "4.8 TB/s; bf16 990, TF32 495, fp32 67 TFLOP/s; shared memory 128 B/clk/SM at 1.98 GHz x 132 SMs) and "
+        "stretched by wave quantization; the estimate is the largest (the bound). Share of peak: FLOP time / "
+        "estimate for 3x3 convolutions, DRAM time / estimate for 1x1 convolutions and BN / merge kernels. Targets: "
+        "bf16 3x3 >= 60%, bf16 1x1 and every BN / merge kernel >= 80%. rt: the prologue's tile goes shared -> "
+        "registers -> shared (read off the SASS), counted in smem/step; eval: folded BN statistics.",
+        "",
+        "| kernel | problem | config | regs | CTAs/SM | programs (waves, fill) | DRAM MB | GFLOP | smem/step KB "
+        "| DRAM us H100/H200 | MMA us | smem us | estimate us H100/H200 | bound | share of peak H100/H200 | target |",
+        "|---|---|---|---:|---|---|---:|---:|---:|---|---:|---:|---|---|---|---|",
+    ]
+    us = speed_of_light.fmt_us
+    flat = [(r, s) for r in triton_rows for s in r["speed_of_light"]]
+    flat.sort(key=lambda rs: (_ORDER.get(rs[0]["kernel"], 9), rs[1].get("problem", "") * (rs[0]["kernel"] in _ORDER)))
+    for r, s in flat:
+        if "error" in s:
+            lines.append(f"| {r['kernel']} | model: {s['error']} |" + " |" * 14)
+            continue
+        blocks = "x".join(str(v) for k, v in r["constexprs"].items() if k.startswith("BLOCK") and k != "BLOCK_P")
+        config = f"{blocks} w{r['num_warps']}"
+        if s["dot"]:
+            config += f" s{r['num_stages']} {s['dot']}" + (" rt" if s["round_trip"] else "")
+            config += " eval" if r["constexprs"].get("FOLDED") else ""
+        share = _both(s, lambda c: "-" if c["share"] is None else f"{c['share']:.0%}")
+        met = _both(s, lambda c: "met" if c["met"] else "MISSED")
+        target = "-" if s["target"] is None else f"{s['target']:.0%}: {met}"
+        lines.append(
+            f"| {r['kernel']} | {s['problem']} | {config} | {r['registers']} | "
+            f"{s['ctas_per_sm']} ({s['occupancy_limit']}) | {s['programs']} ({s['waves']}, {s['wave_fill']:.0%}) | "
+            f"{s['dram'] / 1e6:.2f} | {s['flops'] / 1e9:.2f} | {s['smem_step'] / 1024:.0f} | "
+            f"{_both(s, lambda c: us(c['t_dram']))} | {us(s['t_mma'])} | {us(s['t_smem'])} | "
+            f"{_both(s, lambda c: us(c['estimate']))} | {_both(s, lambda c: c['bound'])} | {share} | {target} |"
         )
     return "\n".join(lines)
 
@@ -257,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shapes, batch = (RESNET50, 64) if args.shapes == "resnet50" else (SMALL, 2)
     triton_rows = triton_kernels(shapes, batch)
-    table = markdown(triton_rows)
+    table = markdown(triton_rows) + "\n\n" + sol_markdown(triton_rows)
     print(table)
     if args.json:
         import triton

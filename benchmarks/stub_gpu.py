@@ -3,8 +3,9 @@
 With ``install()`` active in a process where ``TRITON_INTERPRET`` is unset,
 ``JITFunction.run`` compiles every kernel with Triton's real NVIDIA backend
 (PTX and cubin through the ptxas that ships with Triton) and hands the launch
-to a recorder instead of the CUDA driver. fastres's host path, which takes the
-Triton path for CPU tensors here, then runs exactly as on a GPU: launch
+to a recorder instead of the CUDA driver: the grid, the binary and every
+argument by name (tensors as shape, strides and dtype). fastres's host path,
+which takes the Triton path for CPU tensors here, runs exactly as on a GPU: launch
 settings, allocations, argument binding, Triton's launcher front end. Only the
 driver call itself (``cuLaunchKernel``, a few microseconds) and the kernels'
 device work are missing.
@@ -15,10 +16,18 @@ Used by the host-overhead benchmark and the static kernel report.
 import contextlib
 import dataclasses
 import os
+from typing import NamedTuple
 
 import torch
 
 SM90_SMS = 132  # H100 SXM
+
+
+class TensorArg(NamedTuple):
+    """What the launch recorder keeps of a tensor argument: no data, no reference to it."""
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
 
 
 @dataclasses.dataclass
@@ -26,6 +35,11 @@ class Launch:
     name: str  # the kernel's function name
     grid: tuple[int, int, int]
     kernel: object  # triton's CompiledKernel (asm: ptx, cubin; metadata)
+    args: dict  # every parameter by name (constexprs included), tensors as TensorArg
+
+
+def _summarise(value):
+    return TensorArg(tuple(value.shape), value.stride(), value.dtype) if isinstance(value, torch.Tensor) else value
 
 
 class _Recorder:
@@ -55,11 +69,16 @@ def _make_driver():
 
         def __init__(self, src, metadata):
             self.name = metadata.name
+            self.arg_names = src.fn.arg_names
 
         def __call__(self, grid_x, grid_y, grid_z, stream, function, *args):
+            # args: packed metadata, launch metadata, enter and exit hooks, then every parameter in order
+            # (JITFunction.run passes its bound arguments, fastres's Kernel its own: the same list).
             RECORDER.count += 1
             if RECORDER.keep:
-                RECORDER.launches.append(Launch(self.name, (grid_x, grid_y, grid_z), compiled_by_function.get(function)))
+                named = {k: _summarise(v) for k, v in zip(self.arg_names, args[4:])}
+                RECORDER.launches.append(
+                    Launch(self.name, (grid_x, grid_y, grid_z), compiled_by_function.get(function), named))
 
     class _Utils:
         def load_binary(self, name, kernel, shared, device):

@@ -290,14 +290,15 @@ def per_n_tiles(shape: tuple[int, int, int], strides: tuple[int, int, int]) -> b
 _stats_settings: dict = {}
 
 
-def stats_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], device: torch.device) -> tuple:
-    """Launch settings of a per-channel reduction over an [N, C, HW] view, cached per shape and strides."""
-    key = (shape, strides, device)
+def stats_plan(shape: tuple[int, int, int], strides: tuple[int, int, int], device: torch.device,
+               dtype: torch.dtype) -> tuple:
+    """Launch settings of a per-channel reduction over an [N, C, HW] view, cached per shape, strides and dtype."""
+    key = (shape, strides, device, dtype)
     plan = _stats_settings.get(key)
     if plan is None:
         n, c, hw = shape
         per_n = per_n_tiles(shape, strides)
-        block_r, block_c, splits, per_split, num_warps = reduction_settings(n, c, hw, per_n, device)
+        block_r, block_c, splits, per_split, num_warps = reduction_settings(n, c, hw, per_n, device, dtype)
         n_tiles = n * cdiv(hw, block_r) if per_n else cdiv(n * hw, block_r)
         c_blocks = cdiv(c, block_c)
         plan = _stats_settings[key] = (
@@ -318,7 +319,7 @@ def batch_norm_stats(
     """
     n, c, hw = shape
     per_n, block_r, block_c, splits, per_split, n_tiles, c_blocks, num_warps, block_p = stats_plan(
-        shape, x_strides, x.device)
+        shape, x_strides, x.device, x.dtype)
     acc = stats.dtype
     s = stream(x.device)
     partial = scratch(x.device, s, splits * (2 * c + c_blocks), acc)

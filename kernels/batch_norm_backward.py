@@ -194,7 +194,7 @@ def batch_norm_relu_backward_reduce(
     """
     n, c, hw = shape
     per_n, block_r, block_c, splits, per_split, n_tiles, c_blocks, num_warps, block_p = stats_plan(
-        shape, x_strides, x.device)
+        shape, x_strides, x.device, torch.promote_types(x.dtype, dz.dtype))
     z_strides = mask_strides(shape, c_last)
     # Whole mask bytes per 8 tile elements when the tile runs along the mask's rows.
     mask_tile = 1 if c_last and not per_n else 2 if not c_last and per_n and block_r % 8 == 0 else 0

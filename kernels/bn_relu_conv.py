@@ -371,9 +371,10 @@ INTERPRETER_CONFIG = (32, 32, 16, 1, 1)
 # Channel-contiguous operands (channels_last) on tensor cores (bf16/fp16, TF32): wgmma N up to 256
 # where the output channels allow (a block larger than the problem is shrunk, duplicates dropped).
 GEMM_CONFIGS = ((128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4))
-# dgrad keeps an fp32 tile of x beside the accumulator in its epilogue: N up to 128.
-GEMM_DGRAD_CONFIGS = ((128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4))
-TAP_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3))
+# dgrad keeps an fp32 tile of x beside the accumulator in its epilogue: at most 64 x 128 per 4 warps
+# (128 x 128 with 8 warps needs a stack frame).
+GEMM_DGRAD_CONFIGS = ((128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (64, 128, 64, 8, 3))
+TAP_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 8, 3))
 WGRAD_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (32, 32, 128, 4, 3))
 # Strided channels (NCHW: one address per element) or exact fp32/fp64 dots (no tensor cores):
 # smaller tiles, fewer stages.
@@ -459,18 +460,20 @@ def candidates(kind: str, taps: int, device: torch.device, wide_: bool, rows: in
     return tuple(fitted)
 
 
-def _size_class(d: int) -> tuple[int, int]:
-    """One GEMM dimension's bucket: the block it fits (``_fit`` clamps blocks to next_power_of_2, at
-    most 256), and its size on a scale of powers of 4 up to 65536 (past that, work only adds waves)."""
-    return min(next_power_of_2(d), 256), min(1 << (2 * math.ceil(math.log(max(d, 1), 4))), 1 << 16)
+def _bucket(kind: str, x: torch.Tensor, dot_dtype: torch.dtype, fit: tuple[int, int, int], positions: int,
+            taps: int, stride, padding, wide_: bool, prec: str, *flags) -> tuple:
+    """The tuning bucket of a launch: what decides which candidate is fastest, sizes in classes.
 
-
-def _bucket(kind: str, x: torch.Tensor, dot_dtype: torch.dtype, fit: tuple[int, int, int], taps: int,
-            stride, padding, wide_: bool, prec: str, *flags) -> tuple:
-    """The tuning bucket of a launch: what shapes its speed, sizes in classes. Every problem in a bucket
-    has the same fitted candidates (``fit`` is ``_fit``'s rows, cols, k), so one choice serves them all."""
-    return (kind, str(x.dtype), str(dot_dtype), *map(_size_class, fit), taps, tuple(stride), tuple(padding),
-            wide_, prec, *flags)
+    ``fit`` is ``_fit``'s (rows, cols, k): each as the block it fits (blocks are clamped to
+    next_power_of_2, at most 256), so every problem in a bucket has the same fitted candidates.
+    The output-position dimension (``fit[positions]``) also by its size on a scale of powers
+    of 4 up to 65536: it sets the number of tiles and waves. The channel dimensions only
+    lengthen the K loop or add tiles past 256, which leaves the best tile where it is.
+    """
+    blocks = tuple(min(next_power_of_2(d), 256) for d in fit)
+    waves = min(1 << (2 * math.ceil(math.log(max(fit[positions], 1), 4))), 1 << 16)
+    return (kind, str(x.dtype), str(dot_dtype), *blocks, waves, taps, tuple(stride), tuple(padding), wide_, prec,
+            *flags)
 
 
 def precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -526,7 +529,7 @@ def conv_forward(
         )
 
     options = candidates("forward", kh * kw, x.device, wide_, rows, co, c, weight.dtype)
-    bucket = _bucket("forward", x, weight.dtype, (rows, co, c), kh * kw, stride, padding, wide_, prec, folded)
+    bucket = _bucket("forward", x, weight.dtype, (rows, co, c), 0, kh * kw, stride, padding, wide_, prec, folded)
     launch(choose("forward", bucket, options, launch, x.device, lambda: (y,)))
 
 
@@ -614,7 +617,7 @@ def conv_dgrad(
         return tuple(t for t in (g, sums, dbn_weight, dbn_bias) if t is not None)
 
     options = candidates("dgrad", kh * kw, x.device, wide_, rows, c, co, weight.dtype)
-    bucket = _bucket("dgrad", x, weight.dtype, (rows, c, co), kh * kw, stride, padding, wide_, prec, folded, dx_direct,
+    bucket = _bucket("dgrad", x, weight.dtype, (rows, c, co), 0, kh * kw, stride, padding, wide_, prec, folded, dx_direct,
                      sums is None)
     launch(choose("dgrad", bucket, options, launch, x.device, outputs))
 
@@ -667,5 +670,5 @@ def conv_wgrad(
         )
 
     options = candidates("wgrad", kh * kw, x.device, wide_, co, c, m, dy.dtype)
-    bucket = _bucket("wgrad", x, dy.dtype, (co, c, m), kh * kw, stride, padding, wide_, prec, folded)
+    bucket = _bucket("wgrad", x, dy.dtype, (co, c, m), 2, kh * kw, stride, padding, wide_, prec, folded)
     launch(choose("wgrad", bucket, options, launch, x.device, lambda: (dw,)))

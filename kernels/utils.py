@@ -148,20 +148,22 @@ def tile_mask_bits(mask_ptr, n, hw, start, cols, col0, C, HW, row_ok, ok, z_sn, 
     return bits & ok
 
 
-def reduction_settings(n: int, c: int, hw: int, per_n: bool, device: torch.device) -> tuple[int, int, int, int, int]:
+def reduction_settings(n: int, c: int, hw: int, per_n: bool, device: torch.device,
+                       dtype: torch.dtype = torch.float32) -> tuple[int, int, int, int, int]:
     """(BLOCK_R, BLOCK_C, splits, tiles per split, num_warps) of a per-channel reduction.
 
     Tiles hold about 4096 elements, longest along the dim that is contiguous
     in memory. The rows are cut into ``splits`` ranges so that about 4
     programs of 8 warps run per SM on a GPU: 4 x 4096 x 2 bytes = 32 KB of
     bf16 loads in flight per SM, past what HBM3e's latency-bandwidth product
-    asks of each of 132 SMs (about 4.8 TB/s x 0.6 us / 132 = 22 KB). Each
+    asks of each of 132 SMs (about 4.8 TB/s x 0.6 us / 132 = 22 KB); float64
+    data, with twice the registers per element, takes half the tile. Each
     program accumulates its tiles in registers, reduces once and writes a
     partial result per channel, which the last program of each channel block
     combines.
     """
     on_gpu = compiled(device)
-    tile = 4096
+    tile = 2048 if on_gpu and dtype.itemsize == 8 else 4096
     if per_n:
         block_r = min(next_power_of_2(hw), 512)
         block_c = min(next_power_of_2(c), max(1, tile // block_r))

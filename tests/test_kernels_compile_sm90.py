@@ -43,6 +43,7 @@ def test_every_kernel_compiles(report):
         "_add_relu_fwd_kernel", "_add_relu_bwd_kernel", "_stats_kernel", "_apply_kernel",
         "_reduce_kernel", "_elementwise_kernel",
         "_forward_kernel", "_dgrad_kernel", "_wgrad_kernel", "_finish_kernel",  # BN-ReLU-Conv, dense blocks
+        "_bn_relu_kernel",  # the unfused conv candidate's activation
     }
 
 
@@ -56,7 +57,8 @@ _CONV = ("_forward_kernel", "_dgrad_kernel", "_wgrad_kernel")
 
 def test_convolutions_run_on_tensor_cores(report):
     """bf16 and TF32 dots compile to wgmma (HGMMA) or mma (HMMA); exact fp32/fp64 ones must not use TF32."""
-    conv = [r for r in report["triton_kernels"] if r["kernel"] in _CONV]
+    # A dgrad given da (the unfused candidate's epilogue alone) has no dot.
+    conv = [r for r in report["triton_kernels"] if r["kernel"] in _CONV and "da_ptr" not in r["pointer_dtypes"]]
 
     def dot_dtype(r):  # the weight's dtype (forward, dgrad), dy's (wgrad): what tl.dot multiplies
         return r["pointer_dtypes"]["dy_ptr" if r["kernel"] == "_wgrad_kernel" else "w_ptr"]
@@ -97,3 +99,30 @@ def test_host_path_launch_counts(tmp_path):
     assert launches[("bn_add_relu train", "forward")] == 2  # statistics (finished by the last program), apply
     assert launches[("bn_add_relu train", "backward")] == 2  # reduction (finished likewise), dx and dr
     assert launches[("bn_relu eval", "forward")] == 1
+
+
+def test_speed_of_light_covers_every_launch(report):
+    """Every launch of a kernel the model knows gets its estimate (``benchmarks/speed_of_light.py``):
+    no parameter it reads was renamed or removed."""
+    from fastres.benchmarks.speed_of_light import WORK
+
+    for r in report["triton_kernels"]:
+        assert r["speed_of_light"], r["kernel"]
+        if r["kernel"] not in WORK:
+            continue
+        for s in r["speed_of_light"]:
+            assert "error" not in s, (r["kernel"], s["error"])
+            assert s["dram"] > 0 and s["h100"]["estimate"] > 0 and s["ctas_per_sm"] >= 1, (r["kernel"], s)
+
+
+def test_no_scalar_loads_in_conv_main_loops(report):
+    """With channels contiguous (x channels_last: ``xs_c`` specialised to 1) every convolution's main loop loads its tiles through
+    128-bit cp.async, for torchvision's default OIHW weights as for channels_last ones (the report
+    compiles both): no global load narrower than 128 bits, and no cp.async narrower either for 16-bit dots."""
+    rows = [r for r in report["triton_kernels"] if r["kernel"] in _CONV and "da_ptr" not in r["pointer_dtypes"]
+            and r["main"] == "loop" and r["pointer_dtypes"].get("x_ptr") == "bf16" and r["constexprs"].get("xs_c") == 1
+            and r["constexprs"].get("PRECISION") == "ieee" and r["hgmma"] > 0]
+    assert {r["kernel"] for r in rows} == set(_CONV)
+    for r in rows:
+        assert not r["main_ldg_narrow"], (r["kernel"], r["constexprs"], r["main_ldg_narrow"])
+        assert set(r["main_ldgsts"]) == {"128"}, (r["kernel"], r["constexprs"], r["main_ldgsts"])
