@@ -99,7 +99,8 @@ def finish_stats(
             tl.store(running_var_ptr + cols, rv.to(running_var_ptr.dtype.element_ty), mask=col_ok)
 
 
-@triton.jit
+# Sizes and counters that no load's alignment depends on: one binary for all their values.
+@triton.jit(do_not_specialize=["tiles_per_split", "n_tiles", "splits"])
 def _stats_kernel(
     x_ptr,  # [N, C, HW] view, any strides
     partial_ptr,  # scratch: mean [splits, C], M2 [splits, C], count [splits, c_blocks]; means relative to the shift
@@ -186,7 +187,8 @@ def channel_vector(ptr, rows, cols, C, row_ok, col_ok, C_LAST: tl.constexpr, ACC
     return v
 
 
-@triton.jit
+# Sizes and counters that no load's alignment depends on: one binary for all their values.
+@triton.jit(do_not_specialize=["ROWS"])
 def _apply_kernel(
     x_ptr, r_ptr,  # [N, C, HW] views, any strides (r: None without a residual)
     z_ptr,  # output, dense: [ROWS, COLS] = [N*HW, C] (C_LAST) or [N*C, HW]

@@ -74,7 +74,8 @@ def finish_sums(
     store_sums(total_g, total_gx, C, cols, col_ok, stats_ptr, sums_ptr, dw_ptr, db_ptr, ACC)
 
 
-@triton.jit
+# Sizes and counters that no load's alignment depends on: one binary for all their values.
+@triton.jit(do_not_specialize=["tiles_per_split", "n_tiles", "splits"])
 def _reduce_kernel(
     dz_ptr, x_ptr,  # [N, C, HW] views, any strides
     mask_ptr,  # ReLU mask; (z_sn, z_sc, z_shw) locate each element's bit
@@ -120,7 +121,8 @@ def _reduce_kernel(
         tl.atomic_xchg(ticket_ptr + pid_c, 0)
 
 
-@triton.jit
+# Sizes and counters that no load's alignment depends on: one binary for all their values.
+@triton.jit(do_not_specialize=["ROWS"])
 def _elementwise_kernel(
     dz_ptr, x_ptr,  # [N, C, HW] views, any strides
     mask_ptr,  # ReLU mask, ceil(COLS / 8) bytes per row of the output's [ROWS, COLS] layout (None: dz is g)

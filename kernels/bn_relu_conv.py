@@ -82,7 +82,8 @@ def load_activation(x_ptr, offs, ok, mean, scale, shift, FOLDED: tl.constexpr, A
     return tl.where(ok & ~(y < 0), y, 0.0)
 
 
-@triton.jit
+# Sizes and counters that no load's alignment depends on: one binary for all their values.
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW"])
 def _forward_kernel(
     x_ptr, stats_ptr, bnw_ptr, bnb_ptr,  # x [N, C, H, W] any strides; stats [2C + 1]; BN weight/bias [C] or None
     w_ptr, bias_ptr,  # conv weight [CO, C, KH, KW] any strides, its dtype the dot's; conv bias [CO] or None
@@ -147,7 +148,8 @@ def _forward_kernel(
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & co_ok[None, :])
 
 
-@triton.jit
+# Sizes and counters that no load's alignment depends on: one binary for all their values.
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "HP", "WP", "GROUP_ROWS"])
 def _dgrad_kernel(
     dy_ptr,  # [N, CO, OH, OW] any strides
     w_ptr,  # conv weight [CO, C, KH, KW], the dot's dtype
@@ -263,7 +265,8 @@ def _dgrad_kernel(
                 tl.atomic_xchg(tickets + groups, 0)
 
 
-@triton.jit
+# Sizes and counters that no load's alignment depends on: one binary for all their values.
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "blocks_per_split", "splits"])
 def _wgrad_kernel(
     dy_ptr,  # [N, CO, OH, OW] any strides
     x_ptr, stats_ptr, bnw_ptr, bnb_ptr,  # as in forward
@@ -327,7 +330,8 @@ def _wgrad_kernel(
             tl.atomic_xchg(ticket_ptr + tile, 0)
 
 
-@triton.jit
+# Sizes and counters that no load's alignment depends on: one binary for all their values.
+@triton.jit(do_not_specialize=["N", "H", "W"])
 def _bn_relu_kernel(
     x_ptr, stats_ptr, bnw_ptr, bnb_ptr,  # as in forward
     a_ptr,  # [N, C, H, W] output relu(bn(x)) in the convolution's dtype, any strides
