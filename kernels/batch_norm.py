@@ -188,7 +188,7 @@ def channel_vector(ptr, rows, cols, C, row_ok, col_ok, C_LAST: tl.constexpr, ACC
 
 
 # Sizes and counters that no load's alignment depends on: one binary for all their values.
-@triton.jit(do_not_specialize=["ROWS"])
+@triton.jit(do_not_specialize=["ROWS", "HW"])
 def _apply_kernel(
     x_ptr, r_ptr,  # [N, C, HW] views, any strides (r: None without a residual)
     z_ptr,  # output, dense: [ROWS, COLS] = [N*HW, C] (C_LAST) or [N*C, HW]
@@ -360,7 +360,7 @@ def batch_norm_finish(
     and running buffers.
     """
     c = mean.shape[0]
-    block_c = min(next_power_of_2(c), 1024)
+    block_c = 256  # one binary for every channel count
     finish_kernel(
         (cdiv(c, block_c), 1, 1), stream(mean.device), 4,
         mean, m2, count, stats, running_mean, running_var, c, float(momentum), float(eps),

@@ -122,7 +122,7 @@ def _reduce_kernel(
 
 
 # Sizes and counters that no load's alignment depends on: one binary for all their values.
-@triton.jit(do_not_specialize=["ROWS"])
+@triton.jit(do_not_specialize=["ROWS", "HW"])
 def _elementwise_kernel(
     dz_ptr, x_ptr,  # [N, C, HW] views, any strides
     mask_ptr,  # ReLU mask, ceil(COLS / 8) bytes per row of the output's [ROWS, COLS] layout (None: dz is g)

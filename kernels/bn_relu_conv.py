@@ -379,7 +379,8 @@ GEMM_CONFIGS = ((128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
 # (128 x 128 with 8 warps needs a stack frame).
 GEMM_DGRAD_CONFIGS = ((128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (64, 128, 64, 8, 3))
 TAP_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 8, 3))
-WGRAD_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (32, 32, 128, 4, 3))
+# (No 32-row tiles: wgmma needs 64 rows per warpgroup, and a 32-row tile falls back to mma.sync.)
+WGRAD_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3))
 # Strided channels (NCHW: one address per element) or exact fp32/fp64 dots (no tensor cores):
 # smaller tiles, fewer stages.
 NARROW_CONFIGS = ((64, 32, 32, 4, 2), (32, 32, 32, 4, 2))
@@ -563,6 +564,9 @@ def bn_relu(x: torch.Tensor, stats: torch.Tensor, bn_weight, bn_bias, folded: bo
     return a
 
 
+_SUM_ROWS = 16  # partial rows each finishing round loads at once: one constant, one binary
+
+
 def _group_rows(parts: int) -> int:
     """Partial rows per group of the dgrad's BN-sum rounds: about sqrt(parts), so both rounds are short."""
     return next_power_of_2(max(1, math.isqrt(parts)))
@@ -605,8 +609,7 @@ def conv_dgrad(
             n, c, h, w, co, oh, ow, *((hp, wp) if da is None else (h, w)),
             *dy.stride(), *weight.stride(), *x.stride(), *g.stride(), *(da.stride() if da is not None else (0,) * 4),
             group_rows, *geometry, folded, dx_direct, acc, prec, bm, bn, bk,
-            max(1, min(next_power_of_2(max(group_rows, groups)), 4096 // bn)),
-            num_stages=stages,
+            _SUM_ROWS, num_stages=stages,
         )
 
     def launch(config):

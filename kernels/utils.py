@@ -168,8 +168,8 @@ def reduction_settings(n: int, c: int, hw: int, per_n: bool, device: torch.devic
         block_r = min(next_power_of_2(hw), 512)
         block_c = min(next_power_of_2(c), max(1, tile // block_r))
         n_tiles = n * cdiv(hw, block_r)
-    else:
-        block_c = min(next_power_of_2(c), 256)
+    else:  # channels contiguous: 64 of them (128 bytes of bf16) per row on a GPU, one binary for every C > 32
+        block_c = min(next_power_of_2(c), 64 if on_gpu else 256)
         block_r = min(next_power_of_2(n * hw), max(1, tile // block_c))
         n_tiles = cdiv(n * hw, block_r)
     c_blocks = cdiv(c, block_c)
@@ -208,7 +208,7 @@ def tile_settings(rows: int, cols: int, device: torch.device) -> tuple[int, int,
     if not compiled(device):
         block_k = max(8, min(next_power_of_2(cols), 4096))
         return max(1, min(next_power_of_2(rows), (1 << 16) // block_k)), block_k, 1
-    block_k = max(8, min(next_power_of_2(cols), 512))
+    block_k = max(8, min(next_power_of_2(cols), 128))  # 256 bytes of bf16 per row; one binary for every COLS > 64
     return max(1, 2048 // block_k), block_k, 8
 
 
