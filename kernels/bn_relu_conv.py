@@ -377,7 +377,7 @@ INTERPRETER_CONFIG = (32, 32, 16, 1, 1)
 GEMM_CONFIGS = ((128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4))
 # dgrad keeps an fp32 tile of x beside the accumulator in its epilogue: at most 64 x 128 per 4 warps
 # (128 x 128 with 8 warps needs a stack frame).
-GEMM_DGRAD_CONFIGS = ((128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (64, 128, 64, 8, 3))
+GEMM_DGRAD_CONFIGS = ((128, 64, 64, 8, 3), (64, 64, 64, 4, 4))
 TAP_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 8, 3))
 # (No 32-row tiles: wgmma needs 64 rows per warpgroup, and a 32-row tile falls back to mma.sync.)
 WGRAD_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3))
