@@ -16,9 +16,13 @@
 # suites and the training steps (its cold compile alone is minutes), batch 256, float32
 # and NCHW batch norm and BN-ReLU-Conv2d, BN-ReLU-Conv2d's other ResNet-50 shapes, ResNet-50
 # batch 128, DenseNet-BC, the blocks suite, torch.compile's DenseNet and every CPU case.
+# Then pack OUTDIR into one archive for the trip back (a lent machine returns at most 8 files), e.g.
+#   bash benchmarks/gpu_check.sh /tmp/gc; tar czf "$OUT/gpu_check.tar.gz" -C /tmp gc
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
+# The convolutions' tuning choices (one JSON per device and versions) come back with the results.
+export FASTRES_CACHE_DIR="$OUT/tuning"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 declare -A STATUS
@@ -63,13 +67,17 @@ stage bench_add_relu 35 $PY -m pytest benchmarks/test_add_relu.py "${BENCH[@]}" 
 stage bench_batch_norm 45 $PY -m pytest benchmarks/test_batch_norm.py "${BENCH[@]}" \
     -k "N64 and bfloat16 and channels_last and not compile" --benchmark-json "$OUT/batch_norm.json"
 # Most of this stage is Triton compiling and autotuning the convolution kernels (cold cache).
+# The fastres cases record which candidate won each launch (a tile config or "unfused": BN-ReLU then cuDNN).
 stage bench_bn_relu_conv 60 $PY -m pytest benchmarks/test_bn_relu_conv.py "${BENCH[@]}" \
     -k "N64 and bfloat16 and channels_last and not compile and (densenet121 or 3x3s2 or 1x1s2)" \
     --benchmark-json "$OUT/bn_relu_conv.json"
+# Measured against the speed-of-light bound of each case (bytes at HBM bandwidth, FLOPs at the bf16 peak).
+stage measured_vs_estimated 10 $PY -m benchmarks.measured_vs_estimated "$OUT/bn_relu_conv.json" \
+    --json "$OUT/measured_vs_estimated.json"
 # ResNet-50 against torchvision and the pre-activation ResNetV2-50 against timm, one process.
 stage bench_resnet50 70 $PY -m pytest benchmarks/test_training_step.py "${BENCH[@]}" \
     -k "(resnet50-N64 or resnetv2_50-N64) and not compile" --benchmark-json "$OUT/resnet50_step.json"
-stage bench_densenet121 35 $PY -m pytest benchmarks/test_densenet.py "${BENCH[@]}" \
+stage bench_densenet121 25 $PY -m pytest benchmarks/test_densenet.py "${BENCH[@]}" \
     -k "densenet121 and bfloat16" --benchmark-json "$OUT/densenet121_step.json"
 for f in "$OUT"/add_relu.json "$OUT"/batch_norm.json "$OUT"/bn_relu_conv.json "$OUT"/resnet50_step.json \
         "$OUT"/densenet121_step.json; do
