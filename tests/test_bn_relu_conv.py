@@ -142,6 +142,19 @@ def test_every_launch_config_matches_eager(device, monkeypatch, weight_layout):
             assert _normwise(a, e) < 1e-5, config
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+def test_split_k_weight_gradient_matches_eager(device, monkeypatch, splits):
+    """The wgrad split over K (on a GPU, to fill its SMs): partial tiles added by each tile's last program."""
+    if not ops.use_triton(torch.empty(0, device=device)):
+        pytest.skip("needs the Triton path")
+    k = ops.kernels("bn_relu_conv")
+    monkeypatch.setattr(k, "_wgrad_splits", lambda tiles, k_blocks, device: min(splits, k_blocks))
+    x, p = _inputs(device, torch.float32, 2, 24, 9, 9, 12, 3, "channels_last", bias=False)
+    y, grads, _, _ = _run(bn_relu_conv2d, x, p, stride=1, padding=1, training=True)
+    y_e, grads_e, _, _ = _run(_eager, x, p, stride=1, padding=1, training=True)
+    assert _normwise(grads[3], grads_e[3]) < 1e-5  # the convolution's weight
+
+
 def test_tuner_may_choose_the_unfused_candidate(device, monkeypatch, tmp_path):
     """Where the unfused composition is fastest it is chosen per launch kind, after its outputs were checked
     against the fused reference config's on the same inputs, and the op still matches eager."""
