@@ -79,7 +79,7 @@ def _run_ops(shapes: list[tuple[int, int]], batch: int) -> None:
 # (C_in, C_out, kernel, stride, spatial): DenseNet layers and transitions, a pre-activation downsample.
 CONV_SHAPES = [(128, 128, 1, 1, 14), (128, 32, 3, 1, 14), (256, 128, 1, 2, 14), (64, 64, 3, 2, 14)]
 # The unit test's share: a 1x1 and a strided 3x3 (the latter has every code path of the kernels).
-CONV_SHAPES_SMALL = [(128, 128, 1, 1, 14), (64, 64, 3, 2, 14)]
+CONV_SHAPES_SMALL = [(128, 128, 1, 1, 14), (128, 128, 3, 2, 14)]  # 128 channels: every config at full size
 # The conv weight's layouts: torchvision's default OIHW and channels_last (what a channels_last model holds).
 WEIGHT_LAYOUTS = (torch.contiguous_format, torch.channels_last)
 # (dtype, TF32, layout, every config, only the strided 3x3 of the small shapes), each in both weight layouts

@@ -379,6 +379,7 @@ GEMM_CONFIGS = ((128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
 # (128 x 128 with 8 warps needs a stack frame).
 GEMM_DGRAD_CONFIGS = ((128, 64, 64, 8, 3), (64, 64, 64, 4, 4))
 TAP_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 8, 3))
+TAP_DGRAD_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3))
 # (No 32-row tiles: wgmma needs 64 rows per warpgroup, and a 32-row tile falls back to mma.sync.)
 WGRAD_CONFIGS = ((64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3))
 # Strided channels (NCHW: one address per element) or exact fp32/fp64 dots (no tensor cores):
@@ -397,9 +398,9 @@ def configs(kind: str, taps: int, device: torch.device, wide: bool = True) -> tu
         return NARROW_CONFIGS
     if kind == "wgrad":
         return WGRAD_CONFIGS
-    if taps > 1:
-        return TAP_CONFIGS
-    return GEMM_DGRAD_CONFIGS if kind == "dgrad" else GEMM_CONFIGS
+    if kind == "dgrad":
+        return TAP_DGRAD_CONFIGS if taps > 1 else GEMM_DGRAD_CONFIGS
+    return TAP_CONFIGS if taps > 1 else GEMM_CONFIGS
 
 
 def wide(x: torch.Tensor, dot_dtype: torch.dtype, allow_tf32: bool) -> bool:

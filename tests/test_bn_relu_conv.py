@@ -134,7 +134,8 @@ def test_every_launch_config_matches_eager(device, monkeypatch, weight_layout):
     if weight_layout == "channels_last":
         p["conv_weight"] = p["conv_weight"].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     y_e, grads_e, _, _ = _run(_eager, x, p, stride=2, padding=1, training=True)
-    every = sorted(set(k.GEMM_CONFIGS + k.GEMM_DGRAD_CONFIGS + k.TAP_CONFIGS + k.WGRAD_CONFIGS + k.NARROW_CONFIGS))
+    every = sorted(set(k.GEMM_CONFIGS + k.GEMM_DGRAD_CONFIGS + k.TAP_CONFIGS + k.TAP_DGRAD_CONFIGS + k.WGRAD_CONFIGS
+                        + k.NARROW_CONFIGS))
     for config in every:
         monkeypatch.setattr(k, "configs", lambda kind, taps, device, wide=True, config=config: (config,))
         y, grads, _, _ = _run(bn_relu_conv2d, x, p, stride=2, padding=1, training=True)
