@@ -26,6 +26,7 @@ dtypes, layout, kernel size, channels, rows rounded to a power of two).
 to, on a GPU): what ``benchmarks.cold_start`` counts.
 """
 
+import functools
 import json
 import os
 import tempfile
@@ -54,6 +55,7 @@ def cache_dir() -> str:
     return os.path.join(xdg, "fastres")
 
 
+@functools.cache  # reading package metadata costs a millisecond: once per process
 def _versions() -> str:
     import triton
 
@@ -77,9 +79,13 @@ def _can_time(device: torch.device) -> bool:
 
 def cache_path(device: torch.device) -> str:
     """The tuning file for ``device``: one per device name and versions."""
-    name = _device_name(device)
+    return _file_name(cache_dir(), _device_name(device))
+
+
+@functools.cache
+def _file_name(directory: str, name: str) -> str:
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{name}-{_versions()}")
-    return os.path.join(cache_dir(), f"tuning-{safe}.json")
+    return os.path.join(directory, f"tuning-{safe}.json")
 
 
 def _read(path: str) -> dict:
