@@ -81,9 +81,22 @@ def conv_path(request, monkeypatch) -> str:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_matches_eager(path, conv_path, device, case, training, dtype):
-    if path == "reference" and conv_path == "unfused":
-        pytest.skip("the eager reference has no conv paths")
+def test_matches_eager(path, device, case, training, dtype):
+    _check_matches_eager(device, case, training, dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_unfused_candidate_matches_eager(device, monkeypatch, case, training, dtype):
+    """The tuner's other candidate: fastres's BN-ReLU written out, then torch's convolution."""
+    if not ops.use_triton(torch.empty(0, device=device)):
+        pytest.skip("needs the Triton path (a GPU, or TRITON_INTERPRET=1)")
+    monkeypatch.setenv("FASTRES_CONV_PATH", "unfused")
+    _check_matches_eager(device, case, training, dtype)
+
+
+def _check_matches_eager(device, case, training, dtype):
     n, c, h, w, co, k, stride, padding, layout = case
     x, p = _inputs(device, dtype, n, c, h, w, co, k, layout, bias=k == 3)
     kw = dict(stride=stride, padding=padding, training=training)
