@@ -324,7 +324,7 @@ def batch_norm_stats(
         shape, x_strides, x.device, x.dtype)
     acc = stats.dtype
     s = stream(x.device)
-    partial = scratch(x.device, s, splits * (2 * c + c_blocks), acc)
+    partial = scratch(x.device, splits * (2 * c + c_blocks), acc)
     tickets = counters(x.device, s, c_blocks)
     stats_kernel(
         (c_blocks, splits, 1), s, num_warps,

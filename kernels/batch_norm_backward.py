@@ -201,7 +201,7 @@ def batch_norm_relu_backward_reduce(
     # Whole mask bytes per 8 tile elements when the tile runs along the mask's rows.
     mask_tile = 1 if c_last and not per_n else 2 if not c_last and per_n and block_r % 8 == 0 else 0
     s = stream(x.device)
-    partial = scratch(x.device, s, 2 * splits * c, stats.dtype)
+    partial = scratch(x.device, 2 * splits * c, stats.dtype)
     tickets = counters(x.device, s, c_blocks)
     reduce_kernel(
         (c_blocks, splits, 1), s, num_warps,

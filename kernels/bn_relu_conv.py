@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .batch_norm_backward import store_sums, sum_partial_rows
-from .launch import Kernel, cdiv, compiled, counters, next_power_of_2, sm_count, stream
+from .launch import Kernel, cdiv, compiled, counters, next_power_of_2, scratch, sm_count, stream
 from .tuning import choose
 from .utils import tl_dtype
 
@@ -599,8 +599,7 @@ def conv_dgrad(
         parts = grid[0] * grid[2]
         group_rows = _group_rows(parts)
         groups = cdiv(parts, group_rows)
-        partial = torch.empty(2 * (parts + groups) * c, dtype=stats.dtype, device=x.device) \
-            if sums is not None else None
+        partial = scratch(x.device, 2 * (parts + groups) * c, stats.dtype) if sums is not None else None
         tickets = counters(x.device, s, grid[1] * (groups + 1))
         # With da given the kernel is its epilogue alone, over one stride-1 "phase" of every position.
         geometry = (kh, kw, sh, sw, *padding) if da is None else (1, 1, 1, 1, 0, 0)
@@ -665,8 +664,8 @@ def conv_wgrad(
         splits = _wgrad_splits(tiles, k_blocks, x.device)
         per_split = cdiv(k_blocks, splits)
         splits = cdiv(k_blocks, per_split)
-        partial = torch.empty(splits * tiles * bm * bn, dtype=torch.float32 if acc == tl.float32 else torch.float64,
-                              device=x.device) if splits > 1 else None
+        partial = scratch(x.device, splits * tiles * bm * bn, torch.float32 if acc == tl.float32 else torch.float64) \
+            if splits > 1 else None
         tickets = counters(x.device, s, tiles)
         wgrad_kernel(
             (tiles, splits, 1), s, warps,

@@ -146,16 +146,16 @@ def next_power_of_2(n: int) -> int:
 _counters: dict = {}
 
 
-def _capturing(device: torch.device) -> bool:
+def capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is capturing a CUDA graph."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def scratch(device: torch.device, stream_: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+def scratch(device: torch.device, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """``numel`` uninitialised elements for partial results that die within one op's launches.
 
     From PyTorch's caching allocator at each call (no device work, and inside
     a CUDA graph's capture from the graph's own pool, valid at every replay).
-    ``stream_`` is kept in the signature for the callers' symmetry with ``counters``.
     """
     return torch.empty(max(numel, 1), dtype=dtype, device=device)
 
@@ -171,7 +171,7 @@ def counters(device: torch.device, stream_: int, n: int) -> torch.Tensor:
     buffer is taken from the graph's pool instead (its memset is part of the
     graph), so a graph never depends on a buffer outside it.
     """
-    if _capturing(device):
+    if capturing(device):
         return torch.zeros(n, dtype=torch.int32, device=device)
     key = (device, stream_)
     buf = _counters.get(key)

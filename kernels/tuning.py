@@ -2,7 +2,8 @@
 
 ``choose(kind, bucket, candidates, run, ...)`` returns one of ``candidates``
 for launches whose problem falls in ``bucket`` (the caller's shape bucket:
-dtypes, layout, kernel size, channels, rows rounded to a power of two).
+dtypes, kernel size, stride, each dimension as the tile block it fits, and
+the output positions' size class; see ``bn_relu_conv._bucket``).
 
 - **Fixed** (no timing at all): the first candidate, a known-good heuristic
   config, whenever there is nothing to time on (the interpreter, a stand-in
@@ -34,6 +35,8 @@ import warnings
 from typing import Callable, Sequence
 
 import torch
+
+from .launch import capturing
 
 SESSIONS: list[dict] = []  # {"kind", "bucket", "candidates", "tuned"} per choice not found in a cache
 LAST: dict = {}  # kind -> the config its latest launch took (what benchmarks report as the winner)
@@ -126,7 +129,7 @@ def _table(device: torch.device) -> tuple[str, dict]:
 
 
 def _capturing(device: torch.device) -> bool:
-    return _can_time(device) and torch.cuda.is_current_stream_capturing()
+    return _can_time(device) and capturing(device)
 
 
 def _as_config(stored, candidates: Sequence):
@@ -175,11 +178,11 @@ def _choose(kind, bucket, candidates, run, device, outputs):
         config = _as_config(stored, candidates)
         if config is not None:
             return config
-    capturing = _capturing(device)
-    timed = _can_time(device) and not capturing
+    in_capture = _capturing(device)
+    timed = _can_time(device) and not in_capture
     SESSIONS.append({"kind": kind, "bucket": bucket, "candidates": len(candidates), "tuned": timed})
     if not timed:
-        if not capturing:
+        if not in_capture:
             table[key] = list(candidates[0])  # fixed: remembered in this process only
         return candidates[0]
     best = tune(kind, candidates, run, outputs)
