@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .batch_norm_backward import store_sums, sum_partial_rows
-from .launch import Kernel, cdiv, compiled, counters, next_power_of_2, scratch, sm_count, stream
+from .launch import Kernel, cdiv, compiled, counters, next_power_of_2, ones, scratch, sm_count, stream
 from .tuning import choose
 from .utils import tl_dtype
 
@@ -64,12 +64,21 @@ def channel_affine(stats_ptr, w_ptr, b_ptr, ch, ok, C, FOLDED: tl.constexpr, ACC
 
 
 @triton.jit
-def pre_activation(x, mean, scale, shift, FOLDED: tl.constexpr):
-    """BN of an fp32 tile ``x`` (channels along dim 1): the value whose sign the ReLU decides."""
-    if FOLDED:
-        y = x * scale[None, :] + shift[None, :]
+def along(v, AXIS: tl.constexpr):
+    """A per-channel vector broadcast along a 2-D tile whose channels run along ``AXIS``."""
+    if AXIS == 1:
+        return v[None, :]
     else:
-        y = (x - mean[None, :]) * scale[None, :] + shift[None, :]
+        return v[:, None]
+
+
+@triton.jit
+def pre_activation(x, mean, scale, shift, FOLDED: tl.constexpr, AXIS: tl.constexpr = 1):
+    """BN of an fp32 tile ``x`` (channels along dim ``AXIS``): the value whose sign the ReLU decides."""
+    if FOLDED:
+        y = x * along(scale, AXIS) + along(shift, AXIS)
+    else:
+        y = (x - along(mean, AXIS)) * along(scale, AXIS) + along(shift, AXIS)
     return y
 
 
@@ -82,11 +91,31 @@ def load_activation(x_ptr, offs, ok, mean, scale, shift, FOLDED: tl.constexpr, A
     return tl.where(ok & ~(y < 0), y, 0.0)
 
 
+@triton.jit
+def load_operand(x_ptr, offs, row_ok, ch_ok, keep_ptr, mean, scale, shift, FOLDED: tl.constexpr, ACC: tl.constexpr,
+                 ROWS: tl.constexpr, AXIS: tl.constexpr):
+    """``load_activation`` of a dot's A operand (channels along ``AXIS``), in a form Triton applies in its registers.
+
+    Triton moves the conversion to the MMA operand layout above elementwise ops
+    (x then takes one shared-memory round trip: cp.async in, ldmatrix out)
+    only when every leaf of them is a load or a constant; a mask computed from
+    indices keeps the BN-ReLU in a blocked layout and adds a second round trip.
+    So tail channels are zeroed by their BN parameters (masked to 0: bn(0) = 0
+    there) and padded rows by a keep factor, a masked load of ones
+    (``launch.ones``). Values are ``load_activation``'s, bit for bit.
+    """
+    keep = tl.load(keep_ptr + tl.arange(0, ROWS), mask=row_ok, other=0.0)
+    x = tl.load(x_ptr + offs, mask=along(ch_ok, AXIS) & along(row_ok, 1 - AXIS), other=0.0).to(ACC)
+    y = pre_activation(x, mean, scale, shift, FOLDED, AXIS)
+    return tl.where((along(keep, 1 - AXIS) != 0) & ~(y < 0), y, 0.0)
+
+
 # Sizes and counters that no load's alignment depends on: one binary for all their values.
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW"])
 def _forward_kernel(
     x_ptr, stats_ptr, bnw_ptr, bnb_ptr,  # x [N, C, H, W] any strides; stats [2C + 1]; BN weight/bias [C] or None
     w_ptr, bias_ptr,  # conv weight [CO, C, KH, KW] any strides, its dtype the dot's; conv bias [CO] or None
+    keep_ptr,  # fp32 ones, at least BLOCK_M (launch.ones)
     y_ptr,  # [N, CO, OH, OW] any strides
     N, C, H, W, CO, OH, OW,
     xs_n, xs_c, xs_h, xs_w,
@@ -118,30 +147,30 @@ def _forward_kernel(
             ch = kb * BLOCK_K + kc
             ch_ok = ch < C
             mean, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, FOLDED, ACC)
-            a = load_activation(x_ptr, x_row[:, None] + ch[None, :] * xs_c, pos_ok[:, None] & ch_ok[None, :],
-                                mean, scale, shift, FOLDED, ACC)
+            a = load_operand(x_ptr, x_row[:, None] + ch[None, :] * xs_c, pos_ok, ch_ok, keep_ptr,
+                             mean, scale, shift, FOLDED, ACC, BLOCK_M, 1)
             wt = tl.load(w_ptr + ch[:, None] * ws_c + co[None, :] * ws_o, mask=ch_ok[:, None] & co_ok[None, :],
                          other=0.0)
             acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PRECISION, out_dtype=ACC)
     else:
-        # One flat K loop (Triton pipelines one loop), channel blocks outermost and the taps inside
-        # (a constexpr count: no run-time division), so consecutive steps reuse the block's BN
-        # parameters and overlapping x rows from L1.
-        for kk in range(0, c_blocks * (KH * KW)):
-            tap = kk % (KH * KW)
-            kh = tap // KW
-            kw = tap % KW
-            ch = (kk // (KH * KW)) * BLOCK_K + kc
+        # Channel blocks outside, taps inside: a block's BN parameters are loaded once, into the
+        # registers of the dot operand's layout, for all its KH * KW taps (Triton pipelines the
+        # inner loop; other CTAs on the SM cover its refill at each channel block).
+        for cb in range(0, c_blocks):
+            ch = cb * BLOCK_K + kc
             ch_ok = ch < C
-            ih = oh * SH - PH + kh
-            iw = ow * SW - PW + kw
-            pos_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             mean, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, FOLDED, ACC)
-            offs = (n * xs_n + ih * xs_h + iw * xs_w)[:, None] + ch[None, :] * xs_c
-            a = load_activation(x_ptr, offs, pos_ok[:, None] & ch_ok[None, :], mean, scale, shift, FOLDED, ACC)
-            wt = tl.load(w_ptr + ch[:, None] * ws_c + co[None, :] * ws_o + kh * ws_h + kw * ws_w,
-                         mask=ch_ok[:, None] & co_ok[None, :], other=0.0)
-            acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PRECISION, out_dtype=ACC)
+            for tap in range(0, KH * KW):
+                kh = tap // KW
+                kw = tap % KW
+                ih = oh * SH - PH + kh
+                iw = ow * SW - PW + kw
+                pos_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                offs = (n * xs_n + ih * xs_h + iw * xs_w)[:, None] + ch[None, :] * xs_c
+                a = load_operand(x_ptr, offs, pos_ok, ch_ok, keep_ptr, mean, scale, shift, FOLDED, ACC, BLOCK_M, 1)
+                wt = tl.load(w_ptr + ch[:, None] * ws_c + co[None, :] * ws_o + kh * ws_h + kw * ws_w,
+                             mask=ch_ok[:, None] & co_ok[None, :], other=0.0)
+                acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PRECISION, out_dtype=ACC)
     if bias_ptr is not None:
         acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(acc.dtype)[None, :]
     y_offs = (n * ys_n + oh * ys_h + ow * ys_w)[:, None] + co[None, :] * ys_c
@@ -270,8 +299,9 @@ def _dgrad_kernel(
 def _wgrad_kernel(
     dy_ptr,  # [N, CO, OH, OW] any strides
     x_ptr, stats_ptr, bnw_ptr, bnb_ptr,  # as in forward
+    keep_ptr,  # fp32 ones, at least BLOCK_K (launch.ones)
     dw_ptr,  # [CO, C, KH, KW] output, any strides
-    partial_ptr,  # fp32 scratch [splits, tiles, BLOCK_M, BLOCK_N] (None when not SPLIT)
+    partial_ptr,  # fp32 scratch [splits, tiles, BLOCK_N, BLOCK_M] (None when not SPLIT)
     ticket_ptr,  # int32 [tiles], zero on entry and on exit
     N, C, H, W, CO, OH, OW, blocks_per_split,
     splits,  # programs along K per tile: a run-time value, so every split count shares one binary
@@ -282,6 +312,9 @@ def _wgrad_kernel(
     SPLIT: tl.constexpr, FOLDED: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Computed transposed, dweight^T [C, CO] = a^T @ dy: the recomputed activation is the A operand,
+    # which wgmma takes from registers (its BN-ReLU applied there, one shared-memory round trip),
+    # and the input channels (128 in a DenseNet 3x3, where CO is 32) fill wgmma's 64-row M.
     tile = tl.program_id(0)  # (co block, c block, tap)
     split = tl.program_id(1)
     c_blocks = tl.cdiv(C, BLOCK_N)
@@ -296,7 +329,7 @@ def _wgrad_kernel(
     ch_ok = ch < C
     mean, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, FOLDED, ACC)
     M = N * OH * OW
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
     k0 = split * blocks_per_split
     for kb in range(k0, tl.minimum(k0 + blocks_per_split, tl.cdiv(M, BLOCK_K))):
         pos = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -304,26 +337,26 @@ def _wgrad_kernel(
         ow = pos % OW
         oh = (pos // OW) % OH
         n = (pos // (OW * OH)).to(tl.int64)
-        dy = tl.load(dy_ptr + co[:, None] * dys_c + (n * dys_n + oh * dys_h + ow * dys_w)[None, :],
-                     mask=co_ok[:, None] & pos_ok[None, :], other=0.0)
+        dy = tl.load(dy_ptr + (n * dys_n + oh * dys_h + ow * dys_w)[:, None] + co[None, :] * dys_c,
+                     mask=pos_ok[:, None] & co_ok[None, :], other=0.0)
         ih = oh * SH - PH + kh
         iw = ow * SW - PW + kw
         in_ok = pos_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        offs = (n * xs_n + ih * xs_h + iw * xs_w)[:, None] + ch[None, :] * xs_c
-        a = load_activation(x_ptr, offs, in_ok[:, None] & ch_ok[None, :], mean, scale, shift, FOLDED, ACC)
-        acc = tl.dot(dy, a.to(dy.dtype), acc, input_precision=PRECISION, out_dtype=ACC)
-    ok = co_ok[:, None] & ch_ok[None, :]
-    dw_offs = co[:, None] * dws_o + ch[None, :] * dws_c + kh * dws_h + kw * dws_w
+        offs = ch[:, None] * xs_c + (n * xs_n + ih * xs_h + iw * xs_w)[None, :]
+        a_t = load_operand(x_ptr, offs, in_ok, ch_ok, keep_ptr, mean, scale, shift, FOLDED, ACC, BLOCK_K, 0)
+        acc = tl.dot(a_t.to(dy.dtype), dy, acc, input_precision=PRECISION, out_dtype=ACC)
+    ok = ch_ok[:, None] & co_ok[None, :]
+    dw_offs = ch[:, None] * dws_c + co[None, :] * dws_o + kh * dws_h + kw * dws_w
     if not SPLIT:
         tl.store(dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=ok)
     else:
         tiles = tl.num_programs(0)
-        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        local = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
         tl.store(partial_ptr + (split * tiles + tile) * (BLOCK_M * BLOCK_N) + local, acc)
         tl.debug_barrier()  # every thread's stores come before the ticket's release
         ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel")
         if ticket == splits - 1:
-            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc.dtype)
+            total = tl.zeros([BLOCK_N, BLOCK_M], dtype=acc.dtype)
             for s in range(0, splits):
                 total += tl.load(partial_ptr + (s * tiles + tile) * (BLOCK_M * BLOCK_N) + local, cache_modifier=".cg")
             tl.store(dw_ptr + dw_offs, total.to(dw_ptr.dtype.element_ty), mask=ok)
@@ -529,7 +562,7 @@ def conv_forward(
         bm, bn, bk, warps, stages = config
         forward_kernel(
             (cdiv(rows, bm), cdiv(co, bn), 1), s, warps,
-            x, stats, bn_weight, bn_bias, weight, bias, y, n, c, h, w, co, oh, ow,
+            x, stats, bn_weight, bn_bias, weight, bias, ones(x.device), y, n, c, h, w, co, oh, ow,
             *x.stride(), *weight.stride(), *y.stride(), kh, kw, *stride, *padding, folded, acc, prec, bm, bn, bk,
             num_stages=stages,
         )
@@ -669,7 +702,7 @@ def conv_wgrad(
         tickets = counters(x.device, s, tiles)
         wgrad_kernel(
             (tiles, splits, 1), s, warps,
-            dy, x, stats, bn_weight, bn_bias, dw, partial, tickets,
+            dy, x, stats, bn_weight, bn_bias, ones(x.device), dw, partial, tickets,
             n, c, h, w, co, oh, ow, per_split, splits,
             *dy.stride(), *x.stride(), *dw.stride(),
             kh, kw, *stride, *padding, splits > 1, folded, acc, prec, bm, bn, bk,

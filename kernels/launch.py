@@ -160,6 +160,24 @@ def scratch(device: torch.device, numel: int, dtype: torch.dtype) -> torch.Tenso
     return torch.empty(max(numel, 1), dtype=dtype, device=device)
 
 
+_ones: dict = {}
+ONES = 256  # the widest row block a kernel loads a keep factor for
+
+
+def ones(device: torch.device) -> torch.Tensor:
+    """``ONES`` fp32 ones on ``device``, never written: a row-keep factor is a masked load of them.
+
+    Cached per device; while a CUDA graph is being captured (and none is cached)
+    a fresh one from the graph's pool, filled as part of the graph.
+    """
+    buf = _ones.get(device)
+    if buf is None:
+        buf = torch.ones(ONES, dtype=torch.float32, device=device)
+        if not capturing(device):
+            _ones[device] = buf
+    return buf
+
+
 def counters(device: torch.device, stream_: int, n: int) -> torch.Tensor:
     """``n`` int32 zeros that kernels on ``stream_`` (``stream(device)``) may count in.
 

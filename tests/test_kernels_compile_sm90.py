@@ -115,14 +115,33 @@ def test_speed_of_light_covers_every_launch(report):
             assert s["dram"] > 0 and s["h100"]["estimate"] > 0 and s["ctas_per_sm"] >= 1, (r["kernel"], s)
 
 
-def test_no_scalar_loads_in_conv_main_loops(report):
-    """With channels contiguous (x channels_last: ``xs_c`` specialised to 1) every convolution's main loop loads its tiles through
-    128-bit cp.async, for torchvision's default OIHW weights as for channels_last ones (the report
-    compiles both): no global load narrower than 128 bits, and no cp.async narrower either for 16-bit dots."""
+def _wide_conv_loops(report) -> list[dict]:
+    """The bf16 convolutions on tensor cores with channels contiguous (x channels_last: ``xs_c`` specialised to 1)."""
     rows = [r for r in report["triton_kernels"] if r["kernel"] in _CONV and "da_ptr" not in r["pointer_dtypes"]
             and r["main"] == "loop" and r["pointer_dtypes"].get("x_ptr") == "bf16" and r["constexprs"].get("xs_c") == 1
             and r["constexprs"].get("PRECISION") == "ieee" and r["hgmma"] > 0]
     assert {r["kernel"] for r in rows} == set(_CONV)
-    for r in rows:
+    return rows
+
+
+_KEEP = {"_forward_kernel", "_wgrad_kernel"}  # load a row keep factor: one fp32 per row, masked per row
+
+
+def test_no_scalar_loads_in_conv_main_loops(report):
+    """With channels contiguous every convolution's main loop loads its tiles through 128-bit cp.async, for
+    torchvision's default OIHW weights as for channels_last ones (the report compiles both): no global load
+    narrower than 128 bits, and no narrower cp.async than the keep factor's 32-bit ones (at most 4 a thread)."""
+    for r in _wide_conv_loops(report):
         assert not r["main_ldg_narrow"], (r["kernel"], r["constexprs"], r["main_ldg_narrow"])
-        assert set(r["main_ldgsts"]) == {"128"}, (r["kernel"], r["constexprs"], r["main_ldgsts"])
+        widths = dict(r["main_ldgsts"])
+        if r["kernel"] in _KEEP:
+            assert widths.pop("32", 0) <= 4, (r["kernel"], r["constexprs"], r["main_ldgsts"])
+        assert set(widths) == {"128"}, (r["kernel"], r["constexprs"], r["main_ldgsts"])
+
+
+def test_the_prologue_operand_takes_one_shared_memory_round_trip(report):
+    """The BN-ReLU'd x tile goes cp.async -> shared -> registers (ldmatrix, the dot operand's layout) -> wgmma:
+    no shared-memory store in the main loop of forward or wgrad, whose activation is the A operand."""
+    for r in _wide_conv_loops(report):
+        if r["kernel"] in _KEEP:
+            assert r["main_sts"] == 0, (r["kernel"], r["constexprs"], r["main_lds"], r["main_sts"])
