@@ -200,6 +200,7 @@ def _sass_stats(sass: str) -> dict:
         "share_128bit": wide / len(mem) if mem else None,
         "main": kind,
         "main_instructions": len(body),
+        "main_live_instructions": sum(live.values()),  # without the ones predicated off for good
         "bytes_per_warp_instruction": moved / len(body) if body else 0.0,
         "main_ldg_narrow": {str(b): n for b, n in sorted(narrow.items())},  # bits -> instructions
         "main_ldgsts": {str(b): n for b, n in sorted(ldgsts.items())},
@@ -273,7 +274,8 @@ def _speed_of_light(row: dict, grid: tuple, args: dict, launches: int) -> dict:
     out = {"grid": list(grid), "launches": launches, "round_trip": round_trip}
     try:
         out.update(speed_of_light.estimate(row["kernel"], args, grid, row["registers"], row["num_warps"], smem,
-                                           round_trip) or {"error": "no model for this kernel"})
+                                           round_trip, row["main_live_instructions"] if row["main"] == "loop" else 0)
+                   or {"error": "no model for this kernel"})
     except (KeyError, AttributeError) as e:  # a parameter the model reads was renamed or removed
         out["error"] = f"{type(e).__name__}: {e}"
     return out
@@ -286,7 +288,7 @@ def markdown(triton_rows: list[dict]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---:|---|",
     ]
     shown = ("BLOCK", "BLOCK_R", "BLOCK_C", "PER_N", "C_LAST", "X_DENSE", "Z_DENSE", "DZ_DENSE", "FROM_VAR", "LOCAL",
-             "KH", "SH", "FOLDED", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLITS", "SPLIT")
+             "KH", "SH", "DX_DIRECT", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLITS", "SPLIT")
     for r in triton_rows:
         cx = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k in shown)
         share = "-" if r["share_128bit"] is None else f"{r['share_128bit']:.0%}"
@@ -321,27 +323,29 @@ def sol_markdown(triton_rows: list[dict]) -> str:
         "An ESTIMATE from a model (`benchmarks/speed_of_light.py`), not a measurement: compulsory DRAM bytes, the "
         "MMA FLOPs of whole tiles and the shared-memory tile traffic, each at H100 SXM / H200 peaks (HBM 3.35 / "
         "4.8 TB/s; bf16 990, TF32 495, fp32 67 TFLOP/s; shared memory 128 B/clk/SM at 1.98 GHz x 132 SMs) and "
+        "and the main loop's SASS instructions at 4 warp-instructions per clock per SM (issue), "
         "stretched by wave quantization; the estimate is the largest (the bound). Share of peak: FLOP time / "
         "estimate for 3x3 convolutions, DRAM time / estimate for 1x1 convolutions and BN / merge kernels. Targets: "
         "bf16 3x3 >= 60%, bf16 1x1 and every BN / merge kernel >= 80%. rt: the prologue's tile goes shared -> "
-        "registers -> shared (read off the SASS), counted in smem/step; eval: folded BN statistics.",
+        "registers -> shared (read off the SASS), counted in smem/step; dx: an eval dgrad writing dx itself.",
         "",
         "| kernel | problem | config | regs | CTAs/SM | programs (waves, fill) | DRAM MB | GFLOP | smem/step KB "
-        "| DRAM us H100/H200 | MMA us | smem us | estimate us H100/H200 | bound | share of peak H100/H200 | target |",
-        "|---|---|---|---:|---|---|---:|---:|---:|---|---:|---:|---|---|---|---|",
+        "| DRAM us H100/H200 | MMA us | smem us | issue us | estimate us H100/H200 | bound | share of peak H100/H200 "
+        "| target |",
+        "|---|---|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|---|---|---|---|",
     ]
     us = speed_of_light.fmt_us
     flat = [(r, s) for r in triton_rows for s in r["speed_of_light"]]
     flat.sort(key=lambda rs: (_ORDER.get(rs[0]["kernel"], 9), rs[1].get("problem", "") * (rs[0]["kernel"] in _ORDER)))
     for r, s in flat:
         if "error" in s:
-            lines.append(f"| {r['kernel']} | model: {s['error']} |" + " |" * 14)
+            lines.append(f"| {r['kernel']} | model: {s['error']} |" + " |" * 15)
             continue
         blocks = "x".join(str(v) for k, v in r["constexprs"].items() if k.startswith("BLOCK") and k != "BLOCK_P")
         config = f"{blocks} w{r['num_warps']}"
         if s["dot"]:
             config += f" s{r['num_stages']} {s['dot']}" + (" rt" if s["round_trip"] else "")
-            config += " eval" if r["constexprs"].get("FOLDED") else ""
+            config += " dx" if r["constexprs"].get("DX_DIRECT") else ""
         share = _both(s, lambda c: "-" if c["share"] is None else f"{c['share']:.0%}")
         met = _both(s, lambda c: "met" if c["met"] else "MISSED")
         target = "-" if s["target"] is None else f"{s['target']:.0%}: {met}"
@@ -349,7 +353,7 @@ def sol_markdown(triton_rows: list[dict]) -> str:
             f"| {r['kernel']} | {s['problem']} | {config} | {r['registers']} | "
             f"{s['ctas_per_sm']} ({s['occupancy_limit']}) | {s['programs']} ({s['waves']}, {s['wave_fill']:.0%}) | "
             f"{s['dram'] / 1e6:.2f} | {s['flops'] / 1e9:.2f} | {s['smem_step'] / 1024:.0f} | "
-            f"{_both(s, lambda c: us(c['t_dram']))} | {us(s['t_mma'])} | {us(s['t_smem'])} | "
+            f"{_both(s, lambda c: us(c['t_dram']))} | {us(s['t_mma'])} | {us(s['t_smem'])} | {us(s['t_issue'])} | "
             f"{_both(s, lambda c: us(c['estimate']))} | {_both(s, lambda c: c['bound'])} | {share} | {target} |"
         )
     return "\n".join(lines)

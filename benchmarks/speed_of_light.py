@@ -12,6 +12,11 @@ shape/stride/dtype). Per launch the model counts the work nothing can avoid:
   and read once (the MMA), plus one more write and read of the operand the
   BN-ReLU prologue computes where it goes shared -> registers -> shared (the
   report reads that off the SASS: ``round_trip``);
+- instruction issue: the main loop's SASS instructions per iteration (the
+  report counts them), for every warp and iteration of the launch, at one
+  warp-instruction per clock on each of an SM's 4 schedulers. This is where
+  a BN-ReLU prologue costs: about 8 instructions per A element, which an
+  output-channel block of 32 (a DenseNet 3x3) amortises over only 32 MACs;
 
 and turns each into a time at the chip's peak rate. Every resident CTA is taken
 to get an equal share of each resource, so a last wave that is partly empty
@@ -20,7 +25,7 @@ rounded up. The estimate is the largest time (the binding limit). Its share of
 peak is the kernel class's resource time over the estimate: FLOP time at the
 dot's peak for 3x3 convolutions, DRAM byte time for 1x1 convolutions and the
 batch-norm / merge kernels (and the unfused conv candidate's BN-ReLU and dgrad
-epilogue). Latency, instruction issue, L2 and uneven programs are left out: a
+epilogue). Latency, dependency stalls, L2 and uneven programs are left out: a
 real kernel takes longer than its estimate.
 """
 
@@ -47,6 +52,7 @@ CHIPS = (H100, H200)
 PEAK_FLOPS = {"bf16": 990e12, "tf32": 495e12, "fp32": 67e12, "fp64": 67e12}
 TARGETS = {"3x3": 0.6, "1x1": 0.8, "memory": 0.8}  # share of peak: bf16 convolutions, every BN / merge kernel
 SMEM_RESERVED = 1024  # the driver keeps 1 KB of shared memory per CTA on sm_90
+ISSUE_PER_CLOCK = 4  # warp-instructions per clock per SM: one per scheduler
 
 
 def cdiv(a: int, b: int) -> int:
@@ -85,6 +91,7 @@ class Work:
     dot: str | None = None  # key of PEAK_FLOPS
     smem_step: int = 0  # shared-memory bytes per K step per CTA
     smem: int = 0  # over the launch
+    iterations: int = 0  # main-loop iterations (K steps) over the launch, every program's
 
 
 def _bytes(a: dict, name: str, numel: int) -> int:
@@ -151,7 +158,7 @@ def conv_forward(a: dict, grid, round_trip: bool) -> Work:
     step = 2 * (bm * bk * xs + bk * bn * ws) + (2 * bm * bk * ws if round_trip else 0)
     return Work(_conv_problem(a, "x_ptr", (a["ws_o"], a["ws_c"], a["ws_h"], a["ws_w"])),
                 "3x3" if kh * kw > 1 else "1x1", dram, 2 * m * co * k, 2 * bm * bn * bk * steps * programs,
-                _dot(a, "w_ptr"), step, step * steps * programs)
+                _dot(a, "w_ptr"), step, step * steps * programs, steps * programs)
 
 
 def conv_dgrad(a: dict, grid, round_trip: bool) -> Work:
@@ -179,11 +186,12 @@ def conv_dgrad(a: dict, grid, round_trip: bool) -> Work:
     step = 2 * (bm * bk * _itemsize(a, "dy_ptr") + bk * bn * ws)
     return Work(_conv_problem(a, "x_ptr", (a["ws_o"], a["ws_c"], a["ws_h"], a["ws_w"])),
                 "3x3" if kh * kw > 1 else "1x1", dram, 2 * n * tap_rows * c * co,
-                2 * bm * bn * bk * steps * tiles, _dot(a, "w_ptr"), step, step * steps * tiles)
+                2 * bm * bn * bk * steps * tiles, _dot(a, "w_ptr"), step, step * steps * tiles, steps * tiles)
 
 
 def conv_wgrad(a: dict, grid, round_trip: bool) -> Work:
-    """dw = dy^T @ a per tap: M = output channels, N = input channels, K = output positions (split over grid[1])."""
+    """dw^T = a^T @ dy per tap: M = input channels (BLOCK_N), N = output channels (BLOCK_M), K = output positions
+    (split over grid[1])."""
     n, c, co, oh, ow, kh, kw = (a[k] for k in ("N", "C", "CO", "OH", "OW", "KH", "KW"))
     bm, bn, bk = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
     m = n * oh * ow
@@ -195,7 +203,7 @@ def conv_wgrad(a: dict, grid, round_trip: bool) -> Work:
     step = 2 * (bm * bk * ys + bk * bn * xs) + (2 * bk * bn * ys if round_trip else 0)
     return Work(_conv_problem(a, "x_ptr", (a["dws_o"], a["dws_c"], a["dws_h"], a["dws_w"])),
                 "3x3" if kh * kw > 1 else "1x1", dram, 2 * m * co * c * kh * kw, 2 * bm * bn * bk * steps,
-                _dot(a, "dy_ptr"), step, step * steps)
+                _dot(a, "dy_ptr"), step, step * steps, steps)
 
 
 def bn_relu(a: dict, grid, round_trip: bool) -> Work:
@@ -281,11 +289,13 @@ WORK = {
 PROLOGUE = {"_forward_kernel", "_wgrad_kernel"}  # BN-ReLU computed on an MMA operand in the main loop
 
 
-def estimate(kernel: str, args: dict, grid, regs: int, warps: int, smem: int, round_trip: bool = True) -> dict | None:
+def estimate(kernel: str, args: dict, grid, regs: int, warps: int, smem: int, round_trip: bool = True,
+             instructions: int = 0) -> dict | None:
     """The model's numbers for one launch (times in seconds); None for a kernel it does not know.
 
     ``smem``: the CTA's shared memory in bytes; ``round_trip``: the prologue's operand goes
-    shared -> registers -> shared (only counted for the kernels with a prologue).
+    shared -> registers -> shared (only counted for the kernels with a prologue);
+    ``instructions``: SASS instructions per main-loop iteration and warp (0: issue not counted).
     """
     if kernel not in WORK:
         return None
@@ -296,13 +306,14 @@ def estimate(kernel: str, args: dict, grid, regs: int, warps: int, smem: int, ro
     fill = programs / (waves * ctas * H100.sms)  # the busy share of the CTA slots over all waves
     t_mma = work.mma_flops / PEAK_FLOPS[work.dot] / fill if work.dot else 0.0
     t_smem = work.smem / smem_rate() / fill
+    t_issue = instructions * warps * work.iterations / (ISSUE_PER_CLOCK * H100.clock * H100.sms) / fill
     out = {**dataclasses.asdict(work), "programs": programs, "ctas_per_sm": ctas, "occupancy_limit": occupancy,
-           "waves": waves, "wave_fill": fill, "t_mma": t_mma, "t_smem": t_smem}
+           "waves": waves, "wave_fill": fill, "t_mma": t_mma, "t_smem": t_smem, "t_issue": t_issue}
     target = TARGETS[work.kind] if work.kind == "memory" or work.dot == "bf16" else None
     out["target"] = target
     for chip in CHIPS:
         key = chip.name.split()[0].lower()
-        times = {"DRAM": work.dram / chip.hbm / fill, "MMA": t_mma, "smem": t_smem}
+        times = {"DRAM": work.dram / chip.hbm / fill, "MMA": t_mma, "smem": t_smem, "issue": t_issue}
         bound = max(times, key=times.get)
         t = times[bound]
         ideal = work.flops / PEAK_FLOPS[work.dot] if work.kind == "3x3" else work.dram / chip.hbm

@@ -5,24 +5,26 @@ GEMM accumulating in fp32 with ``tl.dot`` (bf16/fp16 operands as the
 weight's dtype; fp32 as TF32 or exactly, as the caller says; fp64 exactly):
 
 - ``forward``: ``y = conv(a, weight) [+ bias]``. Rows are output positions
-  (n, oh, ow), columns output channels, K runs tap by tap over blocks of input
-  channels (channels innermost: contiguous in channels_last). The prologue
-  applies BN and ReLU to each loaded x tile in fp32, then zeroes padded
-  positions and tail lanes again (``relu(bn(0))`` is not 0).
+  (n, oh, ow), columns output channels, K runs over blocks of input channels
+  (contiguous in channels_last) and, inside each, the taps: a block's BN
+  parameters are loaded once for all its taps. The prologue applies BN and
+  ReLU to each x tile in the registers of the MMA operand (``load_operand``),
+  zeroing padded positions (``relu(bn(0))`` is not 0) and tail lanes.
 - ``dgrad``: ``da = conv_transpose(dy, weight)``, decomposed by output phase
   (sub-pixel): the ``stride**2`` phases of input positions are each a dense
   problem over only the taps that reach them, so a stride-2 convolution does no
   masked-out work. The epilogue recomputes the ReLU decision from x and the
   saved statistics (the prologue's formula, bit for bit), writes
   ``g = da * [a > 0]`` and the BN backward's per-channel sums, ``sum(g)`` and
-  ``sum(g * (x - mean))``, finished by the last program of each channel block.
+  ``sum(g * (x - mean))``, finished by the last programs of each channel block.
   In eval mode without parameter gradients it writes dx itself.
-- ``wgrad``: ``dweight[:, :, kh, kw] = dy^T @ a_shifted`` per tap, with
-  ``a`` recomputed in the prologue; K (the output positions) is split over
-  programs when the tiles alone would not fill the GPU, and the last program
-  of each tile adds the partial results.
+- ``wgrad``: ``dweight[:, :, kh, kw]^T = a_shifted^T @ dy`` per tap, with
+  ``a`` recomputed in the prologue of the A operand; K (the output positions)
+  is split over programs when the tiles alone would not fill the GPU, and the
+  last program of each tile adds the partial results.
 
-``stats`` is ``[mean (C) | rstd (C) | count]`` as the batch-norm kernels
+BN is ``x * scale + shift`` per channel (``channel_affine``), in training as
+in eval. ``stats`` is ``[mean (C) | rstd (C) | count]`` as the batch-norm kernels
 write it. Tensors are 4-D with any strides: an input that is a channel slice
 of a larger buffer is read in place and the output can be a channel slice.
 """
@@ -42,24 +44,21 @@ from .utils import tl_dtype
 
 
 @triton.jit
-def channel_affine(stats_ptr, w_ptr, b_ptr, ch, ok, C, FOLDED: tl.constexpr, ACC: tl.constexpr):
-    """(mean, scale, shift) of channels ``ch``: BN is ``(x - mean) * scale + shift``, or ``x * scale + shift`` FOLDED.
+def channel_affine(stats_ptr, w_ptr, b_ptr, ch, ok, C, ACC: tl.constexpr):
+    """(mean, scale, shift) of channels ``ch``: BN is ``x * scale + shift`` (``scale = weight * rstd``,
+    ``shift = bias - mean * scale``), in training as in eval, from the batch's or the running statistics.
 
-    The batch-norm kernels' formulas: training normalises then adds the bias,
-    eval folds the running statistics into one scale and shift.
+    One formula folded per channel block: one multiply-add per element of an MMA operand's
+    prologue (its error stays within eager's own at means of 100 standard deviations). Masked
+    channels get 0 for all three, so ``bn(0) = 0`` there.
     """
     mean = tl.load(stats_ptr + ch, mask=ok, other=0.0).to(ACC)
     scale = tl.load(stats_ptr + C + ch, mask=ok, other=0.0).to(ACC)
     if w_ptr is not None:
         scale = scale * tl.load(w_ptr + ch, mask=ok, other=0.0).to(ACC)
-    if FOLDED:
-        shift = -mean * scale
-        if b_ptr is not None:
-            shift += tl.load(b_ptr + ch, mask=ok, other=0.0).to(ACC)
-    else:
-        shift = tl.zeros_like(scale)
-        if b_ptr is not None:
-            shift = tl.load(b_ptr + ch, mask=ok, other=0.0).to(ACC)
+    shift = -mean * scale
+    if b_ptr is not None:
+        shift += tl.load(b_ptr + ch, mask=ok, other=0.0).to(ACC)
     return mean, scale, shift
 
 
@@ -73,26 +72,22 @@ def along(v, AXIS: tl.constexpr):
 
 
 @triton.jit
-def pre_activation(x, mean, scale, shift, FOLDED: tl.constexpr, AXIS: tl.constexpr = 1):
+def pre_activation(x, scale, shift, AXIS: tl.constexpr = 1):
     """BN of an fp32 tile ``x`` (channels along dim ``AXIS``): the value whose sign the ReLU decides."""
-    if FOLDED:
-        y = x * along(scale, AXIS) + along(shift, AXIS)
-    else:
-        y = (x - along(mean, AXIS)) * along(scale, AXIS) + along(shift, AXIS)
-    return y
+    return x * along(scale, AXIS) + along(shift, AXIS)
 
 
 @triton.jit
-def load_activation(x_ptr, offs, ok, mean, scale, shift, FOLDED: tl.constexpr, ACC: tl.constexpr):
+def load_activation(x_ptr, offs, ok, scale, shift, ACC: tl.constexpr):
     """``relu(bn(x))`` of a [positions, channels] tile, zero where ``ok`` is False (padding, tails)."""
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(ACC)
-    y = pre_activation(x, mean, scale, shift, FOLDED)
+    y = pre_activation(x, scale, shift)
     # `y < 0` keeps NaN as NaN, as torch.relu does; masked lanes are zero after the prologue.
     return tl.where(ok & ~(y < 0), y, 0.0)
 
 
 @triton.jit
-def load_operand(x_ptr, offs, row_ok, ch_ok, keep_ptr, mean, scale, shift, FOLDED: tl.constexpr, ACC: tl.constexpr,
+def load_operand(x_ptr, offs, row_ok, ch_ok, keep_ptr, scale, shift, ACC: tl.constexpr,
                  ROWS: tl.constexpr, AXIS: tl.constexpr):
     """``load_activation`` of a dot's A operand (channels along ``AXIS``), in a form Triton applies in its registers.
 
@@ -106,7 +101,7 @@ def load_operand(x_ptr, offs, row_ok, ch_ok, keep_ptr, mean, scale, shift, FOLDE
     """
     keep = tl.load(keep_ptr + tl.arange(0, ROWS), mask=row_ok, other=0.0)
     x = tl.load(x_ptr + offs, mask=along(ch_ok, AXIS) & along(row_ok, 1 - AXIS), other=0.0).to(ACC)
-    y = pre_activation(x, mean, scale, shift, FOLDED, AXIS)
+    y = pre_activation(x, scale, shift, AXIS)
     return tl.where((along(keep, 1 - AXIS) != 0) & ~(y < 0), y, 0.0)
 
 
@@ -122,7 +117,7 @@ def _forward_kernel(
     ws_o, ws_c, ws_h, ws_w,
     ys_n, ys_c, ys_h, ys_w,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    FOLDED: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -146,9 +141,9 @@ def _forward_kernel(
         for kb in range(0, c_blocks):
             ch = kb * BLOCK_K + kc
             ch_ok = ch < C
-            mean, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, FOLDED, ACC)
+            _, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, ACC)
             a = load_operand(x_ptr, x_row[:, None] + ch[None, :] * xs_c, pos_ok, ch_ok, keep_ptr,
-                             mean, scale, shift, FOLDED, ACC, BLOCK_M, 1)
+                             scale, shift, ACC, BLOCK_M, 1)
             wt = tl.load(w_ptr + ch[:, None] * ws_c + co[None, :] * ws_o, mask=ch_ok[:, None] & co_ok[None, :],
                          other=0.0)
             acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PRECISION, out_dtype=ACC)
@@ -159,7 +154,7 @@ def _forward_kernel(
         for cb in range(0, c_blocks):
             ch = cb * BLOCK_K + kc
             ch_ok = ch < C
-            mean, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, FOLDED, ACC)
+            _, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, ACC)
             for tap in range(0, KH * KW):
                 kh = tap // KW
                 kw = tap % KW
@@ -167,7 +162,7 @@ def _forward_kernel(
                 iw = ow * SW - PW + kw
                 pos_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 offs = (n * xs_n + ih * xs_h + iw * xs_w)[:, None] + ch[None, :] * xs_c
-                a = load_operand(x_ptr, offs, pos_ok, ch_ok, keep_ptr, mean, scale, shift, FOLDED, ACC, BLOCK_M, 1)
+                a = load_operand(x_ptr, offs, pos_ok, ch_ok, keep_ptr, scale, shift, ACC, BLOCK_M, 1)
                 wt = tl.load(w_ptr + ch[:, None] * ws_c + co[None, :] * ws_o + kh * ws_h + kw * ws_w,
                              mask=ch_ok[:, None] & co_ok[None, :], other=0.0)
                 acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PRECISION, out_dtype=ACC)
@@ -197,7 +192,7 @@ def _dgrad_kernel(
     das_n, das_c, das_h, das_w,
     GROUP_ROWS,  # partial rows per group of the sums' first round
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    FOLDED: tl.constexpr, DX_DIRECT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    DX_DIRECT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -256,9 +251,9 @@ def _dgrad_kernel(
 
     # Epilogue: the ReLU decision of forward, recomputed; g, and the BN backward's sums.
     ok = row_ok[:, None] & ch_ok[None, :]
-    mean, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, FOLDED, ACC)
+    mean, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, ACC)
     x = tl.load(x_ptr + (n * xs_n + ih * xs_h + iw * xs_w)[:, None] + ch[None, :] * xs_c, mask=ok, other=0.0).to(ACC)
-    y = pre_activation(x, mean, scale, shift, FOLDED)
+    y = pre_activation(x, scale, shift)
     # Eager's relu backward is where(a <= 0, 0, da): NaN activations pass da on. A select, not a product.
     g = tl.where(ok & ~(y <= 0), acc.to(ACC), 0.0)
     g_offs = (n * gs_n + ih * gs_h + iw * gs_w)[:, None] + ch[None, :] * gs_c
@@ -309,7 +304,7 @@ def _wgrad_kernel(
     xs_n, xs_c, xs_h, xs_w,
     dws_o, dws_c, dws_h, dws_w,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    SPLIT: tl.constexpr, FOLDED: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Computed transposed, dweight^T [C, CO] = a^T @ dy: the recomputed activation is the A operand,
@@ -327,7 +322,7 @@ def _wgrad_kernel(
     co_ok = co < CO
     ch = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     ch_ok = ch < C
-    mean, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, FOLDED, ACC)
+    _, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, ACC)
     M = N * OH * OW
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
     k0 = split * blocks_per_split
@@ -343,7 +338,7 @@ def _wgrad_kernel(
         iw = ow * SW - PW + kw
         in_ok = pos_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         offs = ch[:, None] * xs_c + (n * xs_n + ih * xs_h + iw * xs_w)[None, :]
-        a_t = load_operand(x_ptr, offs, in_ok, ch_ok, keep_ptr, mean, scale, shift, FOLDED, ACC, BLOCK_K, 0)
+        a_t = load_operand(x_ptr, offs, in_ok, ch_ok, keep_ptr, scale, shift, ACC, BLOCK_K, 0)
         acc = tl.dot(a_t.to(dy.dtype), dy, acc, input_precision=PRECISION, out_dtype=ACC)
     ok = ch_ok[:, None] & co_ok[None, :]
     dw_offs = ch[:, None] * dws_c + co[None, :] * dws_o + kh * dws_h + kw * dws_w
@@ -371,7 +366,7 @@ def _bn_relu_kernel(
     N, C, H, W,
     xs_n, xs_c, xs_h, xs_w,
     as_n, as_c, as_h, as_w,
-    FOLDED: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The unfused candidate's activation: the fused prologue's own formula (so that any dgrad's
     recomputed ReLU decision matches it bit for bit), written out for torch's convolution."""
@@ -383,9 +378,9 @@ def _bn_relu_kernel(
     ch = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ch_ok = ch < C
     ok = row_ok[:, None] & ch_ok[None, :]
-    mean, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, FOLDED, ACC)
+    _, scale, shift = channel_affine(stats_ptr, bnw_ptr, bnb_ptr, ch, ch_ok, C, ACC)
     a = load_activation(x_ptr, (n * xs_n + ih * xs_h + iw * xs_w)[:, None] + ch[None, :] * xs_c, ok,
-                        mean, scale, shift, FOLDED, ACC)
+                        scale, shift, ACC)
     tl.store(a_ptr + (n * as_n + ih * as_h + iw * as_w)[:, None] + ch[None, :] * as_c,
              a.to(a_ptr.dtype.element_ty), mask=ok)
 
@@ -540,7 +535,7 @@ def mma_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def conv_forward(
     x: torch.Tensor, stats: torch.Tensor, bn_weight, bn_bias, weight: torch.Tensor, bias, y: torch.Tensor,
-    stride: tuple[int, int], padding: tuple[int, int], folded: bool, allow_tf32: bool,
+    stride: tuple[int, int], padding: tuple[int, int], allow_tf32: bool,
 ) -> None:
     """``y = conv2d(relu(bn(x)), weight, bias, stride, padding)``; ``y`` preallocated, any strides.
 
@@ -556,19 +551,19 @@ def conv_forward(
 
     def launch(config):
         if config == UNFUSED:
-            _with_tf32(allow_tf32, lambda: y.copy_(F.conv2d(bn_relu(x, stats, bn_weight, bn_bias, folded, weight.dtype),
+            _with_tf32(allow_tf32, lambda: y.copy_(F.conv2d(bn_relu(x, stats, bn_weight, bn_bias, weight.dtype),
                                                             weight, bias, stride, padding)))
             return
         bm, bn, bk, warps, stages = config
         forward_kernel(
             (cdiv(rows, bm), cdiv(co, bn), 1), s, warps,
             x, stats, bn_weight, bn_bias, weight, bias, ones(x.device), y, n, c, h, w, co, oh, ow,
-            *x.stride(), *weight.stride(), *y.stride(), kh, kw, *stride, *padding, folded, acc, prec, bm, bn, bk,
+            *x.stride(), *weight.stride(), *y.stride(), kh, kw, *stride, *padding, acc, prec, bm, bn, bk,
             num_stages=stages,
         )
 
     options = candidates("forward", kh * kw, x.device, wide_, rows, co, c, weight.dtype)
-    bucket = _bucket("forward", x, weight.dtype, (rows, co, c), 0, kh * kw, stride, padding, wide_, prec, folded)
+    bucket = _bucket("forward", x, weight.dtype, (rows, co, c), 0, kh * kw, stride, padding, wide_, prec)
     launch(choose("forward", bucket, options, launch, x.device, lambda: (y,)))
 
 
@@ -582,7 +577,7 @@ def _with_tf32(allow_tf32: bool, fn):
         torch.backends.cudnn.allow_tf32 = before
 
 
-def bn_relu(x: torch.Tensor, stats: torch.Tensor, bn_weight, bn_bias, folded: bool, dtype: torch.dtype) -> torch.Tensor:
+def bn_relu(x: torch.Tensor, stats: torch.Tensor, bn_weight, bn_bias, dtype: torch.dtype) -> torch.Tensor:
     """``relu(bn(x))`` in ``dtype`` and x's memory format, by the fused prologue's formula (unfused candidate)."""
     n, c, h, w = x.shape
     fmt = torch.channels_last if x.stride(1) == 1 and c > 1 else torch.contiguous_format
@@ -593,7 +588,7 @@ def bn_relu(x: torch.Tensor, stats: torch.Tensor, bn_weight, bn_bias, folded: bo
         bm, bn, warps = min(256, next_power_of_2(n * h * w)), min(64, next_power_of_2(c)), 1
     bn_relu_kernel(
         (cdiv(n * h * w, bm), cdiv(c, bn), 1), stream(x.device), warps,
-        x, stats, bn_weight, bn_bias, a, n, c, h, w, *x.stride(), *a.stride(), folded, _acc(x), bm, bn,
+        x, stats, bn_weight, bn_bias, a, n, c, h, w, *x.stride(), *a.stride(), _acc(x), bm, bn,
     )
     return a
 
@@ -609,7 +604,7 @@ def _group_rows(parts: int) -> int:
 def conv_dgrad(
     dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, bn_weight, bn_bias,
     g: torch.Tensor, sums: torch.Tensor | None, dbn_weight, dbn_bias,
-    stride: tuple[int, int], padding: tuple[int, int], folded: bool, dx_direct: bool, allow_tf32: bool,
+    stride: tuple[int, int], padding: tuple[int, int], dx_direct: bool, allow_tf32: bool,
 ) -> None:
     """``g = dgrad(dy) * [a > 0]`` into ``g`` (x's shape, any strides), or dx when ``dx_direct`` (eval).
 
@@ -641,7 +636,7 @@ def conv_dgrad(
             dy, weight, da, x, stats, bn_weight, bn_bias, g, partial, tickets, sums, dbn_weight, dbn_bias,
             n, c, h, w, co, oh, ow, *((hp, wp) if da is None else (h, w)),
             *dy.stride(), *weight.stride(), *x.stride(), *g.stride(), *(da.stride() if da is not None else (0,) * 4),
-            group_rows, *geometry, folded, dx_direct, acc, prec, bm, bn, bk,
+            group_rows, *geometry, dx_direct, acc, prec, bm, bn, bk,
             _SUM_ROWS, num_stages=stages,
         )
 
@@ -657,7 +652,7 @@ def conv_dgrad(
         return tuple(t for t in (g, sums, dbn_weight, dbn_bias) if t is not None)
 
     options = candidates("dgrad", kh * kw, x.device, wide_, rows, c, co, weight.dtype)
-    bucket = _bucket("dgrad", x, weight.dtype, (rows, c, co), 0, kh * kw, stride, padding, wide_, prec, folded, dx_direct,
+    bucket = _bucket("dgrad", x, weight.dtype, (rows, c, co), 0, kh * kw, stride, padding, wide_, prec, dx_direct,
                      sums is None)
     launch(choose("dgrad", bucket, options, launch, x.device, outputs))
 
@@ -672,7 +667,7 @@ def _wgrad_splits(tiles: int, k_blocks: int, device: torch.device) -> int:
 
 def conv_wgrad(
     dy: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, bn_weight, bn_bias, dw: torch.Tensor,
-    stride: tuple[int, int], padding: tuple[int, int], folded: bool, allow_tf32: bool,
+    stride: tuple[int, int], padding: tuple[int, int], allow_tf32: bool,
 ) -> None:
     """``dw = sum over positions of dy (x) relu(bn(x))`` per tap, into ``dw`` ([CO, C, KH, KW], any strides).
 
@@ -688,7 +683,7 @@ def conv_wgrad(
 
     def launch(config):
         if config == UNFUSED:
-            a = bn_relu(x, stats, bn_weight, bn_bias, folded, dy.dtype)
+            a = bn_relu(x, stats, bn_weight, bn_bias, dy.dtype)
             dw.copy_(_with_tf32(allow_tf32, lambda: torch.nn.grad.conv2d_weight(a, dw.shape, dy, stride, padding)))
             return
         bm, bn, bk, warps, stages = config
@@ -705,10 +700,10 @@ def conv_wgrad(
             dy, x, stats, bn_weight, bn_bias, ones(x.device), dw, partial, tickets,
             n, c, h, w, co, oh, ow, per_split, splits,
             *dy.stride(), *x.stride(), *dw.stride(),
-            kh, kw, *stride, *padding, splits > 1, folded, acc, prec, bm, bn, bk,
+            kh, kw, *stride, *padding, splits > 1, acc, prec, bm, bn, bk,
             num_stages=stages,
         )
 
     options = candidates("wgrad", kh * kw, x.device, wide_, co, c, m, dy.dtype)
-    bucket = _bucket("wgrad", x, dy.dtype, (co, c, m), 2, kh * kw, stride, padding, wide_, prec, folded)
+    bucket = _bucket("wgrad", x, dy.dtype, (co, c, m), 2, kh * kw, stride, padding, wide_, prec)
     launch(choose("wgrad", bucket, options, launch, x.device, lambda: (dw,)))

@@ -77,7 +77,7 @@ def test_the_conv_kernels_key_covers_every_argument():
     y = torch.empty(2, 4, 5, 5)
     stats = torch.randn(17)
     args = (x, stats, None, None, w, None, torch.ones(256), y, 2, 8, 5, 5, 4, 5, 5, *x.stride(), *w.stride(), *y.stride(),
-            3, 3, 1, 1, 1, 1, False, tl.float32, "ieee", 32, 32, 16)
+            3, 3, 1, 1, 1, 1, tl.float32, "ieee", 32, 32, 16)
     key = _key(*args, kernel=forward_kernel, warps=4, stages=3)
     assert len(key) == 3 + len(args)
     other = _key(*args[:-1], 32, kernel=forward_kernel, warps=4, stages=3)

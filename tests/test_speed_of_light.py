@@ -29,7 +29,7 @@ def _forward_args(n, c, hw, co, k, stride, bm, bn, bk):
         "w_ptr": w, "bias_ptr": None, "y_ptr": y, "N": n, "C": c, "H": hw, "W": hw, "CO": co, "OH": oh, "OW": oh,
         **{f"xs_{d}": s for d, s in zip("nchw", x.stride)}, **{f"ws_{d}": s for d, s in zip("ochw", w.stride)},
         **{f"ys_{d}": s for d, s in zip("nchw", y.stride)},
-        "KH": k, "KW": k, "SH": stride, "SW": stride, "PH": k // 2, "PW": k // 2, "FOLDED": False, "ACC": "fp32",
+        "KH": k, "KW": k, "SH": stride, "SW": stride, "PH": k // 2, "PW": k // 2, "ACC": "fp32",
         "PRECISION": "ieee", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
     }
 
@@ -84,6 +84,32 @@ def test_3x3_forward_is_shared_memory_bound():
         assert e[chip]["share"] == pytest.approx(flops / 990e12 / t_smem)  # 71% of bf16 peak
         assert e[chip]["met"] is True
     assert e["target"] == 0.6
+
+
+def test_a_densenet_3x3_forward_is_bound_by_its_prologue_instructions():
+    """64x128x28x28 -> 32 (a DenseNet layer's 3x3), tiles 64x32x64, 4 warps: each K step issues the
+    BN-ReLU of a 64x64 A tile for only 32 output channels. 490 instructions a warp and step (as the
+    SASS of the fused forward has) outweigh the MMA and the shared-memory traffic."""
+    args = _forward_args(64, 128, 28, 32, 3, 1, 64, 32, 64)
+    programs = 64 * 28 * 28 // 64  # 784
+    e = sol.estimate("_forward_kernel", args, (programs, 1, 1), regs=255, warps=4, smem=40960, round_trip=False,
+                     instructions=490)
+    steps = 9 * 2
+    assert e["iterations"] == steps * programs
+    assert e["ctas_per_sm"] == 2
+    fill = programs / (3 * 2 * 132)  # 3 waves of 264 CTAs
+    t_issue = 490 * 4 * steps * programs / (4 * 1.98e9 * 132) / fill
+    assert e["t_issue"] == pytest.approx(t_issue)
+    assert e["t_issue"] > max(e["t_mma"], e["t_smem"], e["h100"]["t_dram"])
+    flops = 2 * (64 * 784) * 32 * 1152
+    for chip in ("h100", "h200"):
+        assert e[chip]["bound"] == "issue"
+        assert e[chip]["share"] == pytest.approx(flops / 990e12 / t_issue)
+        assert e[chip]["met"] is False
+    # Without the instruction count the same launch is bound by its shared-memory tiles (24 KB a step).
+    assert e["smem_step"] == 2 * (64 * 64 * 2 + 64 * 32 * 2)
+    assert sol.estimate("_forward_kernel", args, (programs, 1, 1), 255, 4, 40960, round_trip=False)["h100"]["bound"] \
+        == "smem"
 
 
 def test_strided_dgrad_runs_only_the_taps_that_reach_each_phase():

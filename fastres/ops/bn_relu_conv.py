@@ -77,7 +77,7 @@ def forward(x, bn_weight, bn_bias, running_mean, running_var, conv_weight, conv_
     bias = None if conv_bias is None else conv_bias.to(dtype)
     y = empty_output(x, conv_weight, stride, padding, dtype) if out is None else out
     k.conv_forward(
-        x, stats, bn_weight, bn_bias, weight, bias, y, tuple(stride), tuple(padding), not training, allow_tf32,
+        x, stats, bn_weight, bn_bias, weight, bias, y, tuple(stride), tuple(padding), allow_tf32,
     )
     return y, stats
 
@@ -101,7 +101,7 @@ def backward(grad, x, stats, bn_weight, bn_bias, conv_weight, stride, padding, t
         dw = torch.empty_like(bn_weight) if need_dw else None
         db = torch.empty_like(bn_bias) if need_db else None
         k.conv_dgrad(grad, weight, x, stats, bn_weight, bn_bias, g, sums, dw, db, stride, padding,
-                     not training, not training, allow_tf32)
+                     not training, allow_tf32)
         if need_dx:
             if training:  # dx over g, in place
                 shape = shape3(x)
@@ -113,7 +113,7 @@ def backward(grad, x, stats, bn_weight, bn_bias, conv_weight, stride, padding, t
             dx = mark_owned(g)  # fresh: a dense block's backward may accumulate into it
     if need_dcw:
         dcw = empty_weight_grad(x, conv_weight)
-        k.conv_wgrad(grad, x, stats, bn_weight, bn_bias, dcw, stride, padding, not training, allow_tf32)
+        k.conv_wgrad(grad, x, stats, bn_weight, bn_bias, dcw, stride, padding, allow_tf32)
     if need_dcb:
         dcb = grad.sum((0, 2, 3), dtype=acc_dtype(grad))
     return dx, dw, db, dcw, dcb

@@ -117,13 +117,13 @@ class FusedDenseBlockFunction(torch.autograd.Function):
             stats1 = _norm1_stats(layer, concat, cache, count)
             b = torch.empty((n, bottleneck, h, w), dtype=dtype, device=x.device, memory_format=fmt)
             conv.conv_forward(concat, stats1, n1.weight, n1.bias, conv.mma_weight(layer.conv1_weight, dtype), None, b,
-                              (1, 1), (0, 0), not n1.training, allow_tf32)
+                              (1, 1), (0, 0), allow_tf32)
             stats2 = _norm2_stats(n2, b)
             target = features[:, c : c + k]
             direct = dtype == x.dtype and not _drops(layer)
             new = target if direct else torch.empty((n, k, h, w), dtype=dtype, device=x.device, memory_format=fmt)
             conv.conv_forward(b, stats2, n2.weight, n2.bias, conv.mma_weight(layer.conv2_weight, dtype), None, new,
-                              (1, 1), (1, 1), not n2.training, allow_tf32)
+                              (1, 1), (1, 1), allow_tf32)
             if _drops(layer):
                 new, mask = torch.native_dropout(new, layer.drop_rate, True)  # F.dropout's RNG use
                 masks.append(mask)
@@ -171,10 +171,10 @@ class FusedDenseBlockFunction(torch.autograd.Function):
             sums2 = torch.empty(2 * b.shape[1], dtype=stats2.dtype, device=b.device)
             dw2, db2 = _param_grads(n2)
             conv.conv_dgrad(dy2, w2, b, stats2, n2.weight, n2.bias, grad_b, sums2, dw2, db2, (1, 1), (1, 1),
-                            not n2.training, False, tf32)
+                            False, tf32)
             _dx(elementwise, grad_b, b, stats2, n2, _global_sums(sums2, n2), grad_b, False)
             dconv2 = empty_weight_grad(b, layer.conv2_weight)
-            conv.conv_wgrad(dy2, b, stats2, n2.weight, n2.bias, dconv2, (1, 1), (1, 1), not n2.training, tf32)
+            conv.conv_wgrad(dy2, b, stats2, n2.weight, n2.bias, dconv2, (1, 1), (1, 1), tf32)
             del dy2
 
             # conv1 (1x1) and norm1: dx added into the gradient buffer's slice.
@@ -184,10 +184,10 @@ class FusedDenseBlockFunction(torch.autograd.Function):
             sums1 = torch.empty(2 * c, dtype=stats1.dtype, device=b.device)
             dw1, db1 = _param_grads(n1)
             conv.conv_dgrad(grad_b, w1, concat, stats1, n1.weight, n1.bias, g1, sums1, dw1, db1, (1, 1), (0, 0),
-                            not n1.training, False, tf32)
+                            False, tf32)
             _dx(elementwise, g1, concat, stats1, n1, _global_sums(sums1, n1), grad_buffer[:, :c], True)
             dconv1 = empty_weight_grad(concat, layer.conv1_weight)
-            conv.conv_wgrad(grad_b, concat, stats1, n1.weight, n1.bias, dconv1, (1, 1), (0, 0), not n1.training, tf32)
+            conv.conv_wgrad(grad_b, concat, stats1, n1.weight, n1.bias, dconv1, (1, 1), (0, 0), tf32)
             grads[_PARAMS_PER_LAYER * i : _PARAMS_PER_LAYER * (i + 1)] = [dw1, db1, dconv1, dw2, db2, dconv2]
         grad_x = grad_buffer[:, :c0].contiguous(memory_format=fmt)
         return (grad_x, None, *grads)
