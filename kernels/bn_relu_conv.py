@@ -40,7 +40,7 @@ import triton.language as tl
 from .batch_norm_backward import store_sums, sum_partial_rows
 from .launch import Kernel, cdiv, compiled, counters, next_power_of_2, ones, scratch, sm_count, stream
 from .tuning import choose
-from .utils import tl_dtype
+from .utils import divide, divisor, tl_dtype
 
 
 @triton.jit
@@ -290,7 +290,7 @@ def _dgrad_kernel(
 
 
 # Sizes and counters that no load's alignment depends on: one binary for all their values.
-@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "blocks_per_split", "splits"])
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "blocks_per_split", "splits", "ow_m", "ow_s", "oh_m", "oh_s"])
 def _wgrad_kernel(
     dy_ptr,  # [N, CO, OH, OW] any strides
     x_ptr, stats_ptr, bnw_ptr, bnb_ptr,  # as in forward
@@ -300,6 +300,7 @@ def _wgrad_kernel(
     ticket_ptr,  # int32 [tiles], zero on entry and on exit
     N, C, H, W, CO, OH, OW, blocks_per_split,
     splits,  # programs along K per tile: a run-time value, so every split count shares one binary
+    ow_m, ow_s, oh_m, oh_s,  # utils.divisor(OW), utils.divisor(OH): a position's (n, oh, ow) by multiplies
     dys_n, dys_c, dys_h, dys_w,
     xs_n, xs_c, xs_h, xs_w,
     dws_o, dws_c, dws_h, dws_w,
@@ -329,9 +330,11 @@ def _wgrad_kernel(
     for kb in range(k0, tl.minimum(k0 + blocks_per_split, tl.cdiv(M, BLOCK_K))):
         pos = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         pos_ok = pos < M
-        ow = pos % OW
-        oh = (pos // OW) % OH
-        n = (pos // (OW * OH)).to(tl.int64)
+        row = divide(pos, ow_m, ow_s)  # pos // OW, a new one each K step
+        ow = pos - row * OW
+        n = divide(row, oh_m, oh_s)
+        oh = row - n * OH
+        n = n.to(tl.int64)
         dy = tl.load(dy_ptr + (n * dys_n + oh * dys_h + ow * dys_w)[:, None] + co[None, :] * dys_c,
                      mask=pos_ok[:, None] & co_ok[None, :], other=0.0)
         ih = oh * SH - PH + kh
@@ -698,7 +701,7 @@ def conv_wgrad(
         wgrad_kernel(
             (tiles, splits, 1), s, warps,
             dy, x, stats, bn_weight, bn_bias, ones(x.device), dw, partial, tickets,
-            n, c, h, w, co, oh, ow, per_split, splits,
+            n, c, h, w, co, oh, ow, per_split, splits, *divisor(ow), *divisor(oh),
             *dy.stride(), *x.stride(), *dw.stride(),
             kh, kw, *stride, *padding, splits > 1, acc, prec, bm, bn, bk,
             num_stages=stages,

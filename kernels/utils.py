@@ -36,6 +36,27 @@ def as_4d(t: torch.Tensor) -> torch.Tensor:
     return t[(None,) * (4 - t.dim())]  # indexing with None is always a view
 
 
+def divisor(d: int) -> tuple[int, int]:
+    """``(m, s)`` with ``p // d == (p * m) >> s`` for every ``0 <= p < 2**31`` (``m < 2**33``, the product < 2**63).
+
+    A division by a run-time divisor as one 64-bit multiply and a shift
+    (``divide``): the GPU has no integer divide, and the compiler's emulation
+    of ``p // d`` with ``d`` unknown at compile time costs about ten
+    instructions per element. ``m = floor(2**(31 + l) / d) + 1`` with
+    ``l = ceil(log2(d))`` overshoots ``2**(31 + l) / d`` by at most ``2**l / d``.
+    """
+    if d < 1:
+        raise ValueError(f"divisor must be positive, got {d}")
+    shift = 31 + (d - 1).bit_length()
+    return (1 << shift) // d + 1, shift
+
+
+@triton.jit
+def divide(p, m, s):
+    """``p // d`` for ``0 <= p < 2**31``, with ``(m, s) = divisor(d)``."""
+    return ((p.to(tl.int64) * m) >> s).to(p.dtype)
+
+
 @triton.jit
 def strided_offsets(idx, size1, size2, size3, stride0, stride1, stride2, stride3):
     """Memory offsets of the logical linear indices ``idx`` of a 4-D view."""

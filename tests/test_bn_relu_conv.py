@@ -4,6 +4,7 @@ On CPU the fused kernels run through Triton's interpreter (the ``triton`` path);
 the ``reference`` path is the eager fallback.
 """
 
+import random
 import warnings
 
 import pytest
@@ -154,6 +155,26 @@ def test_every_launch_config_matches_eager(device, monkeypatch, weight_layout):
         y, grads, _, _ = _run(bn_relu_conv2d, x, p, stride=2, padding=1, training=True)
         for a, e in zip((y, *grads), (y_e, *grads_e)):
             assert _normwise(a, e) < 1e-5, config
+
+
+def test_division_by_multiply_and_shift_is_exact():
+    """wgrad splits positions into (n, oh, ow) with ``utils.divisor``'s multiply and shift: exact for every
+    numerator below 2**31 (checked at the edges of every quotient step and at random) and every divisor."""
+    from fastres.kernels.utils import divisor
+
+    rng = random.Random(0)
+    divisors = [*range(1, 600), *(1 << k for k in range(31)), *((1 << k) + 1 for k in range(31)),
+                *((1 << k) - 1 for k in range(2, 32)), *(rng.randrange(1, 1 << 31) for _ in range(300))]
+    top = (1 << 31) - 1
+    for d in divisors:
+        m, s = divisor(d)
+        assert m * top < 1 << 63  # the kernel's int64 product cannot overflow
+        for p in {0, 1, d - 1, d, d + 1, top, top - 1, top // d * d, top // d * d - 1,
+                  *(q * d - 1 for q in range(1, 40)), *(rng.randrange(0, 1 << 31) for _ in range(50))}:
+            if 0 <= p <= top:
+                assert (p * m) >> s == p // d, (d, p)
+    with pytest.raises(ValueError, match="divisor"):
+        divisor(0)
 
 
 @pytest.mark.parametrize("splits", [2, 3])
