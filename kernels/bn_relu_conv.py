@@ -97,12 +97,18 @@ def load_operand(x_ptr, offs, row_ok, ch_ok, keep_ptr, scale, shift, ACC: tl.con
     indices keeps the BN-ReLU in a blocked layout and adds a second round trip.
     So tail channels are zeroed by their BN parameters (masked to 0: bn(0) = 0
     there) and padded rows by a keep factor, a masked load of ones
-    (``launch.ones``). Values are ``load_activation``'s, bit for bit.
+    (``launch.ones``). Values are ``load_activation``'s, bit for bit. (fp64 dots,
+    which run without tensor cores, keep the mask: the keep factor there only
+    adds registers.)
     """
-    keep = tl.load(keep_ptr + tl.arange(0, ROWS), mask=row_ok, other=0.0)
-    x = tl.load(x_ptr + offs, mask=along(ch_ok, AXIS) & along(row_ok, 1 - AXIS), other=0.0).to(ACC)
+    ok = along(ch_ok, AXIS) & along(row_ok, 1 - AXIS)
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(ACC)
     y = pre_activation(x, scale, shift, AXIS)
-    return tl.where((along(keep, 1 - AXIS) != 0) & ~(y < 0), y, 0.0)
+    if ACC == tl.float64:  # no tensor cores, no operand registers to gain: the mask, as load_activation
+        return tl.where(ok & ~(y < 0), y, 0.0)
+    else:
+        keep = tl.load(keep_ptr + tl.arange(0, ROWS), mask=row_ok, other=0.0)
+        return tl.where((along(keep, 1 - AXIS) != 0) & ~(y < 0), y, 0.0)
 
 
 # Sizes and counters that no load's alignment depends on: one binary for all their values.
