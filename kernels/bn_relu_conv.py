@@ -336,9 +336,13 @@ def _wgrad_kernel(
     for kb in range(k0, tl.minimum(k0 + blocks_per_split, tl.cdiv(M, BLOCK_K))):
         pos = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         pos_ok = pos < M
-        row = divide(pos, ow_m, ow_s)  # pos // OW, a new one each K step
+        if ACC == tl.float64:  # the exact path, no tensor cores: the compiler's division (fewer registers)
+            row = pos // OW
+            n = row // OH
+        else:  # a new (n, oh, ow) each K step: by high multiplies, not ~10 instructions a division
+            row = divide(pos, OW, ow_m, ow_s)
+            n = divide(row, OH, oh_m, oh_s)
         ow = pos - row * OW
-        n = divide(row, oh_m, oh_s)
         oh = row - n * OH
         n = n.to(tl.int64)
         dy = tl.load(dy_ptr + (n * dys_n + oh * dys_h + ow * dys_w)[:, None] + co[None, :] * dys_c,

@@ -37,24 +37,28 @@ def as_4d(t: torch.Tensor) -> torch.Tensor:
 
 
 def divisor(d: int) -> tuple[int, int]:
-    """``(m, s)`` with ``p // d == (p * m) >> s`` for every ``0 <= p < 2**31`` (``m < 2**33``, the product < 2**63).
+    """``(m, s)`` with ``p // d == umulhi(p, m) >> s`` for every ``0 <= p < 2**31`` and ``d > 1`` (``m < 2**32``).
 
-    A division by a run-time divisor as one 64-bit multiply and a shift
+    A division by a run-time divisor as one 32-bit high multiply and a shift
     (``divide``): the GPU has no integer divide, and the compiler's emulation
     of ``p // d`` with ``d`` unknown at compile time costs about ten
     instructions per element. ``m = floor(2**(31 + l) / d) + 1`` with
     ``l = ceil(log2(d))`` overshoots ``2**(31 + l) / d`` by at most ``2**l / d``.
+    ``d = 1`` (which ``divide`` passes ``p`` through for) gets ``d = 2``'s numbers,
+    so that ``m`` is always above ``2**31``: one argument type, one binary.
     """
     if d < 1:
         raise ValueError(f"divisor must be positive, got {d}")
+    d = max(d, 2)
     shift = 31 + (d - 1).bit_length()
-    return (1 << shift) // d + 1, shift
+    return (1 << shift) // d + 1, shift - 32
 
 
 @triton.jit
-def divide(p, m, s):
+def divide(p, d, m, s):
     """``p // d`` for ``0 <= p < 2**31``, with ``(m, s) = divisor(d)``."""
-    return ((p.to(tl.int64) * m) >> s).to(p.dtype)
+    q = (tl.umulhi(p.to(tl.uint32), m.to(tl.uint32)) >> s.to(tl.uint32)).to(p.dtype)
+    return tl.where(d == 1, p, q)
 
 
 @triton.jit

@@ -158,21 +158,22 @@ def test_every_launch_config_matches_eager(device, monkeypatch, weight_layout):
 
 
 def test_division_by_multiply_and_shift_is_exact():
-    """wgrad splits positions into (n, oh, ow) with ``utils.divisor``'s multiply and shift: exact for every
+    """wgrad splits positions into (n, oh, ow) with ``utils.divisor``'s high multiply and shift: exact for every
     numerator below 2**31 (checked at the edges of every quotient step and at random) and every divisor."""
     from fastres.kernels.utils import divisor
 
     rng = random.Random(0)
-    divisors = [*range(1, 600), *(1 << k for k in range(31)), *((1 << k) + 1 for k in range(31)),
-                *((1 << k) - 1 for k in range(2, 32)), *(rng.randrange(1, 1 << 31) for _ in range(300))]
+    divisors = [*range(2, 600), *(1 << k for k in range(1, 31)), *((1 << k) + 1 for k in range(31)),
+                *((1 << k) - 1 for k in range(2, 32)), *(rng.randrange(2, 1 << 31) for _ in range(300))]
     top = (1 << 31) - 1
     for d in divisors:
         m, s = divisor(d)
-        assert m * top < 1 << 63  # the kernel's int64 product cannot overflow
+        assert (1 << 31) < m < (1 << 32) and 0 <= s < 32  # a uint32 multiplier, always the same argument type
         for p in {0, 1, d - 1, d, d + 1, top, top - 1, top // d * d, top // d * d - 1,
                   *(q * d - 1 for q in range(1, 40)), *(rng.randrange(0, 1 << 31) for _ in range(50))}:
             if 0 <= p <= top:
-                assert (p * m) >> s == p // d, (d, p)
+                assert ((p * m) >> 32) >> s == p // d, (d, p)
+    assert divisor(1) == divisor(2)  # d = 1: the kernel passes p through; the same argument types as any d
     with pytest.raises(ValueError, match="divisor"):
         divisor(0)
 
