@@ -6,7 +6,8 @@ shape/stride/dtype). Per launch the model counts the work nothing can avoid:
 
 - DRAM: compulsory bytes, each tensor read or written once (the BN partial
   sums written and read back once; not wgrad's split-K partial tiles, which
-  the last program of a tile reads back from L2 within the launch);
+  the last programs of each group of splits, then of the groups, read back from L2
+  within the launch);
 - tensor cores: the implicit GEMM's MMA FLOPs, executed as whole tiles;
 - shared memory: per K step and CTA the A and B tiles, written once (cp.async)
   and read once (the MMA), plus one more write and read of the operand the

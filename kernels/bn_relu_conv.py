@@ -296,16 +296,18 @@ def _dgrad_kernel(
 
 
 # Sizes and counters that no load's alignment depends on: one binary for all their values.
-@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "blocks_per_split", "splits", "ow_m", "ow_s", "oh_m", "oh_s"])
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "blocks_per_split", "splits", "GROUP", "ow_m", "ow_s",
+                                "oh_m", "oh_s"])
 def _wgrad_kernel(
     dy_ptr,  # [N, CO, OH, OW] any strides
     x_ptr, stats_ptr, bnw_ptr, bnb_ptr,  # as in forward
     keep_ptr,  # fp32 ones, at least BLOCK_K (launch.ones)
     dw_ptr,  # [CO, C, KH, KW] output, any strides
-    partial_ptr,  # fp32 scratch [splits, tiles, BLOCK_N, BLOCK_M] (None when not SPLIT)
-    ticket_ptr,  # int32 [tiles], zero on entry and on exit
+    partial_ptr,  # scratch [splits + groups, tiles, BLOCK_N, BLOCK_M] in ACC (None when not SPLIT)
+    ticket_ptr,  # int32 [tiles, groups + 1], zero on entry and on exit
     N, C, H, W, CO, OH, OW, blocks_per_split,
     splits,  # programs along K per tile: a run-time value, so every split count shares one binary
+    GROUP,  # splits per group of the partial tiles' first round
     ow_m, ow_s, oh_m, oh_s,  # utils.divisor(OW), utils.divisor(OH): a position's (n, oh, ow) by multiplies
     dys_n, dys_c, dys_h, dys_w,
     xs_n, xs_c, xs_h, xs_w,
@@ -358,17 +360,34 @@ def _wgrad_kernel(
     if not SPLIT:
         tl.store(dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=ok)
     else:
+        # The partial tiles added in two rounds, each in a fixed order (deterministic) and neither a serial
+        # tail: the last program of each group of GROUP splits adds its group, the last group the group sums.
         tiles = tl.num_programs(0)
+        size = BLOCK_M * BLOCK_N
         local = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-        tl.store(partial_ptr + (split * tiles + tile) * (BLOCK_M * BLOCK_N) + local, acc)
+        tl.store(partial_ptr + (split * tiles + tile) * size + local, acc)
+        groups = tl.cdiv(splits, GROUP)
+        group = split // GROUP
+        s0 = group * GROUP
+        s1 = tl.minimum(s0 + GROUP, splits)
+        tickets = ticket_ptr + tile * (groups + 1)
         tl.debug_barrier()  # every thread's stores come before the ticket's release
-        ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel")
-        if ticket == splits - 1:
+        ticket = tl.atomic_add(tickets + group, 1, sem="acq_rel")
+        if ticket == s1 - s0 - 1:
             total = tl.zeros([BLOCK_N, BLOCK_M], dtype=acc.dtype)
-            for s in range(0, splits):
-                total += tl.load(partial_ptr + (s * tiles + tile) * (BLOCK_M * BLOCK_N) + local, cache_modifier=".cg")
-            tl.store(dw_ptr + dw_offs, total.to(dw_ptr.dtype.element_ty), mask=ok)
-            tl.atomic_xchg(ticket_ptr + tile, 0)
+            for s in range(s0, s1):
+                total += tl.load(partial_ptr + (s * tiles + tile) * size + local, cache_modifier=".cg")
+            sums_ptr = partial_ptr + splits * tiles * size  # [groups, tiles, BLOCK_N, BLOCK_M]
+            tl.store(sums_ptr + (group * tiles + tile) * size + local, total)
+            tl.atomic_xchg(tickets + group, 0)
+            tl.debug_barrier()
+            last = tl.atomic_add(tickets + groups, 1, sem="acq_rel")
+            if last == groups - 1:
+                total = tl.zeros([BLOCK_N, BLOCK_M], dtype=acc.dtype)
+                for g in range(0, groups):
+                    total += tl.load(sums_ptr + (g * tiles + tile) * size + local, cache_modifier=".cg")
+                tl.store(dw_ptr + dw_offs, total.to(dw_ptr.dtype.element_ty), mask=ok)
+                tl.atomic_xchg(tickets + groups, 0)
 
 
 # Sizes and counters that no load's alignment depends on: one binary for all their values.
@@ -610,7 +629,8 @@ _SUM_ROWS = 16  # partial rows each finishing round loads at once: one constant,
 
 
 def _group_rows(parts: int) -> int:
-    """Partial rows per group of the dgrad's BN-sum rounds: about sqrt(parts), so both rounds are short."""
+    """Partial rows per group of a two-round sum (the dgrad's BN sums, wgrad's split tiles): about sqrt(parts),
+    so both rounds are short."""
     return next_power_of_2(max(1, math.isqrt(parts)))
 
 
@@ -705,13 +725,15 @@ def conv_wgrad(
         splits = _wgrad_splits(tiles, k_blocks, x.device)
         per_split = cdiv(k_blocks, splits)
         splits = cdiv(k_blocks, per_split)
-        partial = scratch(x.device, splits * tiles * bm * bn, torch.float32 if acc == tl.float32 else torch.float64) \
-            if splits > 1 else None
-        tickets = counters(x.device, s, tiles)
+        group = _group_rows(splits)
+        groups = cdiv(splits, group)
+        partial = scratch(x.device, (splits + groups) * tiles * bm * bn,
+                          torch.float32 if acc == tl.float32 else torch.float64) if splits > 1 else None
+        tickets = counters(x.device, s, tiles * (groups + 1))
         wgrad_kernel(
             (tiles, splits, 1), s, warps,
             dy, x, stats, bn_weight, bn_bias, ones(x.device), dw, partial, tickets,
-            n, c, h, w, co, oh, ow, per_split, splits, *divisor(ow), *divisor(oh),
+            n, c, h, w, co, oh, ow, per_split, splits, group, *divisor(ow), *divisor(oh),
             *dy.stride(), *x.stride(), *dw.stride(),
             kh, kw, *stride, *padding, splits > 1, acc, prec, bm, bn, bk,
             num_stages=stages,

@@ -178,14 +178,15 @@ def test_division_by_multiply_and_shift_is_exact():
         divisor(0)
 
 
-@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("splits", [2, 3, 5, 8])
 def test_split_k_weight_gradient_matches_eager(device, monkeypatch, splits):
-    """The wgrad split over K (on a GPU, to fill its SMs): partial tiles added by each tile's last program."""
+    """The wgrad split over K (on a GPU, to fill its SMs): partial tiles added in two rounds, by the last
+    program of each group of about sqrt(splits) splits (5: groups of 2, 2 and 1) and then of the groups."""
     if not ops.use_triton(torch.empty(0, device=device)):
         pytest.skip("needs the Triton path")
     k = ops.kernels("bn_relu_conv")
     monkeypatch.setattr(k, "_wgrad_splits", lambda tiles, k_blocks, device: min(splits, k_blocks))
-    x, p = _inputs(device, torch.float32, 2, 24, 9, 9, 12, 3, "channels_last", bias=False)
+    x, p = _inputs(device, torch.float32, 2, 24, 16, 16, 12, 3, "channels_last", bias=False)  # 512 positions: 8 K blocks
     y, grads, _, _ = _run(bn_relu_conv2d, x, p, stride=1, padding=1, training=True)
     y_e, grads_e, _, _ = _run(_eager, x, p, stride=1, padding=1, training=True)
     assert _normwise(grads[3], grads_e[3]) < 1e-5  # the convolution's weight
