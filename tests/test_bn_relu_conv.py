@@ -157,6 +157,17 @@ def test_every_launch_config_matches_eager(device, monkeypatch, weight_layout):
             assert _normwise(a, e) < 1e-5, config
 
 
+def test_every_config_fits_the_keep_factor():
+    """forward loads BLOCK_M keep factors, wgrad BLOCK_K (its rows are positions): both from ``launch.ones``."""
+    from fastres.kernels.launch import ONES
+
+    k = ops.kernels("bn_relu_conv")
+    rows = {c[0] for c in k.GEMM_CONFIGS + k.TAP_CONFIGS + k.NARROW_CONFIGS + (k.INTERPRETER_CONFIG,)}
+    rows |= {c[2] for c in k.WGRAD_CONFIGS + k.NARROW_CONFIGS}
+    rows |= {k._interpreter_blocks(1 << 20, 1 << 20, 1 << 20)[i] for i in (0, 2)}
+    assert max(rows) <= ONES
+
+
 def test_division_by_multiply_and_shift_is_exact():
     """wgrad splits positions into (n, oh, ow) with ``utils.divisor``'s high multiply and shift: exact for every
     numerator below 2**31 (checked at the edges of every quotient step and at random) and every divisor."""
