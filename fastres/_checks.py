@@ -50,6 +50,18 @@ def check_4d(name: str, x: object, owner: str | None = None, channels: int | Non
         )
 
 
+def check_dense_vector(name: str, t: torch.Tensor) -> None:
+    """A per-channel tensor's elements are adjacent in memory (stride 1): the kernels index it so.
+
+    A strided view (``buf[::2]``, a parameter carved out of a flat buffer with a
+    step) would be read, and a running statistic written, at the wrong
+    elements: refused on every path, naming the argument. ``.contiguous()``
+    (or a copy, for a running statistic) makes one that works.
+    """
+    if t.numel() > 1 and t.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous (stride 1), got stride {t.stride(0)}: pass {name}.contiguous()")
+
+
 _REDUCED = (torch.float16, torch.bfloat16)
 
 

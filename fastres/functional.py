@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_4d, check_batch_norm_dtypes, check_float_tensor, check_same_tensor_meta
+from ._checks import check_4d, check_batch_norm_dtypes, check_dense_vector, check_float_tensor, check_same_tensor_meta
 from .ops import add_relu as _add_relu
 from .ops import batch_norm as _batch_norm
 from .ops import bn_relu_conv as _bn_relu_conv
@@ -112,6 +112,7 @@ def _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual)
             raise ValueError(f"{name} must have shape ({channels},), one value per channel of x, got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+        check_dense_vector(name, t)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together, or both be None")
     check_batch_norm_dtypes(x, {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias})
@@ -325,6 +326,7 @@ def _check_norm_args(name: str, norm: BatchNormArgs, channels: int, x: Tensor) -
             raise ValueError(f"{name}.{field} must have shape ({channels},), got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name}.{field} is on {t.device} but x is on {x.device}")
+        check_dense_vector(f"{name}.{field}", t)
     if not norm.training and norm.running_mean is None:
         raise ValueError(f"{name}: running statistics are needed when not training")
     check_batch_norm_dtypes(x, {f"{name}.{field}": getattr(norm, field) for field in BatchNormArgs._fields[:4]})

@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming the argument, before any kernel launch."""
 
+import re
+
 import pytest
 import torch
 
@@ -138,3 +140,58 @@ def test_resnet_names_its_input_and_shape():
         model(torch.randn(3, 16, 16))
     with pytest.raises(ValueError, match="ResNet: x has 4 channels but conv1 expects 3"):
         model(torch.randn(2, 4, 16, 16))
+
+
+_PER_CHANNEL = ("running_mean", "running_var", "weight", "bias")
+
+
+def _strided(name, which, c=4):
+    """Per-channel tensors for ``c`` channels, ``which`` of them a strided view (``buf[::2]``)."""
+    values = {"running_mean": torch.zeros(c), "running_var": torch.ones(c), "weight": torch.rand(c) + 0.5,
+              "bias": torch.randn(c)}
+    values[which] = torch.empty(2 * c)[::2].copy_(values[which])
+    return tuple(values[n] for n in _PER_CHANNEL)
+
+
+@pytest.mark.parametrize("which", _PER_CHANNEL)
+@pytest.mark.parametrize("op", ["batch_norm_relu", "bn_relu_conv2d", "sync_batch_norm_relu", "bn_relu_conv1x1",
+                                "bn_relu_max_pool2d", "dense_block"])
+def test_strided_per_channel_tensors_are_refused(path, op, which):
+    """A strided view (``buf[::2]``) as a BN parameter or running statistic is refused on every path, naming it:
+    the kernels index these tensors with stride 1 and would read (and update) the wrong elements."""
+    from fastres.functional import BatchNormArgs, DenseLayerArgs
+
+    f = fastres.functional
+    x = torch.randn(2, 4, 6, 6)
+    rm, rv, w, b = _strided(op, which)
+    norm = BatchNormArgs(rm, rv, w, b, True, 0.1, 1e-5)
+    calls = {
+        "batch_norm_relu": lambda: f.batch_norm_relu(x, rm, rv, w, b, training=True),
+        "bn_relu_conv2d": lambda: f.bn_relu_conv2d(x, rm, rv, w, b, torch.randn(3, 4, 3, 3), padding=1, training=True),
+        "sync_batch_norm_relu": lambda: f.sync_batch_norm_relu(x, rm, rv, w, b),
+        "bn_relu_conv1x1": lambda: f.bn_relu_conv1x1(x, norm, torch.randn(3, 4, 1, 1)),
+        "bn_relu_max_pool2d": lambda: f.bn_relu_max_pool2d(x, norm),
+        "dense_block": lambda: f.dense_block(x, [DenseLayerArgs(
+            norm, torch.randn(8, 4, 1, 1), BatchNormArgs(torch.zeros(8), torch.ones(8), None, None, True, 0.1, 1e-5),
+            torch.randn(2, 8, 3, 3), 0.0, False)]),
+    }
+    name = which if op in ("batch_norm_relu", "bn_relu_conv2d", "sync_batch_norm_relu") else \
+        f"{'layers[0].norm1' if op == 'dense_block' else 'norm'}.{which}"
+    with pytest.raises(ValueError, match=re.escape(f"{name} must be contiguous (stride 1), got stride 2")):
+        calls[op]()
+    contiguous = dict(zip(_PER_CHANNEL, (rm, rv, w, b)))
+    assert contiguous[which].stride(0) == 2  # the tensor was not changed
+
+
+def test_a_strided_view_made_contiguous_works(path):
+    """The error's advice: ``.contiguous()`` gives what eager computes (running statistics updated in place)."""
+    import torch.nn.functional as F
+
+    x = torch.randn(2, 4, 6, 6)
+    w = torch.empty(8)[::2].copy_(torch.rand(4) + 0.5)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    y = fastres.functional.batch_norm_relu(x, rm, rv, w.contiguous(), None, training=True)
+    rm_e, rv_e = torch.zeros(4), torch.ones(4)
+    y_e = F.relu(F.batch_norm(x, rm_e, rv_e, w, None, True))
+    torch.testing.assert_close(y, y_e)
+    torch.testing.assert_close((rm, rv), (rm_e, rv_e))
