@@ -62,6 +62,14 @@ def check_dense_vector(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous (stride 1), got stride {t.stride(0)}: pass {name}.contiguous()")
 
 
+def check_batch_norm_eps(name: str, eps: float, training: bool) -> None:
+    """``F.batch_norm``'s rule: eps > 0 in training, eps >= 0 in eval (ValueError naming ``name``)."""
+    if training and eps <= 0.0:
+        raise ValueError(f"{name} must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"{name} must be non-negative, but got {eps}")
+
+
 _REDUCED = (torch.float16, torch.bfloat16)
 
 

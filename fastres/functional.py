@@ -8,7 +8,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_4d, check_batch_norm_dtypes, check_dense_vector, check_float_tensor, check_same_tensor_meta
+from ._checks import (
+    check_4d, check_batch_norm_dtypes, check_batch_norm_eps, check_dense_vector, check_float_tensor,
+    check_same_tensor_meta,
+)
 from .ops import add_relu as _add_relu
 from .ops import batch_norm as _batch_norm
 from .ops import bn_relu_conv as _bn_relu_conv
@@ -91,7 +94,7 @@ def batch_norm_relu(
     Backward saves x, two per-channel vectors and a 1-bit-per-element ReLU
     mask; eager batch norm + ReLU saves x and the whole output.
     """
-    _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual)
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual, training, eps)
     if not training and running_mean is None:
         raise ValueError("training=False normalises with running_mean and running_var: both are required")
     channels = x.shape[1]
@@ -100,7 +103,7 @@ def batch_norm_relu(
     return _batch_norm.batch_norm_relu(x, running_mean, running_var, weight, bias, training, momentum, eps, residual)
 
 
-def _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual) -> None:
+def _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual, training, eps) -> None:
     check_float_tensor("x", x)
     check_4d("x", x)
     channels = x.shape[1]
@@ -115,6 +118,7 @@ def _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual)
         check_dense_vector(name, t)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together, or both be None")
+    check_batch_norm_eps("eps", eps, training)
     check_batch_norm_dtypes(x, {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias})
     if residual is not None:
         check_float_tensor("residual", residual)
@@ -177,7 +181,7 @@ def bn_relu_conv2d(
     above. float32 convolutions use TF32 exactly when
     ``torch.backends.cudnn.allow_tf32`` is set, as cuDNN does.
     """
-    _check_batch_norm_args(x, running_mean, running_var, weight, bias, None)
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, None, training, eps)
     if not training and running_mean is None:
         raise ValueError("training=False normalises with running_mean and running_var: both are required")
     check_float_tensor("conv_weight", conv_weight)
@@ -255,7 +259,7 @@ def sync_batch_norm_relu(
     CPU tensors work too (gloo). The default group is the whole world; with a
     single process it is ``batch_norm_relu(..., training=True)``.
     """
-    _check_sync_args("sync_batch_norm_relu", x, running_mean, running_var, weight, bias, residual)
+    _check_sync_args("sync_batch_norm_relu", x, running_mean, running_var, weight, bias, residual, eps)
     group = process_group or dist.group.WORLD
     if dist.get_world_size(group) == 1:
         return batch_norm_relu(x, running_mean, running_var, weight, bias, True, momentum, eps, residual)
@@ -284,15 +288,15 @@ def sync_batch_norm(
     (CPU tensors on gloo). Every process of the group must call it; with a
     single process it is ``F.batch_norm(..., training=True)``.
     """
-    _check_sync_args("sync_batch_norm", x, running_mean, running_var, weight, bias, None)
+    _check_sync_args("sync_batch_norm", x, running_mean, running_var, weight, bias, None, eps)
     group = process_group or dist.group.WORLD
     if dist.get_world_size(group) == 1:
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     return _sync_batch_norm.sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, group)
 
 
-def _check_sync_args(name, x, running_mean, running_var, weight, bias, residual) -> None:
-    _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual)
+def _check_sync_args(name, x, running_mean, running_var, weight, bias, residual, eps) -> None:
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual, True, eps)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"{name} needs an initialised torch.distributed process group")
 
@@ -329,6 +333,7 @@ def _check_norm_args(name: str, norm: BatchNormArgs, channels: int, x: Tensor) -
         check_dense_vector(f"{name}.{field}", t)
     if not norm.training and norm.running_mean is None:
         raise ValueError(f"{name}: running statistics are needed when not training")
+    check_batch_norm_eps(f"{name}.eps", norm.eps, norm.training)
     check_batch_norm_dtypes(x, {f"{name}.{field}": getattr(norm, field) for field in BatchNormArgs._fields[:4]})
 
 

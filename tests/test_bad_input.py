@@ -195,3 +195,53 @@ def test_a_strided_view_made_contiguous_works(path):
     y_e = F.relu(F.batch_norm(x, rm_e, rv_e, w, None, True))
     torch.testing.assert_close(y, y_e)
     torch.testing.assert_close((rm, rv), (rm_e, rv_e))
+
+
+_EPS_CASES = [
+    (True, 0.0, "eps must be positive during training, but got 0.0"),
+    (True, -1e-5, "eps must be positive during training, but got -1e-05"),
+    (False, -1e-5, "eps must be non-negative, but got -1e-05"),
+]
+_EPS_OPS = ["batch_norm_relu", "bn_relu_conv2d", "sync_batch_norm_relu", "bn_relu_conv1x1", "bn_relu_max_pool2d",
+            "dense_block"]
+
+
+@pytest.mark.parametrize("op, training, eps, match", [
+    (op, *case) for op in _EPS_OPS for case in _EPS_CASES
+    if case[0] or op != "sync_batch_norm_relu"  # synchronized batch norm always trains
+])
+def test_eps_follows_eagers_rule(path, op, training, eps, match):
+    """As ``F.batch_norm``: eps > 0 in training, >= 0 in eval, on every path (the Triton one computed with any eps)."""
+    import torch.nn.functional as F
+
+    from fastres.functional import BatchNormArgs, DenseLayerArgs
+
+    f = fastres.functional
+    x = torch.randn(2, 4, 6, 6)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        F.batch_norm(x, rm, rv, training=training, eps=eps)
+    norm = BatchNormArgs(rm, rv, None, None, training, 0.1, eps)
+    calls = {
+        "batch_norm_relu": lambda: f.batch_norm_relu(x, rm, rv, training=training, eps=eps),
+        "bn_relu_conv2d": lambda: f.bn_relu_conv2d(x, rm, rv, None, None, torch.randn(3, 4, 1, 1), training=training,
+                                                   eps=eps),
+        "sync_batch_norm_relu": lambda: f.sync_batch_norm_relu(x, rm, rv, eps=eps),
+        "bn_relu_conv1x1": lambda: f.bn_relu_conv1x1(x, norm, torch.randn(3, 4, 1, 1)),
+        "bn_relu_max_pool2d": lambda: f.bn_relu_max_pool2d(x, norm),
+        "dense_block": lambda: f.dense_block(x, [DenseLayerArgs(
+            norm, torch.randn(8, 4, 1, 1), BatchNormArgs(torch.zeros(8), torch.ones(8), None, None, training, 0.1, 1e-5),
+            torch.randn(2, 8, 3, 3), 0.0, False)]),
+    }
+    with pytest.raises(ValueError, match=re.escape(match)):
+        calls[op]()
+    assert rm.eq(0).all() and rv.eq(1).all()  # refused before anything ran
+
+
+def test_zero_eps_in_eval_is_taken_as_eager_takes_it(path):
+    import torch.nn.functional as F
+
+    x = torch.randn(2, 4, 6, 6)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    y = fastres.functional.batch_norm_relu(x, rm, rv, training=False, eps=0.0)
+    torch.testing.assert_close(y, F.relu(F.batch_norm(x, rm, rv, training=False, eps=0.0)))
