@@ -74,7 +74,7 @@ setup(
     install_requires=["torch>=2.4", "tqdm"],  # tqdm: the commands' progress bars
     # Exact pins for a CPU machine (torchvision included) are in .ci/requirements.txt.
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.6"],  # kernels/launch.py binds arguments with Triton 3.6's launcher internals
         "test": ["pytest>=8"],
         "demo": ["scikit-learn"],  # fastres train's built-in data
         "plot": ["matplotlib"],  # fastres train --plot, fastres memory depth

@@ -15,7 +15,7 @@ backward, ``SGD(lr=0.1, momentum=0.9, weight_decay=1e-4).step()``.
 Variants (same weights: fastres loads torchvision's state_dict):
 
 - ``fastres``: ``fastres.models`` with ``memory_efficient=True`` (shared-storage
-  dense blocks: the C++ extension on CPU, CUDA kernels on a GPU).
+  dense blocks: the C++ extension on CPU, the fused Triton kernels on a GPU).
 - ``naive``: torchvision's DenseNet with ``memory_efficient=False`` (every layer
   concatenates its inputs; autograd keeps each concatenation and BN output).
 - ``checkpoint``: torchvision's DenseNet with ``memory_efficient=True``
