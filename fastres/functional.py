@@ -125,6 +125,14 @@ def _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual,
         check_same_tensor_meta("x", x, "residual", residual, same_dtype=False)
 
 
+def _check_conv_dtype(name: str, weight, x: Tensor) -> None:
+    """A convolution weight is a floating tensor of x's dtype (F.conv2d's rule outside autocast)."""
+    check_float_tensor(name, weight)
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{name} has dtype {weight.dtype} but x has {x.dtype}: they must be the same "
+                        "(as F.conv2d requires outside autocast)")
+
+
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints (integer-valued 0-d tensors too: shapes under ``torch.jit.trace`` are tensors)."""
     try:
@@ -198,10 +206,8 @@ def bn_relu_conv2d(
             f"conv_weight has shape {tuple(conv_weight.shape)}: it takes {conv_weight.shape[1] * groups} input "
             f"channels (groups={groups}) but x has {x.shape[1]}"
         )
+    _check_conv_dtype("conv_weight", conv_weight, x)
     autocast = torch.is_autocast_enabled(x.device.type)
-    if conv_weight.dtype != x.dtype and not autocast:
-        raise TypeError(f"conv_weight has dtype {conv_weight.dtype} but x has {x.dtype}: they must be the same "
-                        "(as F.conv2d requires outside autocast)")
     if conv_bias is not None:
         check_float_tensor("conv_bias", conv_bias)
         if conv_bias.shape != (conv_weight.shape[0],):
@@ -346,11 +352,13 @@ def bn_relu_conv1x1(x: Tensor, norm: BatchNormArgs, weight: Tensor) -> Tensor:
     """
     check_float_tensor("x", x)
     check_4d("x", x)
+    check_float_tensor("weight", weight)
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 1, 1):
         raise ValueError(f"weight must have shape (out_channels, {x.shape[1]}, 1, 1), got {tuple(weight.shape)}")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     _check_norm_args("norm", norm, x.shape[1], x)
+    _check_conv_dtype("weight", weight, x)
     return _dense_block.bn_relu_conv1x1(x, norm, weight)
 
 
@@ -392,6 +400,9 @@ def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
     check_4d("x", x)
     if not layers:
         raise ValueError("layers must hold at least one DenseLayerArgs")
+    for i, layer in enumerate(layers):
+        check_float_tensor(f"layers[{i}].conv1_weight", layer.conv1_weight)
+        check_float_tensor(f"layers[{i}].conv2_weight", layer.conv2_weight)
     k = layers[0].conv2_weight.shape[0]
     bottleneck = layers[0].conv1_weight.shape[0]
     for i, layer in enumerate(layers):
@@ -411,6 +422,7 @@ def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
             t = getattr(layer, name)
             if t.device != x.device:
                 raise ValueError(f"layers[{i}].{name} is on {t.device} but x is on {x.device}")
+            _check_conv_dtype(f"layers[{i}].{name}", t, x)
     if _dense_path.fused_kernels_apply(x) and _dense_fused.applies(x):
         return _dense_fused.dense_block(x, layers)
     return _dense_block.dense_block(x, layers)

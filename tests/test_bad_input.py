@@ -245,3 +245,30 @@ def test_zero_eps_in_eval_is_taken_as_eager_takes_it(path):
     rm, rv = torch.randn(4), torch.rand(4) + 0.5
     y = fastres.functional.batch_norm_relu(x, rm, rv, training=False, eps=0.0)
     torch.testing.assert_close(y, F.relu(F.batch_norm(x, rm, rv, training=False, eps=0.0)))
+
+
+@pytest.mark.parametrize("bad_dtype, match", [
+    (torch.float64, "has dtype torch.float64 but x has torch.float32: they must be the same"),
+    (torch.int64, "must have a floating dtype"),
+], ids=["float64", "int64"])
+@pytest.mark.parametrize("op, name", [("bn_relu_conv1x1", "weight"), ("dense_block", "layers[0].conv1_weight"),
+                                      ("dense_block", "layers[0].conv2_weight")])
+def test_dense_ops_name_a_convolution_weight_of_the_wrong_dtype(path, op, name, bad_dtype, match):
+    """A TypeError naming the weight before anything runs (it was conv2d's RuntimeError from inside the op)."""
+    from fastres.functional import BatchNormArgs, DenseLayerArgs, bn_relu_conv1x1, dense_block
+
+    x = torch.randn(2, 4, 6, 6)
+    rm = torch.zeros(4)
+    norm = BatchNormArgs(rm, torch.ones(4), None, None, True, 0.1, 1e-5)
+
+    def weight(shape, which):
+        return torch.ones(shape, dtype=bad_dtype) if which == name else torch.randn(shape)
+
+    with pytest.raises(TypeError, match=re.escape(name) + ".*" + match):
+        if op == "bn_relu_conv1x1":
+            bn_relu_conv1x1(x, norm, weight((3, 4, 1, 1), "weight"))
+        else:
+            norm2 = BatchNormArgs(torch.zeros(8), torch.ones(8), None, None, True, 0.1, 1e-5)
+            dense_block(x, [DenseLayerArgs(norm, weight((8, 4, 1, 1), "layers[0].conv1_weight"), norm2,
+                                           weight((2, 8, 3, 3), "layers[0].conv2_weight"), 0.0, False)])
+    assert rm.eq(0).all()  # refused before the statistics were touched
