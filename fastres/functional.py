@@ -133,6 +133,12 @@ def _check_conv_dtype(name: str, weight, x: Tensor) -> None:
                         "(as F.conv2d requires outside autocast)")
 
 
+def _check_engine_dtype(x: Tensor) -> None:
+    """``fastres._C``'s CPU engine computes in float32 or float64: a TypeError naming x, not the engine's op."""
+    if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x must be float32 or float64 on CPU (fastres._C computes in them), got {x.dtype}")
+
+
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints (integer-valued 0-d tensors too: shapes under ``torch.jit.trace`` are tensors)."""
     try:
@@ -359,6 +365,7 @@ def bn_relu_conv1x1(x: Tensor, norm: BatchNormArgs, weight: Tensor) -> Tensor:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     _check_norm_args("norm", norm, x.shape[1], x)
     _check_conv_dtype("weight", weight, x)
+    _check_engine_dtype(x)
     return _dense_block.bn_relu_conv1x1(x, norm, weight)
 
 
@@ -372,6 +379,7 @@ def bn_relu_max_pool2d(x: Tensor, norm: BatchNormArgs, kernel_size: int = 3, str
     check_float_tensor("x", x)
     check_4d("x", x)
     _check_norm_args("norm", norm, x.shape[1], x)
+    _check_engine_dtype(x)
     return _dense_block.bn_relu_max_pool2d(x, norm, kernel_size, stride, padding)
 
 
@@ -425,4 +433,5 @@ def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
             _check_conv_dtype(f"layers[{i}].{name}", t, x)
     if _dense_path.fused_kernels_apply(x) and _dense_fused.applies(x):
         return _dense_fused.dense_block(x, layers)
+    _check_engine_dtype(x)
     return _dense_block.dense_block(x, layers)

@@ -272,3 +272,22 @@ def test_dense_ops_name_a_convolution_weight_of_the_wrong_dtype(path, op, name, 
             dense_block(x, [DenseLayerArgs(norm, weight((8, 4, 1, 1), "layers[0].conv1_weight"), norm2,
                                            weight((2, 8, 3, 3), "layers[0].conv2_weight"), 0.0, False)])
     assert rm.eq(0).all()  # refused before the statistics were touched
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", ["bn_relu_conv1x1", "bn_relu_max_pool2d", "dense_block"])
+def test_cpu_engine_ops_name_x_of_a_dtype_they_do_not_compute_in(path, op, dtype):
+    """On CPU these run fastres._C (float32/float64): a TypeError naming x (it named the engine's batch_stats)."""
+    from fastres.functional import BatchNormArgs, DenseLayerArgs, bn_relu_conv1x1, bn_relu_max_pool2d, dense_block
+
+    x = torch.randn(2, 4, 6, 6, dtype=dtype)
+    norm = BatchNormArgs(torch.zeros(4), torch.ones(4), None, None, True, 0.1, 1e-5)
+    with pytest.raises(TypeError, match=f"x must be float32 or float64 on CPU .*got {dtype}"):
+        if op == "bn_relu_conv1x1":
+            bn_relu_conv1x1(x, norm, torch.randn(3, 4, 1, 1, dtype=dtype))
+        elif op == "bn_relu_max_pool2d":
+            bn_relu_max_pool2d(x, norm)
+        else:
+            norm2 = BatchNormArgs(torch.zeros(8), torch.ones(8), None, None, True, 0.1, 1e-5)
+            dense_block(x, [DenseLayerArgs(norm, torch.randn(8, 4, 1, 1, dtype=dtype), norm2,
+                                           torch.randn(2, 8, 3, 3, dtype=dtype), 0.0, False)])
