@@ -21,7 +21,7 @@ weight's dtype; fp32 as TF32 or exactly, as the caller says; fp64 exactly):
 - ``wgrad``: ``dweight[:, :, kh, kw]^T = a_shifted^T @ dy`` per tap, with
   ``a`` recomputed in the prologue of the A operand; K (the output positions)
   is split over programs when the tiles alone would not fill the GPU, and the
-  last program of each tile adds the partial results.
+  partial tiles are added in two parallel rounds (groups of splits, then the groups).
 
 BN is ``x * scale + shift`` per channel (``channel_affine``), in training as
 in eval. ``stats`` is ``[mean (C) | rstd (C) | count]`` as the batch-norm kernels
