@@ -9,7 +9,8 @@ import torch
 
 import fastres.functional
 from fastres.cli import main
-from fastres.cli import zoo
+from fastres.cli import memory, zoo
+from fastres.cli.measure import DOUBT_MARK, ONE_STEP, step_spread, timing_doubts, timing_note
 
 
 @pytest.fixture(autouse=True)
@@ -77,6 +78,58 @@ def test_bad_arguments(argv, message, capsys):
     assert message in err
 
 
+@pytest.mark.parametrize("fastres_ms, naive_ms, doubts", [
+    ([12.0], [15.0], [ONE_STEP]),  # one measured step: no spread to judge by
+    ([12.0, 12.2, 12.4, 12.6], [15.0, 15.1, 15.1, 15.2], []),  # steps agree, medians far apart
+    # fastres's steps spread 19.5 ms (q1-q3) around a median 4.5 ms from naive's
+    ([10.0, 11.0, 30.0, 31.0], [25.0, 25.0, 25.0, 25.0],
+     ["q1-q3 spread 19.5 ms is larger than the 4.5 ms difference between naive and fastres"]),
+])
+def test_timing_doubts(fastres_ms, naive_ms, doubts):
+    spreads = {v: step_spread([ms / 1e3 for ms in times]) for v, times in (("fastres", fastres_ms), ("naive", naive_ms))}
+    judged = timing_doubts(spreads, reference="naive")
+    assert judged == {"fastres": doubts, "naive": doubts}  # a pair's reason is the same for both
+    note = timing_note(judged, "Rerun.")
+    assert (note is None) == (not doubts)
+    if doubts:
+        assert note.startswith(f"{DOUBT_MARK} step times not to be trusted: ") and note.endswith(". Rerun.")
+
+
+def test_timing_doubts_compare_each_with_each_without_a_reference():
+    spreads = {v: step_spread(t) for v, t in {"a": [1.0, 1.1, 1.2], "b": [1.0, 2.0, 3.0], "c": [5.0, 5.1, 5.2]}.items()}
+    judged = timing_doubts(spreads)
+    # b's spread (1 s) exceeds its 0.9 s difference from a, not its 3.1 s from c
+    assert judged == {"a": ["q1-q3 spread 1000 ms is larger than the 900 ms difference between a and b"],
+                      "b": ["q1-q3 spread 1000 ms is larger than the 900 ms difference between a and b"], "c": []}
+
+
+def test_memory_table_marks_times_within_their_spread():
+    def row(variant, step_ms):
+        times = [ms / 1e3 for ms in step_ms]
+        return {"variant": variant, "growth_mb": 10.0, "saved_mb": 5.0, "step_s": sorted(times)[1],
+                "step_times_s": times}
+
+    rows = [row("fastres", [12.0, 12.4, 13.0]), row("naive", [14.8, 15.0, 15.2]), row("checkpoint", [10.0, 15.3, 30.0])]
+    memory._ratios(rows)
+    memory._judge_timings(rows, "compare")
+    assert [r["timing_trusted"] for r in rows] == [True, False, False]  # checkpoint's 10 ms spread hides its 0.3 ms
+    data = {
+        "mode": "compare", "results": rows,
+        "machine_info": {"device_name": "cpu", "torch": "2", "triton": None, "cuda": None, "fastres": "0",
+                         "date": "today"},
+        "config": {"batch": 4, "size": 16, "dtype": "float32", "layout": "nchw", "threads": 1, "warmup": 1, "steps": 3,
+                   "repeats": 1, "model": "densenet_bc-16-k12"},
+    }
+    lines = memory.render(data).splitlines()
+    table = {line.split(" | ")[0].removeprefix("| "): line for line in lines if line.startswith("| ")}
+    assert DOUBT_MARK not in table["fastres"] and "| 12.2-12.7 |" in table["fastres"]
+    assert table["checkpoint"].count(DOUBT_MARK) == 2  # its step time and its ratio to naive
+    assert table["naive"].count(DOUBT_MARK) == 1  # its step time; its 1.00x is no measurement
+    assert (f"{DOUBT_MARK} step times not to be trusted: q1-q3 spread 10 ms is larger than the 0.3 ms difference "
+            "between naive and checkpoint. Rerun with more --steps (e.g. --steps 10) or --repeats, --threads 1, "
+            "on an otherwise idle machine.") in lines
+
+
 def test_train_with_eager_comparison(tmp_path, capsys):
     out_json, png = tmp_path / "train.json", tmp_path / "train.png"
     argv = ["train", "--model", "resnet18", "--compare", "eager", "--check-agreement", "--steps", "3",
@@ -92,6 +145,8 @@ def test_train_with_eager_comparison(tmp_path, capsys):
     assert len(fused["history"]["loss"]) == 3
     assert fused["history"]["loss"] == pytest.approx(eager["history"]["loss"], rel=1e-5)  # same model, same batches
     assert data["ratios"]["median_step_ms"] == pytest.approx(fused["median_step_ms"] / eager["median_step_ms"])
+    assert fused["step_spread"]["n"] == 2  # steps 2-3: the first is left out
+    assert fused["timing_trusted"] is (not fused["timing_doubts"]) and ONE_STEP not in fused["timing_doubts"]
     assert data["agreement"]["num_batches_tracked_agree"]
     assert png.stat().st_size > 10_000
 
@@ -106,6 +161,8 @@ def test_train_densenet_next_to_torchvision(compare, says, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"compared with: torchvision densenet_bc ({'naive' if compare == 'naive' else 'checkpointed'})" in out
+    one_step = compare == "checkpoint"  # --steps 2: the first is left out, one is measured
+    assert (f"{DOUBT_MARK} step times not to be trusted: every entry: {ONE_STEP}" in out) == one_step
     assert says in out
     assert f"OK: fastres and {compare} agree" in out
 
@@ -146,12 +203,21 @@ def test_memory_compare_small_densenet_bc(tmp_path, capsys):
     argv = ["memory", "compare", "--model", "densenet_bc", "--depth", "16", "--batch", "4", "--size", "16",
             "--steps", "1", "--threads", "1", "--json", str(out_json)]
     assert main(argv) == 0
-    assert "| fastres |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| fastres |" in out
     rows = {r["variant"]: r for r in json.loads(out_json.read_text())["results"]}
     assert set(rows) == {"fastres", "naive", "checkpoint"}
     # What autograd keeps is deterministic: shared storage keeps less than naive concatenation.
     assert rows["fastres"]["saved_mb"] < rows["naive"]["saved_mb"]
     assert rows["naive"]["memory_ratio"] == 1.0 and rows["fastres"]["memory_ratio"] is not None
+    # One measured step: every time is marked, in the table, under it and in the JSON.
+    fastres_row = next(line for line in out.splitlines() if line.startswith("| fastres |"))
+    assert fastres_row.count(DOUBT_MARK) == 2  # the step time and its ratio to naive
+    assert "| 1.00x |" in next(line for line in out.splitlines() if line.startswith("| naive |"))
+    assert f"{DOUBT_MARK} step times not to be trusted: every entry: {ONE_STEP}." in out
+    assert "--steps" in out and "--threads 1" in out and "idle machine" in out
+    for r in rows.values():
+        assert r["timing_trusted"] is False and r["timing_doubts"] == [ONE_STEP] and r["step_spread"]["n"] == 1
 
 
 def test_memory_batch_within_a_budget(tmp_path, capsys):
@@ -161,7 +227,9 @@ def test_memory_batch_within_a_budget(tmp_path, capsys):
     assert main(argv) == 0
     (row,) = json.loads(out_json.read_text())["results"]
     assert row["largest_batch"] == 2 and row["capped"]  # everything up to the cap fits a huge budget
-    assert "largest batch that fits" in capsys.readouterr().out
+    assert row["timing_doubts"] == [ONE_STEP]  # budget and batch measure one step by default
+    out = capsys.readouterr().out
+    assert "largest batch that fits" in out and f"{DOUBT_MARK} step times not to be trusted: fastres: {ONE_STEP}" in out
 
 
 def test_check_passes_on_cpu(tmp_path, capsys):
@@ -196,12 +264,14 @@ def test_bench_smoke_and_report(tmp_path, capsys):
     pytest.importorskip("pytest_benchmark")
     out = tmp_path / "bench"
     select = ["--suite", "add_relu", "-k", "N2-2048x7x7-float32-nchw and not compile", "--out", str(out)]
-    assert main(["bench", "--smoke", *select]) == 0  # each case once, untimed: no JSON
-    assert not (out / "bench.json").exists()
+    assert main(["bench", "--smoke", *select]) == 0  # each case once, untimed
+    assert not out.exists()  # writes nothing, not even the folder
     assert main(["bench", *select]) == 0
     data = json.loads((out / "bench.json").read_text())
     providers = {b["extra_info"]["provider"] for b in data["benchmarks"]}
     assert {"fastres", "eager"} <= providers
+    for b in data["benchmarks"]:  # each case's time judged against its group's eager
+        assert b["extra_info"]["timing_trusted"] is (not b["extra_info"]["timing_doubts"])
     assert data["machine_info"]["triton_interpret"] is False  # never the interpreter
     assert "| group | provider | mode |" in (out / "report.md").read_text()
     assert list(out.glob("*.png"))

@@ -17,6 +17,7 @@ import gc
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -152,6 +153,87 @@ def timed(fn, device: torch.device) -> tuple[object, float]:
     out = fn()
     synchronize(device)
     return out, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- how far step times can be trusted
+#
+# A median step time says which of two entries is faster only when it rests on
+# more than one step and the steps agree with each other more closely than the
+# two medians differ. Every command that prints compared times judges them here
+# (``timing_doubts``), marks the doubted cells with DOUBT_MARK and prints
+# ``timing_note`` under its table.
+
+DOUBT_MARK = "(?)"
+ONE_STEP = "1 measured step (no spread to judge it by)"
+
+
+def step_spread(times_s) -> dict:
+    """Per-step times (seconds) summarised: ``n``, ``min_s``, ``q1_s``, ``median_s``, ``q3_s``, ``max_s``.
+
+    Quartiles by ``statistics.quantiles(method="inclusive")``; one time is its own quartiles.
+    """
+    times = sorted(times_s)
+    if not times:
+        raise ValueError("step_spread needs at least one time")
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+    return {"n": len(times), "min_s": times[0], "q1_s": q1, "median_s": median, "q3_s": q3, "max_s": times[-1]}
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
+
+
+def timing_doubts(spreads: dict, reference: str | None = None) -> dict[str, list[str]]:
+    """Why each entry's time cannot be trusted: ``{label: [reason, ...]}``, an empty list where it can.
+
+    ``spreads`` maps a label to a ``step_spread``-like dict (``n``, ``median_s``,
+    ``q1_s``, ``q3_s``; ``median_s`` is the time the table prints). An entry is
+    doubted when it rests on one measured step (``ONE_STEP``), or when the
+    larger q1-q3 spread of it and an entry it is compared with exceeds the
+    difference of their medians: which of the two is faster is then within
+    step-to-step noise. Entries are compared with ``reference`` (and it with
+    each of them), or each with each when ``reference`` is None. A reason about
+    a pair names both entries and is the same string for both.
+    """
+    doubts = {label: [ONE_STEP] if s["n"] < 2 else [] for label, s in spreads.items()}
+    labels = list(spreads)
+    if reference is not None and reference in spreads:
+        pairs = [(reference, label) for label in labels if label != reference]
+    else:
+        pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+    for a, b in pairs:
+        sa, sb = spreads[a], spreads[b]
+        if sa["n"] < 2 or sb["n"] < 2:
+            for label, other in ((a, b), (b, a)):
+                if spreads[label]["n"] >= 2 and spreads[other]["n"] < 2:
+                    doubts[label].append(f"compared with {other}, which rests on 1 measured step")
+            continue
+        spread = max(sa["q3_s"] - sa["q1_s"], sb["q3_s"] - sb["q1_s"])
+        difference = abs(sa["median_s"] - sb["median_s"])
+        if spread > difference:
+            reason = f"q1-q3 spread {_ms(spread)} is larger than the {_ms(difference)} difference between {a} and {b}"
+            doubts[a].append(reason)
+            doubts[b].append(reason)
+    return doubts
+
+
+def timing_note(doubts: dict[str, list[str]], advice: str,
+                lead: str = f"{DOUBT_MARK} step times not to be trusted") -> str | None:
+    """One line for under a table: ``lead``, what the doubted entries have against them, ``advice``.
+
+    None when nothing is doubted.
+    """
+    one_step = [label for label, reasons in doubts.items() if ONE_STEP in reasons]
+    others = list(dict.fromkeys(r for reasons in doubts.values() for r in reasons if r != ONE_STEP))
+    if not one_step and not others:
+        return None
+    parts = []
+    if one_step:
+        who = "every entry" if len(one_step) == len(doubts) > 1 else ", ".join(one_step)
+        parts.append(f"{who}: {ONE_STEP}")
+    parts += others
+    return f"{lead}: {'; '.join(parts)}. {advice}"
 
 
 # --------------------------------------------------------------------------- the machine

@@ -34,7 +34,13 @@ What is measured (see ``measure``):
   them. Either way the model, the optimizer state and the input batch are in
   the baseline, and the growth is what one step adds: activations kept for
   backward, gradients, workspaces.
-- ``step``: the median wall time of the measured steps (CUDA synchronised).
+- ``step``: the median wall time of the measured steps (CUDA synchronised);
+  ``step q1-q3``: its quartiles over every measured step (of every repeat).
+  A step time that rests on one measured step, or whose q1-q3 spread (or the
+  compared naive's) is larger than the difference of the two medians, is
+  marked (?) in the table, with a line under it saying why and what to do,
+  and ``timing_trusted: false`` and ``timing_doubts`` in the JSON
+  (``measure.timing_doubts``).
 - ``saved``: bytes autograd keeps for backward, seen through
   ``torch.autograd.graph.saved_tensors_hooks`` in one extra step, deduplicated
   by storage, parameters excluded. It cannot see what a checkpoint keeps
@@ -57,7 +63,10 @@ from torch import nn
 
 from . import zoo
 from .argtypes import bc_depth, positive
-from .measure import MB, environment, memory_format, release_free_memory, reset_rss_peak, rss, rss_peak, training_step
+from .measure import (
+    DOUBT_MARK, MB, environment, memory_format, release_free_memory, reset_rss_peak, rss, rss_peak, step_spread,
+    timing_doubts, timing_note, training_step,
+)
 
 VARIANTS = ("fastres", "naive", "checkpoint")
 MODELS = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet_bc")
@@ -287,6 +296,7 @@ def _median_runs(runs: list[dict]) -> dict:
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:
             row[key] = statistics.median(values)
+    row["step_times_s"] = [t for r in runs for t in r.get("step_times_s", [])]  # every run's steps
     row["repeats"] = len(runs)
     row["peak_reached"] = all(r.get("peak_reached", True) for r in runs)
     row["worker_wall_s"] = sum(r["worker_wall_s"] for r in runs)
@@ -301,6 +311,38 @@ def _ratios(rows: list[dict], key=lambda r: ()) -> None:
         if ref and not r.get("oom"):
             r["memory_ratio"] = r["growth_mb"] / ref["growth_mb"] if ref["growth_mb"] > 0 else None
             r["time_ratio"] = r["step_s"] / ref["step_s"]
+
+
+TIMING_ADVICE = ("Rerun with more --steps (e.g. --steps 10) or --repeats, --threads 1, "
+                 "on an otherwise idle machine.")
+
+
+def _timing_label(r: dict, mode: str) -> str:
+    """How the table's note names a row: the variant, and in depth mode its depth."""
+    return f"{r['variant']} at depth {r['depth']}" if mode == "depth" else r["variant"]
+
+
+def _judge_timings(rows: list[dict], mode: str) -> None:
+    """Add step_spread, timing_trusted and timing_doubts to rows with step times (``measure.timing_doubts``).
+
+    compare and depth: the rows of one model (depth) are compared, with naive
+    where it is among them. budget and batch: each row is a different size, so
+    it is judged on its own steps only.
+    """
+    compared = mode in ("compare", "depth")
+    groups = {}
+    for i, r in enumerate(rows):
+        if r.get("oom") or not r.get("step_times_s") or r.get("step_s") is None:
+            continue
+        r["step_spread"] = step_spread(r["step_times_s"])
+        groups.setdefault(r.get("depth") if compared else i, []).append(r)
+    for members in groups.values():
+        spreads = {_timing_label(r, mode): {**r["step_spread"], "median_s": r["step_s"]} for r in members}
+        naive = [_timing_label(r, mode) for r in members if r["variant"] == "naive"]
+        doubts = timing_doubts(spreads, reference=naive[0] if naive else None)
+        for r in members:
+            r["timing_doubts"] = doubts[_timing_label(r, mode)]
+            r["timing_trusted"] = not r["timing_doubts"]
 
 
 # --------------------------------------------------------------------------- modes
@@ -399,6 +441,7 @@ def _budget_rows(args, n_max: int, config, what: str, best: str, value) -> list[
             f"{best}_{what}": value(lo) if lo else None,
             "growth_mb": fit["growth_mb"] if fit else None,
             "step_s": fit["step_s"] if fit else None,
+            "step_times_s": fit["step_times_s"] if fit else None,
             f"first_miss_{what}": value(hi) if hi is not None else None,
             "first_miss_growth_mb": None if miss is None or miss.get("oom") else miss["growth_mb"],
             "capped": hi is None,
@@ -453,6 +496,11 @@ def _f(value, spec: str, suffix: str = "") -> str:
     return "-" if value is None else format(value, spec) + suffix
 
 
+def _doubt(r: dict) -> str:
+    """The mark of a row whose step time ``_judge_timings`` doubts."""
+    return " " + DOUBT_MARK if r.get("timing_trusted") is False else ""
+
+
 def _search_table(rows: list[dict], what: str, best: str) -> list[str]:
     """The table of a budget search over ``what`` (depth or batch): per variant, the best fit and the first miss."""
     lines = [
@@ -465,7 +513,8 @@ def _search_table(rows: list[dict], what: str, best: str) -> list[str]:
         miss = "-" if r[f"first_miss_{what}"] is None else str(r[f"first_miss_{what}"])
         lines.append(
             f"| {r['variant']} | {fit} | {_f(r['growth_mb'], '.1f')} "
-            f"| {_f(r['step_s'] and r['step_s'] * 1e3, '.1f')} | {miss} | {_f(r['first_miss_growth_mb'], '.1f')} |"
+            f"| {_f(r['step_s'] and r['step_s'] * 1e3, '.1f')}{_doubt(r)} | {miss} "
+            f"| {_f(r['first_miss_growth_mb'], '.1f')} |"
         )
     return lines
 
@@ -496,17 +545,25 @@ def render(data: dict) -> str:
         lines += [
             f"- model: {c['model']}" if not depth_col else f"- DenseNet-BC k={c['growth_rate']}",
             "",
-            ("| depth " if depth_col else "") + "| variant | growth MB | vs naive | saved MB | step ms | vs naive |",
-            ("|---:" if depth_col else "") + "|---|---:|---:|---:|---:|---:|",
+            ("| depth " if depth_col else "")
+            + "| variant | growth MB | vs naive | saved MB | step ms | step q1-q3 ms | vs naive |",
+            ("|---:" if depth_col else "") + "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             flag = "" if r.get("peak_reached", True) else " (<=)"
+            spread = r.get("step_spread")
+            quartiles = f"{spread['q1_s'] * 1e3:.1f}-{spread['q3_s'] * 1e3:.1f}" if spread and spread["n"] > 1 else "-"
+            ratio_mark = _doubt(r) if r["variant"] != "naive" else ""  # naive's 1.00x is no measurement
             lines.append(
                 (f"| {r['depth']} " if depth_col else "")
                 + f"| {r['variant']} | {_f(r.get('growth_mb'), '.1f')}{flag} | {_f(r.get('memory_ratio'), '.2f', 'x')} "
-                f"| {_f(r.get('saved_mb'), '.1f')} | {_f(r.get('step_s') and r['step_s'] * 1e3, '.1f')} "
-                f"| {_f(r.get('time_ratio'), '.2f', 'x')} |"
+                f"| {_f(r.get('saved_mb'), '.1f')} | {_f(r.get('step_s') and r['step_s'] * 1e3, '.1f')}{_doubt(r)} "
+                f"| {quartiles} | {_f(r.get('time_ratio'), '.2f', 'x')}{ratio_mark} |"
             )
+    note = timing_note({_timing_label(r, data["mode"]): r["timing_doubts"] for r in rows if "timing_doubts" in r},
+                       TIMING_ADVICE)
+    if note:
+        lines += ["", note]
     lines += [
         "",
         "growth: peak memory during a step minus memory before it (model, optimizer state and inputs "
@@ -515,7 +572,7 @@ def render(data: dict) -> str:
     if data["mode"] not in ("budget", "batch"):
         lines.append(
             "saved: what autograd keeps for backward (saved_tensors_hooks; blind to checkpoints' insides). "
-            "step: median wall time."
+            "step: median wall time; q1-q3: its quartiles over every measured step."
         )
     return "\n".join(lines) + "\n"
 
@@ -584,7 +641,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         sp.add_argument("--layout", choices=["nchw", "channels_last"],
                         help="default: nchw on CPU, channels_last on CUDA")
         sp.add_argument("--warmup", type=positive, default=1, help="unmeasured steps first (default 1)")
-        sp.add_argument("--steps", type=positive, default=3, help="measured steps (default 3; budget, batch: 1)")
+        sp.add_argument("--steps", type=positive, default=3,
+                        help="measured steps (default 3; budget, batch: 1); a step time that rests on one step, "
+                             "or whose spread hides its difference from naive, is marked (?)")
         sp.add_argument("--threads", type=positive,
                         help="torch/OpenMP threads of each worker (default: torch's default)")
         sp.add_argument("--growth-rate", type=positive, default=12, help="DenseNet-BC's k (default 12)")
@@ -640,6 +699,11 @@ def run(args, parser: argparse.ArgumentParser) -> int:
     if args.mode == "report":
         try:
             data = json.loads(args.json.read_text())
+            if not any("timing_trusted" in r for r in data["results"]):  # written before timings were judged
+                for r in data["results"] if data.get("runs") else ():  # rows kept only their first run's steps
+                    r["step_times_s"] = [t for run in data["runs"] if run.get("variant") == r["variant"]
+                                         and run.get("depth") == r.get("depth") for t in run.get("step_times_s", [])]
+                _judge_timings(data["results"], data["mode"])
             text = render(data)
         except (OSError, ValueError) as err:
             parser.error(f"argument json: cannot read {args.json}: {err}")
@@ -670,6 +734,7 @@ def run(args, parser: argparse.ArgumentParser) -> int:
     args.machine_info = environment(args.device)  # before measuring: the commit measured
     start = time.perf_counter()
     data = {"compare": run_compare, "depth": run_depth, "budget": run_budget, "batch": run_batch}[args.mode](args)
+    _judge_timings(data["results"], args.mode)
     data["wall_s"] = time.perf_counter() - start
     finish(data, args)
     print(f"{args.mode} took {data['wall_s']:.0f} s", file=sys.stderr)

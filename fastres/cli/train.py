@@ -15,7 +15,10 @@ Step memory is the peak during a step minus what was in use before it
 (weights, optimizer state and inputs excluded): the CUDA caching allocator's
 ``max_memory_allocated`` on a GPU, the process's resident set (VmHWM, reset
 before each step) on a CPU. The first step (one-time allocations, autotuning)
-is left out of the median time and the peak.
+is left out of the median time and the peak. A median step time that rests on
+one step, or whose q1-q3 spread is larger than its difference from the other
+model's, is marked (?) with a line under the table saying why and what to do
+(``timing_trusted``, ``timing_doubts`` and ``step_spread`` in ``--json``).
 
 ``--check-agreement`` (with ``--compare``) also checks that the two models
 compute the same thing. Both train in float64 then: in float32 a batch-norm
@@ -41,10 +44,11 @@ import torch.nn.functional as F
 
 from . import zoo
 from .argtypes import bc_depth, positive, positive_float
-from .measure import StepMemory, environment, timed
+from .measure import DOUBT_MARK, StepMemory, environment, step_spread, timed, timing_doubts, timing_note
 
 LOGIT_TOL = 1e-7  # float64: max |logit difference| / max(1, max |logit|) allowed at each step
 SKIP = 1  # first steps left out of the median step time and the peak memory
+TIMING_ADVICE = "Train more --steps on an otherwise idle machine (fewer threads: OMP_NUM_THREADS=1)."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -141,6 +145,7 @@ class Trainee:
         return {
             "label": self.label, "test_accuracy": self.test_accuracy,
             "median_step_ms": statistics.median(h["step_ms"][kept]),
+            "step_spread": step_spread([ms / 1e3 for ms in h["step_ms"][kept]]),
             "peak_memory_mb": max(memory) if memory else None,
             "final_loss": h["loss"][-1],
         }
@@ -190,14 +195,29 @@ def _ratio(a, b) -> float | None:
     return a / b if a is not None and b else None
 
 
+def judge_timings(summaries: list[dict]) -> str | None:
+    """Add timing_doubts and timing_trusted to each summary (``measure.timing_doubts``); the table's note, if any."""
+    reference = summaries[1]["label"] if len(summaries) > 1 else None
+    doubts = timing_doubts({s["label"]: {**s["step_spread"], "median_s": s["median_step_ms"] / 1e3} for s in summaries},
+                           reference=reference)
+    for s in summaries:
+        s["timing_doubts"] = doubts[s["label"]]
+        s["timing_trusted"] = not s["timing_doubts"]
+    return timing_note(doubts, TIMING_ADVICE)
+
+
+def _doubt(summary: dict) -> str:
+    return " " + DOUBT_MARK if summary.get("timing_trusted") is False else ""
+
+
 def _table(summaries: list[dict]) -> str:
     ref = summaries[1] if len(summaries) > 1 else None
 
-    def cell(value, spec, key):
-        text = "-" if value is None else format(value, spec)
+    def cell(value, spec, key, mark="", ratio_mark=""):
+        text = ("-" if value is None else format(value, spec)) + mark
         if ref is not None:
             r = _ratio(value, ref[key])
-            text += f" | {r:.2f}x" if r is not None else " | -"
+            text += f" | {r:.2f}x{ratio_mark}" if r is not None else " | -"
         return text
 
     vs = f" vs {ref['label']}" if ref else ""
@@ -205,9 +225,11 @@ def _table(summaries: list[dict]) -> str:
         + ["peak step memory MB"] + ([vs.strip()] if ref else [])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for s in summaries:
+        step = cell(s["median_step_ms"], ".1f", key="median_step_ms", mark=_doubt(s),
+                    ratio_mark=_doubt(s) if s is not ref else "")  # the reference's 1.00x is no measurement
         lines.append(
             f"| {s['label']} | {cell(s['test_accuracy'], '.4f', key='test_accuracy')} "
-            f"| {cell(s['median_step_ms'], '.1f', key='median_step_ms')} "
+            f"| {step} "
             f"| {cell(s['peak_memory_mb'], '.1f', key='peak_memory_mb')} |"
         )
     return "\n".join(lines)
@@ -317,8 +339,11 @@ def run(args, parser) -> int:
         if not all(math.isfinite(v) for v in t.history["loss"]):
             failures.append(f"{t.label}: a training loss is not finite")
     summaries = [t.summary() for t in trainees]
+    note = judge_timings(summaries)
     print()
     print(_table(summaries))
+    if note:
+        print(note)
     measured = "step 1 (the only one)" if steps == 1 else f"step {steps}" if steps == SKIP + 1 else f"steps {SKIP + 1}-{steps}"
     print(f"median time and peak memory of {measured}; step memory: peak during a step minus memory in use before it "
           f"({'CUDA allocator' if device.type == 'cuda' else 'process resident set'}).")
