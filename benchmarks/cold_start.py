@@ -72,28 +72,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 @contextlib.contextmanager
-def _dense_path_as_on_cuda():
-    """Dense blocks, transitions and the stem take the CUDA path: fused kernels in every dtype, no fastres._C.
-
-    On CPU tensors ``shared_storage_applies`` takes only float32/float64 (for
-    the C++ engine) and ``recompute_bn_relu_applies`` picks the C++ engine;
-    both are answered here as for a CUDA tensor (the stub's ``use_triton`` is
-    always true). ``FUSED_ON_CPU`` opens the fused path to CPU tensors.
-    """
-    from fastres.ops import dense_path
-
-    saved = [(dense_path, "FUSED_ON_CPU", dense_path.FUSED_ON_CPU)]
-    dense_path.FUSED_ON_CPU = True
-    stub_gpu._patch_everywhere("shared_storage_applies", lambda x: x.numel() > 0, saved)
-    stub_gpu._patch_everywhere("recompute_bn_relu_applies", lambda x: False, saved)
-    try:
-        yield
-    finally:
-        for mod, name, value in reversed(saved):
-            setattr(mod, name, value)
-
-
-@contextlib.contextmanager
 def _patched(obj, name, value):
     old = getattr(obj, name)
     setattr(obj, name, value)
@@ -237,7 +215,7 @@ def step(model_name: str, model_args: dict, batch: int, size: int, dtype: torch.
     x = torch.randn(batch, 3, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
     sessions, spans, compiles, choosing = [], [], {"calls": 0, "seconds": 0.0}, {"seconds": 0.0}
     cubins = _cubins()
-    with (stub_gpu.install() as rec, _dense_path_as_on_cuda(), _compile_timer(compiles),
+    with (stub_gpu.install() as rec, _compile_timer(compiles),
           _tuning_as_on_gpu(rec, sessions, spans, choosing) as tuning_api):
         rec.clear()
         rec.keep = True

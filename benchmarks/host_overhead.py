@@ -190,10 +190,7 @@ def _allocations(prof) -> int:
 
 def measure(repeat: int) -> list[dict]:
     rows = []
-    from fastres.ops import dense_path
-
-    dense_path.FUSED_ON_CPU = True  # the stand-in GPU's tensors are CPU tensors: dense layers as on CUDA
-    with stub_gpu.install():
+    with stub_gpu.install():  # the stand-in GPU's tensors are CPU tensors on the GPU paths, dense layers included
         stub_gpu.RECORDER.keep = False
         for op, (fused, eager, grad_of) in _cases().items():
             for mode in MODES:

@@ -139,16 +139,10 @@ def _run_conv_ops(batch: int, shapes: list[tuple]) -> None:
 def _run_dense_block(batch: int) -> None:
     """A dense block on the fused kernels (statistics finished from the per-channel cache, dx accumulated)."""
     import fastres
-    from fastres.ops import dense_path
 
-    before = dense_path.FUSED_ON_CPU
-    dense_path.FUSED_ON_CPU = True  # the stand-in device's tensors are CPU tensors
-    try:
-        block = fastres.nn.DenseBlock(2, 64, 4, 32).to(memory_format=torch.channels_last)
-        x = torch.empty(batch, 64, 14, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
-        block(x).backward(torch.empty(batch, 128, 14, 14).contiguous(memory_format=torch.channels_last))
-    finally:
-        dense_path.FUSED_ON_CPU = before
+    block = fastres.nn.DenseBlock(2, 64, 4, 32).to(memory_format=torch.channels_last)
+    x = torch.empty(batch, 64, 14, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+    block(x).backward(torch.empty(batch, 128, 14, 14).contiguous(memory_format=torch.channels_last))
 
 
 def _bits(op: str) -> int:
@@ -306,7 +300,7 @@ def _widths(counts: dict) -> str:
     return ", ".join(f"{n}x{bits}b" for bits, n in counts.items()) or "0"
 
 
-_ORDER = {"_forward_kernel": 0, "_dgrad_kernel": 1, "_wgrad_kernel": 2}  # then the rest, as launched
+_ORDER = {"bn_relu_conv_fwd_kernel": 0, "bn_relu_conv_dgrad_kernel": 1, "bn_relu_conv_wgrad_kernel": 2}  # then the rest, as launched
 
 
 def _both(s: dict, f) -> str:

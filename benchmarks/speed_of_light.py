@@ -281,13 +281,13 @@ def add_relu_bwd(a: dict, grid, round_trip: bool) -> Work:
 
 
 WORK = {
-    "_forward_kernel": conv_forward, "_dgrad_kernel": conv_dgrad, "_wgrad_kernel": conv_wgrad,
-    "_bn_relu_kernel": bn_relu,
-    "_stats_kernel": bn_stats, "_apply_kernel": bn_apply, "_reduce_kernel": bn_reduce,
-    "_elementwise_kernel": bn_elementwise, "_finish_kernel": bn_finish,
-    "_add_relu_fwd_kernel": add_relu_fwd, "_add_relu_bwd_kernel": add_relu_bwd,
+    "bn_relu_conv_fwd_kernel": conv_forward, "bn_relu_conv_dgrad_kernel": conv_dgrad, "bn_relu_conv_wgrad_kernel": conv_wgrad,
+    "bn_relu_kernel": bn_relu,
+    "batch_norm_stats_kernel": bn_stats, "batch_norm_relu_fwd_kernel": bn_apply, "batch_norm_relu_bwd_sums_kernel": bn_reduce,
+    "batch_norm_relu_bwd_dx_kernel": bn_elementwise, "batch_norm_finish_kernel": bn_finish,
+    "add_relu_fwd_kernel": add_relu_fwd, "add_relu_bwd_kernel": add_relu_bwd,
 }
-PROLOGUE = {"_forward_kernel", "_wgrad_kernel"}  # BN-ReLU computed on an MMA operand in the main loop
+PROLOGUE = {"bn_relu_conv_fwd_kernel", "bn_relu_conv_wgrad_kernel"}  # BN-ReLU computed on an MMA operand in the main loop
 
 
 def estimate(kernel: str, args: dict, grid, regs: int, warps: int, smem: int, round_trip: bool = True,

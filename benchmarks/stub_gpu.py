@@ -143,35 +143,13 @@ def _attach_compiled_kernels(compiled_by_function):
     return lambda: setattr(CompiledKernel, "_init_handles", original)
 
 
-def _patch_everywhere(name, value, saved):
-    """Set ``name`` to ``value`` in every fastres module that has it (imported-by-name copies too)."""
-    import sys
-
-    for mod_name, mod in list(sys.modules.items()):
-        if mod_name.startswith("fastres") and mod is not None and hasattr(mod, name):
-            saved.append((mod, name, getattr(mod, name)))
-            setattr(mod, name, value)
-
-
 def _gpu_device_hooks(saved):
     """Make fastres launch as for a CUDA tensor: GPU launch settings, 132 SMs, stream 0."""
-    import fastres.kernels.utils as kutils
+    from fastres.kernels import launch
 
-    try:
-        from fastres.kernels import launch
-    except ImportError:
-        launch = None
-    if launch is not None:  # the lean host path: one object holds the device queries
-        saved.append((launch, "DEVICE", launch.DEVICE))
-        launch.DEVICE = launch.Device(compiled=lambda device: True, sm_count=lambda device: SM90_SMS,
-                                      stream=lambda device: 0)
-        return
-    # Older layout (5213a69): settings chose by device type; wrap them to see a GPU.
-    cuda = torch.device("cuda")
-    elementwise, reduction = kutils.elementwise_settings, kutils.reduction_settings
-    _patch_everywhere("elementwise_settings", lambda numel, device: elementwise(numel, cuda), saved)
-    _patch_everywhere("sm_count", lambda device: SM90_SMS, saved)
-    _patch_everywhere("reduction_settings", lambda n, c, hw, per_n, device: reduction(n, c, hw, per_n, cuda), saved)
+    saved.append((launch, "DEVICE", launch.DEVICE))
+    launch.DEVICE = launch.Device(compiled=lambda device: True, sm_count=lambda device: SM90_SMS,
+                                  stream=lambda device: 0)
 
 
 @contextlib.contextmanager
@@ -185,6 +163,7 @@ def install():
     import pkgutil
 
     import fastres.kernels
+    import fastres.ops
 
     # Every fastres module must be loaded before names are patched in it.
     for info in pkgutil.iter_modules(fastres.kernels.__path__):
@@ -195,11 +174,10 @@ def install():
     previous_driver = triton.runtime.driver._active
     triton.runtime.driver.set_active(driver)
     saved = []
-    _patch_everywhere("use_triton", lambda t: True, saved)
-    _patch_everywhere("require_triton", lambda t, op: None, saved)
     _gpu_device_hooks(saved)
     try:
-        yield RECORDER
+        with fastres.ops.cpu_runs_gpu_paths():
+            yield RECORDER
     finally:
         for mod, name, value in reversed(saved):
             setattr(mod, name, value)

@@ -8,6 +8,19 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def kept_in_fx_graphs(fn):
+    """Marks a check (a function whose result nothing uses) side-effectful for torch.fx.
+
+    A module that wraps it with ``torch.fx.wrap`` gets a call node for it in a
+    traced graph; dead-code elimination (which torchvision's
+    ``create_feature_extractor`` runs) would otherwise drop that node, and the
+    check with it. Returns ``fn`` itself.
+    """
+    mark = getattr(torch.fx.node, "has_side_effect", None)
+    return fn if mark is None else mark(fn)
+
+
+@kept_in_fx_graphs
 def check_float_tensor(name: str, t: object) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -35,15 +48,18 @@ def check_same_tensor_meta(
         )
 
 
+@kept_in_fx_graphs
 def check_4d(name: str, x: object, owner: str | None = None, channels: int | None = None, expected: str = "") -> None:
     """``x`` is a 4-D tensor (N, C, H, W), with ``channels`` channels if given.
 
-    ValueError naming the argument (and the module, ``owner``, if any).
+    ValueError naming the argument (and the module, ``owner``, if any); TypeError for a non-floating dtype.
     """
     prefix = f"{owner}: " if owner else ""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{prefix}{name} must be a 4-D tensor (N, C, H, W), got shape {shape}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{prefix}{name} must have a floating dtype, got {x.dtype}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(
             f"{prefix}{name} has {x.shape[1]} channels but {owner or 'the module'} expects {channels} ({expected})"
@@ -60,6 +76,43 @@ def check_dense_vector(name: str, t: torch.Tensor) -> None:
     """
     if t.numel() > 1 and t.stride(0) != 1:
         raise ValueError(f"{name} must be contiguous (stride 1), got stride {t.stride(0)}: pass {name}.contiguous()")
+
+
+def check_batch_norm_args(x: torch.Tensor, running_mean, running_var, weight, bias, training: bool, momentum,
+                          eps: float, prefix: str = "", channels: int | None = None) -> None:
+    """One batch norm's per-channel tensors and settings against ``x`` (already a 4-D float tensor).
+
+    Every path of every op checks them here: each tensor one value per channel
+    of x, on x's device, stride 1; running statistics given together (and in
+    eval); eps and momentum as ``F.batch_norm`` takes them; the dtypes by
+    ``check_batch_norm_dtypes``. ``prefix`` names a group (``"norm."``);
+    ``channels``: how many it normalises, when not x's.
+    """
+    channels = x.shape[1] if channels is None else channels
+    tensors = {f"{prefix}running_mean": running_mean, f"{prefix}running_var": running_var,
+               f"{prefix}weight": weight, f"{prefix}bias": bias}
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        check_float_tensor(name, t)
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise ValueError(f"{name} must have shape ({channels},), one value per channel of x, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+        check_dense_vector(name, t)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{prefix}running_mean and {prefix}running_var must be given together, or both be None")
+    if running_mean is not None and running_mean is running_var:
+        # Eager's result then depends on the order of the two updates, which differs between devices.
+        raise ValueError(f"{prefix}running_mean and {prefix}running_var must be two tensors, got the same one")
+    if not training and running_mean is None:
+        raise ValueError(f"training=False normalises with {prefix}running_mean and {prefix}running_var: "
+                         "both are required")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"{prefix}momentum must be a float, got {type(momentum).__name__} "
+                        "(F.batch_norm's; a module's momentum=None is its cumulative average, passed as 1/steps)")
+    check_batch_norm_eps(f"{prefix}eps", eps, training)
+    check_batch_norm_dtypes(x, tensors)
 
 
 def check_batch_norm_eps(name: str, eps: float, training: bool) -> None:

@@ -8,17 +8,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import (
-    check_4d, check_batch_norm_dtypes, check_batch_norm_eps, check_dense_vector, check_float_tensor,
-    check_same_tensor_meta,
-)
+from ._checks import check_4d, check_batch_norm_args, check_float_tensor, check_same_tensor_meta
 from .ops import add_relu as _add_relu
 from .ops import batch_norm as _batch_norm
 from .ops import bn_relu_conv as _bn_relu_conv
 from . import _ext
+from . import ops as _ops
 from .ops import dense_block as _dense_block
 from .ops import dense_fused as _dense_fused
-from .ops import dense_path as _dense_path
 from .ops.dense_block import BatchNormArgs, DenseLayerArgs
 from .ops import sync_batch_norm as _sync_batch_norm
 from .ops.layout import has_internal_overlap
@@ -94,32 +91,17 @@ def batch_norm_relu(
     Backward saves x, two per-channel vectors and a 1-bit-per-element ReLU
     mask; eager batch norm + ReLU saves x and the whole output.
     """
-    _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual, training, eps)
-    if not training and running_mean is None:
-        raise ValueError("training=False normalises with running_mean and running_var: both are required")
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual, training, momentum, eps)
     channels = x.shape[1]
     if training and x.numel() == channels and channels:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     return _batch_norm.batch_norm_relu(x, running_mean, running_var, weight, bias, training, momentum, eps, residual)
 
 
-def _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual, training, eps) -> None:
+def _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual, training, momentum, eps) -> None:
     check_float_tensor("x", x)
     check_4d("x", x)
-    channels = x.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        check_float_tensor(name, t)
-        if t.dim() != 1 or t.shape[0] != channels:
-            raise ValueError(f"{name} must have shape ({channels},), one value per channel of x, got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-        check_dense_vector(name, t)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together, or both be None")
-    check_batch_norm_eps("eps", eps, training)
-    check_batch_norm_dtypes(x, {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias})
+    check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         check_float_tensor("residual", residual)
         check_same_tensor_meta("x", x, "residual", residual, same_dtype=False)
@@ -190,14 +172,12 @@ def bn_relu_conv2d(
             (``padding`` also ``"valid"`` or ``"same"``).
 
     The fused kernels run on CUDA tensors (and through Triton's interpreter
-    with ``TRITON_INTERPRET=1``) for ``groups=1``, ``dilation=1`` and integer
+    inside ``fastres.testing.gpu_paths_on_cpu()``) for ``groups=1``, ``dilation=1`` and integer
     padding; elsewhere, including CPU tensors, this is the eager computation
     above. float32 convolutions use TF32 exactly when
     ``torch.backends.cudnn.allow_tf32`` is set, as cuDNN does.
     """
-    _check_batch_norm_args(x, running_mean, running_var, weight, bias, None, training, eps)
-    if not training and running_mean is None:
-        raise ValueError("training=False normalises with running_mean and running_var: both are required")
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, None, training, momentum, eps)
     check_float_tensor("conv_weight", conv_weight)
     if conv_weight.device != x.device:
         raise ValueError(f"conv_weight must be on x's device {x.device}, got {conv_weight.device}")
@@ -271,7 +251,7 @@ def sync_batch_norm_relu(
     CPU tensors work too (gloo). The default group is the whole world; with a
     single process it is ``batch_norm_relu(..., training=True)``.
     """
-    _check_sync_args("sync_batch_norm_relu", x, running_mean, running_var, weight, bias, residual, eps)
+    _check_sync_args("sync_batch_norm_relu", x, running_mean, running_var, weight, bias, residual, momentum, eps)
     group = process_group or dist.group.WORLD
     if dist.get_world_size(group) == 1:
         return batch_norm_relu(x, running_mean, running_var, weight, bias, True, momentum, eps, residual)
@@ -300,32 +280,35 @@ def sync_batch_norm(
     (CPU tensors on gloo). Every process of the group must call it; with a
     single process it is ``F.batch_norm(..., training=True)``.
     """
-    _check_sync_args("sync_batch_norm", x, running_mean, running_var, weight, bias, None, eps)
+    _check_sync_args("sync_batch_norm", x, running_mean, running_var, weight, bias, None, momentum, eps)
     group = process_group or dist.group.WORLD
     if dist.get_world_size(group) == 1:
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     return _sync_batch_norm.sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, group)
 
 
-def _check_sync_args(name, x, running_mean, running_var, weight, bias, residual, eps) -> None:
-    _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual, True, eps)
+def _check_sync_args(name, x, running_mean, running_var, weight, bias, residual, momentum, eps) -> None:
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, residual, True, momentum, eps)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"{name} needs an initialised torch.distributed process group")
 
 
 def shared_storage_applies(x: Tensor) -> bool:
     """Whether ``dense_block`` (and the BN-ReLU-recomputing ops) run on ``x`` here: not under CPU autocast."""
-    return _dense_path.shared_storage_applies(x)
+    return _ops.route("dense", x) != _ops.EAGER
 
 
 def fused_conv_applies(x: Tensor) -> bool:
     """Whether DenseNet blocks and transitions on ``x`` run the fused BN-ReLU-Conv kernels (CUDA tensors)."""
-    return _dense_path.fused_kernels_apply(x)
+    return _ops.route("dense", x) == _ops.TRITON
 
 
 def recompute_bn_relu_applies(x: Tensor) -> bool:
-    """Whether recomputing a BN-ReLU of ``x`` in backward saves memory over the fused BN-ReLU (CPU, ``fastres._C`` built)."""
-    return _dense_path.recompute_bn_relu_applies(x)
+    """Whether recomputing a BN-ReLU of ``x`` in backward saves memory over the fused BN-ReLU (CPU, ``fastres._C`` built).
+
+    On CUDA the fused Triton BN-ReLU keeps a 1-bit mask, about as small, and recomputes nothing.
+    """
+    return _ops.route("dense", x) == _ops.EXTENSION and _ext.available()
 
 
 def extension_available() -> bool:
@@ -334,19 +317,9 @@ def extension_available() -> bool:
 
 
 def _check_norm_args(name: str, norm: BatchNormArgs, channels: int, x: Tensor) -> None:
-    for field in BatchNormArgs._fields[:4]:
-        t = getattr(norm, field)
-        if t is None:
-            continue
-        if t.dim() != 1 or t.shape[0] != channels:
-            raise ValueError(f"{name}.{field} must have shape ({channels},), got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name}.{field} is on {t.device} but x is on {x.device}")
-        check_dense_vector(f"{name}.{field}", t)
-    if not norm.training and norm.running_mean is None:
-        raise ValueError(f"{name}: running statistics are needed when not training")
-    check_batch_norm_eps(f"{name}.eps", norm.eps, norm.training)
-    check_batch_norm_dtypes(x, {f"{name}.{field}": getattr(norm, field) for field in BatchNormArgs._fields[:4]})
+    """A ``BatchNormArgs`` of ``channels`` channels on ``x``'s device, its fields named ``name.field``."""
+    check_batch_norm_args(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.training,
+                          norm.momentum, norm.eps, prefix=f"{name}.", channels=channels)
 
 
 def bn_relu_conv1x1(x: Tensor, norm: BatchNormArgs, weight: Tensor) -> Tensor:
@@ -431,7 +404,7 @@ def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
             if t.device != x.device:
                 raise ValueError(f"layers[{i}].{name} is on {t.device} but x is on {x.device}")
             _check_conv_dtype(f"layers[{i}].{name}", t, x)
-    if _dense_path.fused_kernels_apply(x) and _dense_fused.applies(x):
+    if _ops.route("dense", x) == _ops.TRITON:
         return _dense_fused.dense_block(x, layers)
     _check_engine_dtype(x)
     return _dense_block.dense_block(x, layers)

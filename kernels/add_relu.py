@@ -23,7 +23,7 @@ from .utils import as_4d, elementwise_settings, pack_mask, strided_offsets, unpa
 
 
 @triton.jit
-def _add_relu_fwd_kernel(
+def add_relu_fwd_kernel(
     x_ptr,  # first summand (the block's output), any strides
     r_ptr,  # second summand (the identity), any strides
     z_ptr,  # output relu(x + r); may alias x_ptr for the in-place merge
@@ -75,7 +75,7 @@ def _add_relu_fwd_kernel(
 
 
 @triton.jit
-def _add_relu_bwd_kernel(
+def add_relu_bwd_kernel(
     dz_ptr,  # upstream gradient, any strides (e.g. stride 0 after .sum())
     mask_ptr,  # uint8 ReLU mask written by the forward kernel
     dx_ptr,  # output gradient, contiguous in the logical order
@@ -101,8 +101,8 @@ def _add_relu_bwd_kernel(
     tl.store(dx_ptr + idx, dx, mask=in_range)
 
 
-add_relu_fwd_kernel = Kernel(_add_relu_fwd_kernel)
-add_relu_bwd_kernel = Kernel(_add_relu_bwd_kernel)
+add_relu_fwd_kernel = Kernel(add_relu_fwd_kernel)
+add_relu_bwd_kernel = Kernel(add_relu_bwd_kernel)
 
 
 def add_relu_forward(

@@ -101,7 +101,7 @@ def finish_stats(
 
 # Sizes and counters that no load's alignment depends on: one binary for all their values.
 @triton.jit(do_not_specialize=["tiles_per_split", "n_tiles", "splits"])
-def _stats_kernel(
+def batch_norm_stats_kernel(
     x_ptr,  # [N, C, HW] view, any strides
     partial_ptr,  # scratch: mean [splits, C], M2 [splits, C], count [splits, c_blocks]; means relative to the shift
     ticket_ptr,  # int32 [c_blocks], zero on entry and on exit: programs done per channel block
@@ -159,7 +159,7 @@ def _stats_kernel(
 
 
 @triton.jit
-def _combine_kernel(
+def batch_norm_combine_kernel(
     gathered_ptr,  # [W, 2C + 1]: each process's [mean | M2 | count]
     stats_ptr,  # [2C + 1] output: mean, rstd, count
     running_mean_ptr, running_var_ptr,  # [C] or None
@@ -189,7 +189,7 @@ def channel_vector(ptr, rows, cols, C, row_ok, col_ok, C_LAST: tl.constexpr, ACC
 
 # Sizes and counters that no load's alignment depends on: one binary for all their values.
 @triton.jit(do_not_specialize=["ROWS", "HW"])
-def _apply_kernel(
+def batch_norm_relu_fwd_kernel(
     x_ptr, r_ptr,  # [N, C, HW] views, any strides (r: None without a residual)
     z_ptr,  # output, dense: [ROWS, COLS] = [N*HW, C] (C_LAST) or [N*C, HW]
     mask_ptr,  # uint8 ReLU mask, ceil(COLS / 8) bytes per row (None: not needed)
@@ -262,7 +262,7 @@ def _apply_kernel(
 
 
 @triton.jit
-def _finish_kernel(
+def batch_norm_finish_kernel(
     mean_ptr, m2_ptr, count_ptr,  # one set of local statistics (batch_norm_stats' local form), views of a cache
     stats_ptr,  # [2C + 1] output: mean, rstd, count
     running_mean_ptr, running_var_ptr,  # [C] or None
@@ -278,10 +278,10 @@ def _finish_kernel(
                  C, momentum, eps, False, ACC)
 
 
-stats_kernel = Kernel(_stats_kernel)
-finish_kernel = Kernel(_finish_kernel)
-combine_kernel = Kernel(_combine_kernel)
-apply_kernel = Kernel(_apply_kernel)
+stats_kernel = Kernel(batch_norm_stats_kernel)
+finish_kernel = Kernel(batch_norm_finish_kernel)
+combine_kernel = Kernel(batch_norm_combine_kernel)
+apply_kernel = Kernel(batch_norm_relu_fwd_kernel)
 
 
 def per_n_tiles(shape: tuple[int, int, int], strides: tuple[int, int, int]) -> bool:

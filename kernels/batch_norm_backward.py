@@ -76,7 +76,7 @@ def finish_sums(
 
 # Sizes and counters that no load's alignment depends on: one binary for all their values.
 @triton.jit(do_not_specialize=["tiles_per_split", "n_tiles", "splits"])
-def _reduce_kernel(
+def batch_norm_relu_bwd_sums_kernel(
     dz_ptr, x_ptr,  # [N, C, HW] views, any strides
     mask_ptr,  # ReLU mask; (z_sn, z_sc, z_shw) locate each element's bit
     stats_ptr,  # [2C + 1]: mean, rstd, count
@@ -123,7 +123,7 @@ def _reduce_kernel(
 
 # Sizes and counters that no load's alignment depends on: one binary for all their values.
 @triton.jit(do_not_specialize=["ROWS", "HW"])
-def _elementwise_kernel(
+def batch_norm_relu_bwd_dx_kernel(
     dz_ptr, x_ptr,  # [N, C, HW] views, any strides
     mask_ptr,  # ReLU mask, ceil(COLS / 8) bytes per row of the output's [ROWS, COLS] layout (None: dz is g)
     stats_ptr,  # [2C + 1]: mean, rstd, count
@@ -181,8 +181,8 @@ def _elementwise_kernel(
         tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
-reduce_kernel = Kernel(_reduce_kernel)
-elementwise_kernel = Kernel(_elementwise_kernel)
+reduce_kernel = Kernel(batch_norm_relu_bwd_sums_kernel)
+elementwise_kernel = Kernel(batch_norm_relu_bwd_dx_kernel)
 
 
 def batch_norm_relu_backward_reduce(

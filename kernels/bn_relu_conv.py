@@ -113,7 +113,7 @@ def load_operand(x_ptr, offs, row_ok, ch_ok, keep_ptr, scale, shift, ACC: tl.con
 
 # Sizes and counters that no load's alignment depends on: one binary for all their values.
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW"])
-def _forward_kernel(
+def bn_relu_conv_fwd_kernel(
     x_ptr, stats_ptr, bnw_ptr, bnb_ptr,  # x [N, C, H, W] any strides; stats [2C + 1]; BN weight/bias [C] or None
     w_ptr, bias_ptr,  # conv weight [CO, C, KH, KW] any strides, its dtype the dot's; conv bias [CO] or None
     keep_ptr,  # fp32 ones, at least BLOCK_M (launch.ones)
@@ -180,7 +180,7 @@ def _forward_kernel(
 
 # Sizes and counters that no load's alignment depends on: one binary for all their values.
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "HP", "WP", "GROUP_ROWS"])
-def _dgrad_kernel(
+def bn_relu_conv_dgrad_kernel(
     dy_ptr,  # [N, CO, OH, OW] any strides
     w_ptr,  # conv weight [CO, C, KH, KW], the dot's dtype
     da_ptr,  # [N, C, H, W] da computed elsewhere (torch's convolution), any strides; None: computed here
@@ -298,7 +298,7 @@ def _dgrad_kernel(
 # Sizes and counters that no load's alignment depends on: one binary for all their values.
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "blocks_per_split", "splits", "GROUP", "ow_m", "ow_s",
                                 "oh_m", "oh_s"])
-def _wgrad_kernel(
+def bn_relu_conv_wgrad_kernel(
     dy_ptr,  # [N, CO, OH, OW] any strides
     x_ptr, stats_ptr, bnw_ptr, bnb_ptr,  # as in forward
     keep_ptr,  # fp32 ones, at least BLOCK_K (launch.ones)
@@ -392,7 +392,7 @@ def _wgrad_kernel(
 
 # Sizes and counters that no load's alignment depends on: one binary for all their values.
 @triton.jit(do_not_specialize=["N", "H", "W"])
-def _bn_relu_kernel(
+def bn_relu_kernel(
     x_ptr, stats_ptr, bnw_ptr, bnb_ptr,  # as in forward
     a_ptr,  # [N, C, H, W] output relu(bn(x)) in the convolution's dtype, any strides
     N, C, H, W,
@@ -417,10 +417,10 @@ def _bn_relu_kernel(
              a.to(a_ptr.dtype.element_ty), mask=ok)
 
 
-forward_kernel = Kernel(_forward_kernel)
-bn_relu_kernel = Kernel(_bn_relu_kernel)
-dgrad_kernel = Kernel(_dgrad_kernel)
-wgrad_kernel = Kernel(_wgrad_kernel)
+forward_kernel = Kernel(bn_relu_conv_fwd_kernel)
+bn_relu_kernel = Kernel(bn_relu_kernel)
+dgrad_kernel = Kernel(bn_relu_conv_dgrad_kernel)
+wgrad_kernel = Kernel(bn_relu_conv_wgrad_kernel)
 
 
 # --- launch settings --------------------------------------------------------

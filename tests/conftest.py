@@ -4,6 +4,7 @@
 its kernels lazily, so setting it here, first, is enough.
 """
 
+import contextlib
 import os
 import tempfile
 
@@ -19,6 +20,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastre
 import pytest  # noqa: E402
 
 from fastres._torchvision import import_torchvision  # noqa: E402
+from fastres.testing import gpu_paths_on_cpu  # noqa: E402
 
 def _round_bfloat16_to_nearest_in_interpreter() -> None:
     """Make Triton's interpreter round float32 -> bfloat16 to nearest even, as GPUs do.
@@ -92,8 +94,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-# Where fastres's ops run. On CUDA always Triton; on CPU both the Triton
-# kernels (interpreter) and the eager reference path are tested.
+# Where fastres's ops run. On CUDA always Triton; on CPU both the GPU paths
+# (Triton's interpreter) and the CPU ones (eager PyTorch, fastres._C) are tested.
 PATHS = ["triton"] if DEVICE.type == "cuda" else ["triton", "reference"]
 
 
@@ -117,11 +119,38 @@ def device() -> torch.device:
 
 
 @pytest.fixture(params=PATHS)
-def path(request, monkeypatch) -> str:
-    """Run the test with fastres's ops on the given path."""
-    if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "triton" else "0")
-    return request.param
+def path(request):
+    """Run the test with fastres's ops on the given path: "triton" is CUDA's, on CPU through the interpreter."""
+    if DEVICE.type == "cpu" and request.param == "triton":
+        with gpu_paths_on_cpu():
+            yield request.param
+    else:
+        yield request.param
+
+
+@pytest.fixture
+def on_path():
+    """For tests that pick their path per case: ``on_path("triton")`` takes the GPU paths until the test ends."""
+    with contextlib.ExitStack() as stack:
+        def enter(path: str) -> None:
+            if DEVICE.type == "cpu" and path == "triton":
+                stack.enter_context(gpu_paths_on_cpu())
+
+        yield enter
+
+
+@pytest.fixture
+def gpu_paths(device):
+    """The GPU paths on this device (CPU tensors through Triton's interpreter); skipped without Triton."""
+    from fastres import ops
+
+    if device.type == "cuda":
+        if not ops.triton_available():
+            pytest.skip("needs Triton")
+        yield
+    else:
+        with gpu_paths_on_cpu():
+            yield
 
 
 @pytest.fixture(scope="session")

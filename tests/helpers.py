@@ -4,6 +4,8 @@ import copy
 
 import torch
 
+from fastres.testing import saved_bytes  # noqa: F401 (the tests' name for it)
+
 
 def layout_strides(t: torch.Tensor) -> tuple:
     """Strides that carry layout: not those of size-1 dims, nor any of an empty tensor."""
@@ -119,20 +121,6 @@ def assert_modules_normwise_close(fused: torch.nn.Module, eager: torch.nn.Module
             assert torch.equal(fb[name], eb[name]), name
 
 
-def saved_bytes(fn) -> int:
-    """Bytes autograd keeps for backward while ``fn()`` runs (each storage once, parameters excluded)."""
-    storages = {}
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def assert_as_accurate_as_eager(actual: torch.Tensor, expected: torch.Tensor, reference: torch.Tensor, name: str = "") -> None:
     """float32 ``actual`` is within 1e-5 (normwise) of the float64 ``reference``, or at most twice as far as eager.
 
@@ -177,3 +165,45 @@ def assert_forward_as_accurate_as_eager(fused: torch.nn.Module, eager: torch.nn.
         assert_buffers_as_accurate_as_eager(fused, eager, reference)  # running stats, num_batches_tracked
         fused.eval(), eager.eval(), reference.eval()
         assert_as_accurate_as_eager(fused(x), eager(x), reference(x.double()))
+
+
+# The SGD step of the model comparisons, per dtype. In float32 a small step keeps SGD from amplifying one
+# step's rounding into the next step's inputs; in float64 rounding is far below the tolerance even at
+# torchvision's usual lr=0.1, momentum=0.9.
+STEP = {torch.float32: {"lr": 0.01, "momentum": 0.0}, torch.float64: {"lr": 0.1, "momentum": 0.9}}
+
+
+def assert_trains_like(fused: torch.nn.Module, eager: torch.nn.Module, inputs: list[torch.Tensor],
+                       step: dict | None = None, seed: int = 0) -> None:
+    """The equality contract for a module: SGD steps on ``inputs``, then evaluation.
+
+    Training: each step's output and input gradient, then every parameter,
+    gradient and BatchNorm buffer (``num_batches_tracked`` exactly). float64
+    (the module's dtype) to 1e-9 of eager; float32 as accurate as eager
+    against a float64 twin of it (eager's own float32 convolutions vary run
+    to run). The global RNG is reset to ``seed`` before each run, so dropout
+    draws the same masks. Then evaluation with the running statistics the
+    steps produced: no batch reduction left, so normwise to each dtype's
+    tolerance. ``step``: SGD's lr and momentum (default ``STEP``).
+    """
+    dtype = next(eager.parameters()).dtype
+    step = STEP[dtype] if step is None else step
+
+    def run(model, xs):
+        torch.manual_seed(seed)
+        return train_steps(model, xs, **step)
+
+    if dtype == torch.float64:
+        for got, want in zip(run(fused, inputs), run(eager, inputs)):
+            assert_normwise_close(got, want)
+        assert_modules_normwise_close(fused, eager)
+    else:
+        reference = copy.deepcopy(eager).double()
+        runs = run(fused, inputs), run(eager, inputs), run(reference, [t.double() for t in inputs])
+        for got, want, exact in zip(*runs):
+            assert_as_accurate_as_eager(got, want, exact)
+        assert_modules_as_accurate_as_eager(fused, eager, reference)
+    fused.eval(), eager.eval()
+    with torch.no_grad():
+        x = inputs[0].to(dtype)
+        assert_normwise_close(fused(x), eager(x))

@@ -173,9 +173,8 @@ def _expected_mask(z: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (13,)], ids=str)
-def test_mask_bits(device, monkeypatch, shape):
+def test_mask_bits(device, gpu_paths, shape):
     """The saved mask is exactly the documented 1-bit format, NaN counted as kept."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if device.type == "cpu" else "0")
     x = torch.randn(shape, device=device)
     if len(shape) == 4:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -186,9 +185,8 @@ def test_mask_bits(device, monkeypatch, shape):
     assert torch.equal(mask, _expected_mask(z))
 
 
-def test_raw_ops_need_triton(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x = torch.randn(4)
+def test_raw_ops_need_triton():
+    x = torch.randn(4)  # a CPU tensor outside gpu_paths_on_cpu()
     with pytest.raises(RuntimeError, match="fastres::add_relu runs Triton kernels"):
         torch.ops.fastres.add_relu(x, x, True)
 

@@ -71,6 +71,8 @@ def test_block_rejects_wrong_input(block):
         block(torch.randn(2, c + 1, 5, 5))
     with pytest.raises(ValueError, match="x must be a 4-D tensor"):
         block(torch.randn(c, 5, 5))
+    with pytest.raises(TypeError, match=f"{type(block).__name__}: x must have a floating dtype, got torch.int64"):
+        block(torch.ones(2, c, 5, 5, dtype=torch.int64))  # eager: a RuntimeError from inside its convolution
 
 
 def test_convert_rejects_non_module():
@@ -143,6 +145,37 @@ def test_resnet_names_its_input_and_shape():
 
 
 _PER_CHANNEL = ("running_mean", "running_var", "weight", "bias")
+# Every functional op that takes a batch norm's tensors and settings: one checker serves them all.
+_BN_OPS = ["batch_norm_relu", "bn_relu_conv2d", "sync_batch_norm_relu", "bn_relu_conv1x1", "bn_relu_max_pool2d",
+           "dense_block"]
+
+
+def _named(op: str, field: str) -> str:
+    """How ``op``'s error names a batch norm's ``field``: the argument, or the ``BatchNormArgs`` field."""
+    if op in ("batch_norm_relu", "bn_relu_conv2d", "sync_batch_norm_relu"):
+        return field
+    return f"{'layers[0].norm1' if op == 'dense_block' else 'norm'}.{field}"
+
+
+def _call(op, x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5):
+    """``op`` on a 4-channel ``x`` with these batch-norm tensors and settings (the other arguments valid)."""
+    from fastres.functional import BatchNormArgs, DenseLayerArgs
+
+    f = fastres.functional
+    norm = BatchNormArgs(rm, rv, w, b, training, momentum, eps)
+    if op == "batch_norm_relu":
+        return f.batch_norm_relu(x, rm, rv, w, b, training, momentum, eps)
+    if op == "bn_relu_conv2d":
+        return f.bn_relu_conv2d(x, rm, rv, w, b, torch.randn(3, 4, 3, 3), padding=1, training=training,
+                                momentum=momentum, eps=eps)
+    if op == "sync_batch_norm_relu":
+        return f.sync_batch_norm_relu(x, rm, rv, w, b, momentum=momentum, eps=eps)
+    if op == "bn_relu_conv1x1":
+        return f.bn_relu_conv1x1(x, norm, torch.randn(3, 4, 1, 1))
+    if op == "bn_relu_max_pool2d":
+        return f.bn_relu_max_pool2d(x, norm)
+    norm2 = BatchNormArgs(torch.zeros(8), torch.ones(8), None, None, training, 0.1, 1e-5)
+    return f.dense_block(x, [DenseLayerArgs(norm, torch.randn(8, 4, 1, 1), norm2, torch.randn(2, 8, 3, 3), 0.0, False)])
 
 
 def _strided(name, which, c=4):
@@ -154,31 +187,13 @@ def _strided(name, which, c=4):
 
 
 @pytest.mark.parametrize("which", _PER_CHANNEL)
-@pytest.mark.parametrize("op", ["batch_norm_relu", "bn_relu_conv2d", "sync_batch_norm_relu", "bn_relu_conv1x1",
-                                "bn_relu_max_pool2d", "dense_block"])
+@pytest.mark.parametrize("op", _BN_OPS)
 def test_strided_per_channel_tensors_are_refused(path, op, which):
     """A strided view (``buf[::2]``) as a BN parameter or running statistic is refused on every path, naming it:
     the kernels index these tensors with stride 1 and would read (and update) the wrong elements."""
-    from fastres.functional import BatchNormArgs, DenseLayerArgs
-
-    f = fastres.functional
-    x = torch.randn(2, 4, 6, 6)
     rm, rv, w, b = _strided(op, which)
-    norm = BatchNormArgs(rm, rv, w, b, True, 0.1, 1e-5)
-    calls = {
-        "batch_norm_relu": lambda: f.batch_norm_relu(x, rm, rv, w, b, training=True),
-        "bn_relu_conv2d": lambda: f.bn_relu_conv2d(x, rm, rv, w, b, torch.randn(3, 4, 3, 3), padding=1, training=True),
-        "sync_batch_norm_relu": lambda: f.sync_batch_norm_relu(x, rm, rv, w, b),
-        "bn_relu_conv1x1": lambda: f.bn_relu_conv1x1(x, norm, torch.randn(3, 4, 1, 1)),
-        "bn_relu_max_pool2d": lambda: f.bn_relu_max_pool2d(x, norm),
-        "dense_block": lambda: f.dense_block(x, [DenseLayerArgs(
-            norm, torch.randn(8, 4, 1, 1), BatchNormArgs(torch.zeros(8), torch.ones(8), None, None, True, 0.1, 1e-5),
-            torch.randn(2, 8, 3, 3), 0.0, False)]),
-    }
-    name = which if op in ("batch_norm_relu", "bn_relu_conv2d", "sync_batch_norm_relu") else \
-        f"{'layers[0].norm1' if op == 'dense_block' else 'norm'}.{which}"
-    with pytest.raises(ValueError, match=re.escape(f"{name} must be contiguous (stride 1), got stride 2")):
-        calls[op]()
+    with pytest.raises(ValueError, match=re.escape(f"{_named(op, which)} must be contiguous (stride 1), got stride 2")):
+        _call(op, torch.randn(2, 4, 6, 6), rm, rv, w, b)
     contiguous = dict(zip(_PER_CHANNEL, (rm, rv, w, b)))
     assert contiguous[which].stride(0) == 2  # the tensor was not changed
 
@@ -202,40 +217,43 @@ _EPS_CASES = [
     (True, -1e-5, "eps must be positive during training, but got -1e-05"),
     (False, -1e-5, "eps must be non-negative, but got -1e-05"),
 ]
-_EPS_OPS = ["batch_norm_relu", "bn_relu_conv2d", "sync_batch_norm_relu", "bn_relu_conv1x1", "bn_relu_max_pool2d",
-            "dense_block"]
 
 
 @pytest.mark.parametrize("op, training, eps, match", [
-    (op, *case) for op in _EPS_OPS for case in _EPS_CASES
+    (op, *case) for op in _BN_OPS for case in _EPS_CASES
     if case[0] or op != "sync_batch_norm_relu"  # synchronized batch norm always trains
 ])
 def test_eps_follows_eagers_rule(path, op, training, eps, match):
     """As ``F.batch_norm``: eps > 0 in training, >= 0 in eval, on every path (the Triton one computed with any eps)."""
     import torch.nn.functional as F
-
-    from fastres.functional import BatchNormArgs, DenseLayerArgs
-
-    f = fastres.functional
     x = torch.randn(2, 4, 6, 6)
     rm, rv = torch.zeros(4), torch.ones(4)
     with pytest.raises(ValueError, match=re.escape(match)):
         F.batch_norm(x, rm, rv, training=training, eps=eps)
-    norm = BatchNormArgs(rm, rv, None, None, training, 0.1, eps)
-    calls = {
-        "batch_norm_relu": lambda: f.batch_norm_relu(x, rm, rv, training=training, eps=eps),
-        "bn_relu_conv2d": lambda: f.bn_relu_conv2d(x, rm, rv, None, None, torch.randn(3, 4, 1, 1), training=training,
-                                                   eps=eps),
-        "sync_batch_norm_relu": lambda: f.sync_batch_norm_relu(x, rm, rv, eps=eps),
-        "bn_relu_conv1x1": lambda: f.bn_relu_conv1x1(x, norm, torch.randn(3, 4, 1, 1)),
-        "bn_relu_max_pool2d": lambda: f.bn_relu_max_pool2d(x, norm),
-        "dense_block": lambda: f.dense_block(x, [DenseLayerArgs(
-            norm, torch.randn(8, 4, 1, 1), BatchNormArgs(torch.zeros(8), torch.ones(8), None, None, training, 0.1, 1e-5),
-            torch.randn(2, 8, 3, 3), 0.0, False)]),
-    }
     with pytest.raises(ValueError, match=re.escape(match)):
-        calls[op]()
+        _call(op, x, rm, rv, None, None, training=training, eps=eps)
     assert rm.eq(0).all() and rv.eq(1).all()  # refused before anything ran
+
+
+@pytest.mark.parametrize("op", _BN_OPS)
+def test_momentum_must_be_a_number(path, op):
+    """``F.batch_norm`` takes a float momentum (a module's None is its cumulative average, which modules resolve)."""
+    x = torch.randn(2, 4, 6, 6)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    with pytest.raises(TypeError, match=re.escape(f"{_named(op, 'momentum')} must be a float, got NoneType")):
+        _call(op, x, rm, rv, None, None, momentum=None)
+    assert rm.eq(0).all() and rv.eq(1).all()
+
+
+@pytest.mark.parametrize("op", _BN_OPS)
+def test_one_tensor_as_both_running_statistics_is_refused(path, op):
+    """Eager's result would depend on the order of the two in-place updates, which differs between its devices."""
+    x = torch.randn(2, 4, 6, 6)
+    stats = torch.ones(4)
+    match = f"{_named(op, 'running_mean')} and {_named(op, 'running_var')} must be two tensors, got the same one"
+    with pytest.raises(ValueError, match=re.escape(match)):
+        _call(op, x, stats, stats, None, None)
+    assert stats.eq(1).all()
 
 
 def test_zero_eps_in_eval_is_taken_as_eager_takes_it(path):
@@ -282,12 +300,18 @@ def test_cpu_engine_ops_name_x_of_a_dtype_they_do_not_compute_in(path, op, dtype
 
     x = torch.randn(2, 4, 6, 6, dtype=dtype)
     norm = BatchNormArgs(torch.zeros(4), torch.ones(4), None, None, True, 0.1, 1e-5)
-    with pytest.raises(TypeError, match=f"x must be float32 or float64 on CPU .*got {dtype}"):
+
+    def run():
         if op == "bn_relu_conv1x1":
-            bn_relu_conv1x1(x, norm, torch.randn(3, 4, 1, 1, dtype=dtype))
-        elif op == "bn_relu_max_pool2d":
-            bn_relu_max_pool2d(x, norm)
-        else:
-            norm2 = BatchNormArgs(torch.zeros(8), torch.ones(8), None, None, True, 0.1, 1e-5)
-            dense_block(x, [DenseLayerArgs(norm, torch.randn(8, 4, 1, 1, dtype=dtype), norm2,
-                                           torch.randn(2, 8, 3, 3, dtype=dtype), 0.0, False)])
+            return bn_relu_conv1x1(x, norm, torch.randn(3, 4, 1, 1, dtype=dtype))
+        if op == "bn_relu_max_pool2d":
+            return bn_relu_max_pool2d(x, norm)
+        norm2 = BatchNormArgs(torch.zeros(8), torch.ones(8), None, None, True, 0.1, 1e-5)
+        return dense_block(x, [DenseLayerArgs(norm, torch.randn(8, 4, 1, 1, dtype=dtype), norm2,
+                                              torch.randn(2, 8, 3, 3, dtype=dtype), 0.0, False)])
+
+    if path == "triton" and op == "dense_block":  # CUDA's path: the fused kernels take every float dtype
+        assert run().dtype == dtype
+        return
+    with pytest.raises(TypeError, match=f"x must be float32 or float64 on CPU .*got {dtype}"):
+        run()

@@ -213,9 +213,8 @@ def test_no_mask_and_no_graph_without_grad(path, device):
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["bn_relu", "bn_add_relu"])
-def test_backward_saves_a_bit_mask_instead_of_the_output(device, residual, monkeypatch):
-    if device.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernels' path (the eager one saves what eager saves)
+def test_backward_saves_a_bit_mask_instead_of_the_output(device, residual, gpu_paths):
+    """On the kernels' path (the eager one saves what eager saves)."""
     n, c, h, w = shape = (4, 16, 8, 8)
     x = torch.randn(shape, device=device).requires_grad_()
     r = torch.randn(shape, device=device) if residual else None
@@ -254,7 +253,7 @@ def _good(device):
     ],
     ids=["3d", "int", "weight_shape", "stats_device", "stats_dtype", "residual_shape", "one_stat", "eval_no_stats", "one_value"],
 )
-def test_bad_input_is_named_before_any_launch(device, change, error, match):
+def test_bad_input_is_named_before_any_launch(path, device, change, error, match):
     args = _good(device)
     args.update({k: v.to(device) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v for k, v in change.items()})
     if "x" in change:

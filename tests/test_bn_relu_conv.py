@@ -89,10 +89,8 @@ def test_matches_eager(path, device, case, training, dtype):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_unfused_candidate_matches_eager(device, monkeypatch, case, training, dtype):
+def test_unfused_candidate_matches_eager(device, gpu_paths, monkeypatch, case, training, dtype):
     """The tuner's other candidate: fastres's BN-ReLU written out, then torch's convolution."""
-    if not ops.use_triton(torch.empty(0, device=device)):
-        pytest.skip("needs the Triton path (a GPU, or TRITON_INTERPRET=1)")
     monkeypatch.setenv("FASTRES_CONV_PATH", "unfused")
     _check_matches_eager(device, case, training, dtype)
 
@@ -138,11 +136,9 @@ def test_gradcheck_float64(path, device, training, k, stride, padding):
 
 
 @pytest.mark.parametrize("weight_layout", ["oihw", "channels_last"])
-def test_every_launch_config_matches_eager(device, monkeypatch, weight_layout):
+def test_every_launch_config_matches_eager(device, gpu_paths, monkeypatch, weight_layout):
     """Each block config the GPU autotuner may choose computes the same thing (on the GPU, or interpreted),
     with torchvision's default OIHW weights (packed for the MMA) and with channels_last ones (used as they are)."""
-    if not ops.use_triton(torch.empty(0, device=device)):
-        pytest.skip("needs the Triton path (a GPU, or TRITON_INTERPRET=1)")
     k = ops.kernels("bn_relu_conv")
     x, p = _inputs(device, torch.float32, 2, 40, 9, 9, 72, 3, "channels_last", bias=True)
     if weight_layout == "channels_last":
@@ -190,11 +186,9 @@ def test_division_by_multiply_and_shift_is_exact():
 
 
 @pytest.mark.parametrize("splits", [2, 3, 5, 8])
-def test_split_k_weight_gradient_matches_eager(device, monkeypatch, splits):
+def test_split_k_weight_gradient_matches_eager(device, gpu_paths, monkeypatch, splits):
     """The wgrad split over K (on a GPU, to fill its SMs): partial tiles added in two rounds, by the last
     program of each group of about sqrt(splits) splits (5: groups of 2, 2 and 1) and then of the groups."""
-    if not ops.use_triton(torch.empty(0, device=device)):
-        pytest.skip("needs the Triton path")
     k = ops.kernels("bn_relu_conv")
     monkeypatch.setattr(k, "_wgrad_splits", lambda tiles, k_blocks, device: min(splits, k_blocks))
     x, p = _inputs(device, torch.float32, 2, 24, 16, 16, 12, 3, "channels_last", bias=False)  # 512 positions: 8 K blocks
@@ -203,11 +197,9 @@ def test_split_k_weight_gradient_matches_eager(device, monkeypatch, splits):
     assert _normwise(grads[3], grads_e[3]) < 1e-5  # the convolution's weight
 
 
-def test_tuner_may_choose_the_unfused_candidate(device, monkeypatch, tmp_path):
+def test_tuner_may_choose_the_unfused_candidate(device, gpu_paths, monkeypatch, tmp_path):
     """Where the unfused composition is fastest it is chosen per launch kind, after its outputs were checked
     against the fused reference config's on the same inputs, and the op still matches eager."""
-    if not ops.use_triton(torch.empty(0, device=device)):
-        pytest.skip("needs the Triton path")
     from fastres.kernels import tuning
 
     k = ops.kernels("bn_relu_conv")
@@ -276,11 +268,9 @@ def test_low_precision_as_close_as_eager(path, device, dtype):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_backward_saves_x_and_per_channel_vectors_only(device, conv_path, training):
+def test_backward_saves_x_and_per_channel_vectors_only(device, gpu_paths, conv_path, training):
     """Nothing of the activation's size is kept: x itself, the parameters, and a [2C + 1] stats vector
     (on either conv path: the unfused one recomputes its BN-ReLU in backward)."""
-    if not ops.use_triton(torch.empty(0, device=device)):
-        pytest.skip("needs the Triton path")
     x, p = _inputs(device, torch.float32, 2, 24, 7, 7, 12, 3, "channels_last", bias=False)
     saved = []
 

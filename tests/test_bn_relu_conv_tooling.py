@@ -161,13 +161,11 @@ def test_compiled_function_matches_eager(path, device, training):
     _compiled_function_matches_eager(device, "aot_eager", training)
 
 
-def test_inductor_compiled_function_matches_eager(device, monkeypatch):
+def test_inductor_compiled_function_matches_eager(device, gpu_paths):
     """Inductor around the fused op's custom ops: its generated code runs them, layouts as their fake impls say.
 
     The fused path only: on the eager one Inductor would compile PyTorch's own convolution.
     """
-    if device.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
     _compiled_function_matches_eager(device, "inductor", training=True)
 
 

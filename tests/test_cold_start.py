@@ -50,7 +50,7 @@ def test_first_process_compiles_and_tunes(report):
     assert first["binaries"] > 0 and first["launches"] >= first["binaries"]
     assert first["new_cubins_in_triton_cache"] == first["binaries"]  # a cold Triton cache
     # The dense block's convolutions on the fused kernels, each tuning session with several candidates.
-    assert {"_forward_kernel", "_dgrad_kernel", "_wgrad_kernel"} <= set(first["binaries_by_kernel"])
+    assert {"bn_relu_conv_fwd_kernel", "bn_relu_conv_dgrad_kernel", "bn_relu_conv_wgrad_kernel"} <= set(first["binaries_by_kernel"])
     assert set(first["sessions_by_kind"]) == {"forward", "dgrad", "wgrad"}
     assert first["candidates"] >= 2 * first["sessions"] > 0
     assert first["binaries"] > first["binaries_outside_tuning"]  # the candidates were compiled

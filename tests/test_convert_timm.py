@@ -52,14 +52,13 @@ if torch.cuda.is_available():
 
 @pytest.mark.parametrize("path, case, name, kwargs, training", CASES,
                          ids=[f"{p}-{c}-{'train' if t else 'eval'}" for p, c, _, _, t in CASES])
-def test_converted_timm_model_matches_timm(monkeypatch, device, timm, path, case, name, kwargs, training):
+def test_converted_timm_model_matches_timm(on_path, device, timm, path, case, name, kwargs, training):
     """float64: outputs, input and every parameter gradient, BatchNorm buffers, of one forward and backward.
 
     (One step only: at 32x32 the last stage normalises 4 values per channel, and a second step would
     amplify rounding past 1e-9 in eager timm itself; test_resnetv2.py trains whole models over steps.)
     """
-    if device.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "triton" else "0")
+    on_path(path)
     eager = _timm_model(timm, name, kwargs, path, device).to(device, torch.float64).train(training)
     keys = list(eager.state_dict())
     with warnings.catch_warnings():
@@ -127,8 +126,7 @@ def test_convert_says_when_nothing_could_be_fused(timm):
 
 
 def test_convert_leaves_hooked_modules_as_written_and_says_why(monkeypatch, timm):
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "0")  # a full-width model: the reference path on CPU
+    # A full-width model: the CPU path on CPU.
     model = timm.create_model("resnet18", num_classes=10)
     calls = []
     model.layer1[0].bn1.register_forward_hook(lambda *args: calls.append("layer1.0.bn1"))

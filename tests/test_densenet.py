@@ -9,10 +9,10 @@ from torch import nn
 
 import fastres
 from fastres import _ext
-from helpers import assert_forward_as_accurate_as_eager, assert_modules_normwise_close, assert_normwise_close, saved_bytes, train_steps, twin
-
-# As for the ResNet blocks: float32 with a small SGD step, float64 at lr=0.1.
-STEP = {torch.float32: {"lr": 0.01, "momentum": 0.0}, torch.float64: {"lr": 0.1, "momentum": 0.9}}
+from helpers import (
+    STEP, assert_forward_as_accurate_as_eager, assert_modules_normwise_close, assert_normwise_close,
+    assert_trains_like, saved_bytes, train_steps, twin,
+)
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 LAYOUTS = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 
@@ -21,21 +21,10 @@ def _fmt(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _seeded_steps(model, inputs, dtype, seed=0):
-    """``train_steps`` with the global RNG reset first, so dropout draws the same masks."""
-    torch.manual_seed(seed)
-    return train_steps(model, inputs, **STEP[dtype])
-
-
 def _compare_training(fused, eager, inputs, dtype):
     """Outputs, input gradients, then every parameter, gradient and buffer after the steps; then eval."""
-    for got, want in zip(_seeded_steps(fused, inputs, dtype), _seeded_steps(eager, inputs, dtype)):
-        assert_normwise_close(got, want)
-    assert_modules_normwise_close(fused, eager)
-    fused.eval(), eager.eval()
-    with torch.no_grad():
-        x = inputs[0].to(dtype)
-        assert_normwise_close(fused(x), eager(x))
+    assert next(eager.parameters()).dtype == dtype
+    assert_trains_like(fused, eager, inputs, STEP[dtype])
 
 
 @pytest.fixture
@@ -118,8 +107,8 @@ def test_dense_block_follows_batch_norm_options(path, device, tv, needs_ext, opt
     _compare_training(fused, eager, inputs, torch.float64)
 
 
-def test_running_statistics_are_updated_once_per_step(device, tv, needs_ext):
-    """Backward recomputes the BN-ReLUs from saved statistics and leaves the buffers alone.
+def test_running_statistics_are_updated_once_per_step(path, device, tv, needs_ext):
+    """Backward recomputes the BN-ReLUs from saved statistics (or, fused, reads them) and leaves the buffers alone.
 
     torchvision's checkpointing re-runs norm1 in backward and counts the batch twice.
     """
@@ -229,7 +218,7 @@ def _block_saved_bytes(num_layers: int, memory_efficient: bool, device) -> int:
 
 def test_saved_bytes_grow_linearly_with_depth(device, needs_ext, monkeypatch):
     """Per extra layer the shared block keeps a constant number of bytes; the naive one, more each time."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the naive block's eager ops (what torchvision keeps)
+    # On CPU the naive block's ops are eager's (what torchvision keeps).
     depths = [2, 3, 4, 5, 6]
     n, hw, k, bottleneck, c0 = 2, 36, 4, 8, 8
     shared = [_block_saved_bytes(d, True, device) for d in depths]
@@ -415,3 +404,69 @@ def test_block_output_used_twice_gets_the_summed_gradient(tv, needs_ext):
         grads.append(xl.grad)
     assert_normwise_close(grads[0], grads[1])
     assert_modules_normwise_close(block, eager_block)
+
+
+_EMPTY_CASES = {  # (torchvision's module, fastres's, the input's channels and size)
+    "model": (lambda tv: tv.models.DenseNet(4, (2, 2), 8, 2, num_classes=5),
+              lambda: fastres.models.DenseNet(4, (2, 2), 8, 2, num_classes=5), 3, 32),
+    "block": (lambda tv: tv.models.densenet._DenseBlock(2, 4, 2, 3, 0.0), lambda: fastres.nn.DenseBlock(2, 4, 2, 3), 4, 5),
+    "layer": (lambda tv: tv.models.densenet._DenseLayer(4, 3, 2, 0.0), lambda: fastres.nn.DenseLayer(4, 3, 2, 0.0), 4, 5),
+    "transition": (lambda tv: tv.models.densenet._Transition(4, 2), lambda: fastres.nn.Transition(4, 2), 4, 6),
+}
+
+
+@pytest.mark.parametrize("case", list(_EMPTY_CASES))
+def test_an_empty_batch_goes_through_as_in_eager(path, device, tv, case):
+    """N=0 in training: eager's empty output and gradients, and its buffers afterwards (NaN where eager's are)."""
+    make_eager, make_fused, c, size = _EMPTY_CASES[case]
+    eager = make_eager(tv).to(device)
+    fused = twin(eager, make_fused()).to(device)
+    outs = []
+    for model in (fused, eager):
+        x = torch.randn(0, c, size, size, device=device, requires_grad=True)
+        out = model(x)
+        out.sum().backward()
+        outs.append((out, x.grad))
+    (out, grad), (ref, ref_grad) = outs
+    assert out.shape == ref.shape and out.dtype == ref.dtype and grad.shape == ref_grad.shape
+    for (name, a), (_, b) in zip(fused.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(a, b, equal_nan=True, msg=name)
+
+
+# The GPU path's own contract: statistics reduced once per channel, no BN-ReLU output anywhere.
+
+
+def test_odd_widths_and_one_pixel(path, device, tv, needs_ext):
+    """DenseNet-BC-like odd channel counts (C0 3, k 5: no multiple of 16 anywhere), N 1, 1x1 spatial."""
+    eager = tv.models.densenet._DenseBlock(2, 3, 3, 5, drop_rate=0.0)
+    fused = twin(eager, fastres.nn.DenseBlock(2, 3, 3, 5))
+    eager, fused = (m.to(device, torch.float64) for m in (eager, fused))
+    _compare_training(fused, eager, [torch.randn(2, 3, 1, 1, device=device)], torch.float64)
+    eager.train(), fused.train()
+    _compare_training(fused, eager, [torch.randn(1, 3, 4, 4, device=device)], torch.float64)
+
+
+def test_feature_statistics_are_reduced_once_per_channel(device, gpu_paths, monkeypatch):
+    """Per block: the input's channels and each layer's new ones once, each bottleneck once; never a concatenation."""
+    from fastres.ops import kernels
+
+    bn = kernels("batch_norm")
+    reduced = []
+    stats = bn.batch_norm_stats
+    monkeypatch.setattr(bn, "batch_norm_stats", lambda x, shape, *a, **k: reduced.append(shape[1]) or stats(x, shape, *a, **k))
+    block = fastres.nn.DenseBlock(4, 5, 2, 3).to(device)
+    block(torch.randn(2, 5, 4, 4, device=device, requires_grad=True)).sum().backward()
+    # Block input (5), the new channels of the first three layers (3 each; the last layer's are read by
+    # no later layer), and each layer's bottleneck (6).
+    assert sorted(reduced) == sorted([5, 3, 3, 3] + [6] * 4)
+
+
+def test_no_bn_relu_output_is_kept(device, gpu_paths):
+    """Autograd keeps the block's buffer and, per layer, the bottleneck and per-channel vectors: nothing else."""
+    n, c0, k, bottleneck, hw, layers = 2, 6, 3, 6, 16, 3
+    block = fastres.nn.DenseBlock(layers, c0, 2, k).to(device)
+    x = torch.randn(n, c0, 4, 4, device=device, requires_grad=True)
+    kept = saved_bytes(lambda: block(x))
+    features = n * (c0 + layers * k) * hw * 4
+    per_layer = [n * bottleneck * hw * 4 + 4 * (2 * (c0 + i * k) + 1) + 4 * (2 * bottleneck + 1) for i in range(layers)]
+    assert kept == features + sum(per_layer)

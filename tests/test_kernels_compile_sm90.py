@@ -40,10 +40,10 @@ def report(tmp_path_factory):
 def test_every_kernel_compiles(report):
     names = {r["kernel"] for r in report["triton_kernels"]}
     assert names == {
-        "_add_relu_fwd_kernel", "_add_relu_bwd_kernel", "_stats_kernel", "_apply_kernel",
-        "_reduce_kernel", "_elementwise_kernel",
-        "_forward_kernel", "_dgrad_kernel", "_wgrad_kernel", "_finish_kernel",  # BN-ReLU-Conv, dense blocks
-        "_bn_relu_kernel",  # the unfused conv candidate's activation
+        "add_relu_fwd_kernel", "add_relu_bwd_kernel", "batch_norm_stats_kernel", "batch_norm_relu_fwd_kernel",
+        "batch_norm_relu_bwd_sums_kernel", "batch_norm_relu_bwd_dx_kernel",
+        "bn_relu_conv_fwd_kernel", "bn_relu_conv_dgrad_kernel", "bn_relu_conv_wgrad_kernel", "batch_norm_finish_kernel",  # BN-ReLU-Conv, dense blocks
+        "bn_relu_kernel",  # the unfused conv candidate's activation
     }
 
 
@@ -52,7 +52,7 @@ def test_no_kernel_spills(report):
     assert not spilling
 
 
-_CONV = ("_forward_kernel", "_dgrad_kernel", "_wgrad_kernel")
+_CONV = ("bn_relu_conv_fwd_kernel", "bn_relu_conv_dgrad_kernel", "bn_relu_conv_wgrad_kernel")
 
 
 def test_convolutions_run_on_tensor_cores(report):
@@ -61,7 +61,7 @@ def test_convolutions_run_on_tensor_cores(report):
     conv = [r for r in report["triton_kernels"] if r["kernel"] in _CONV and "da_ptr" not in r["pointer_dtypes"]]
 
     def dot_dtype(r):  # the weight's dtype (forward, dgrad), dy's (wgrad): what tl.dot multiplies
-        return r["pointer_dtypes"]["dy_ptr" if r["kernel"] == "_wgrad_kernel" else "w_ptr"]
+        return r["pointer_dtypes"]["dy_ptr" if r["kernel"] == "bn_relu_conv_wgrad_kernel" else "w_ptr"]
 
     tensor_core = [r for r in conv if r["constexprs"]["PRECISION"] == "tf32" or dot_dtype(r) == "bf16"]
     assert {(r["kernel"], dot_dtype(r)) for r in tensor_core} == {(k, d) for k in _CONV for d in ("bf16", "fp32")}
@@ -73,8 +73,8 @@ def test_convolutions_run_on_tensor_cores(report):
 
 
 # The extent each kernel's dense accesses run along: 16-byte vectors need it divisible by 16.
-_EXTENT = {"_add_relu_fwd_kernel": "n_elements", "_add_relu_bwd_kernel": "n_elements",
-           "_apply_kernel": "COLS", "_elementwise_kernel": "COLS"}
+_EXTENT = {"add_relu_fwd_kernel": "n_elements", "add_relu_bwd_kernel": "n_elements",
+           "batch_norm_relu_fwd_kernel": "COLS", "batch_norm_relu_bwd_dx_kernel": "COLS"}
 
 
 def _dense(row: dict) -> bool:
@@ -83,7 +83,7 @@ def _dense(row: dict) -> bool:
     return bool(flags) and all(flags) and _EXTENT[row["kernel"]] in row["divisible_by_16"]
 
 
-@pytest.mark.parametrize("kernel", ["_add_relu_fwd_kernel", "_add_relu_bwd_kernel", "_apply_kernel", "_elementwise_kernel"])
+@pytest.mark.parametrize("kernel", ["add_relu_fwd_kernel", "add_relu_bwd_kernel", "batch_norm_relu_fwd_kernel", "batch_norm_relu_bwd_dx_kernel"])
 def test_dense_paths_move_128_bits_per_access(report, kernel):
     rows = [r for r in report["triton_kernels"] if r["kernel"] == kernel and _dense(r)]
     assert rows
@@ -124,7 +124,7 @@ def _wide_conv_loops(report) -> list[dict]:
     return rows
 
 
-_KEEP = {"_forward_kernel", "_wgrad_kernel"}  # load a row keep factor: one fp32 per row, masked per row
+_KEEP = {"bn_relu_conv_fwd_kernel", "bn_relu_conv_wgrad_kernel"}  # load a row keep factor: one fp32 per row, masked per row
 
 
 def test_no_scalar_loads_in_conv_main_loops(report):

@@ -15,7 +15,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastres
 from fastres.functional import add_relu, batch_norm_relu, bn_relu_conv2d
-from fastres.ops import dense_path, use_triton
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
               torch.ops.aten.equal.default}
@@ -40,11 +39,8 @@ class FailOnHostRead(TorchDispatchMode):
 
 
 @pytest.fixture
-def no_host_reads(device, monkeypatch):
+def no_host_reads(device, gpu_paths, monkeypatch):
     """Yields the mode; interpreted kernel launches run outside it (they stand for the GPU's kernels)."""
-    if not use_triton(torch.empty(0, device=device)):
-        pytest.skip("needs the Triton path")
-    monkeypatch.setattr(dense_path, "FUSED_ON_CPU", True)
     mode = FailOnHostRead()
     from triton.runtime import interpreter
 

@@ -9,8 +9,8 @@ from torch import nn
 
 import fastres
 from helpers import (
-    assert_as_accurate_as_eager, assert_forward_as_accurate_as_eager, assert_modules_as_accurate_as_eager,
-    assert_modules_normwise_close, assert_normwise_close, saved_bytes, train_steps, twin,
+    assert_forward_as_accurate_as_eager, assert_modules_normwise_close, assert_normwise_close, assert_trains_like,
+    saved_bytes, train_steps, twin,
 )
 
 BUILDERS = [
@@ -19,13 +19,6 @@ BUILDERS = [
 ]
 
 # SGD step sizes as in test_resnet.py: small in float32 so one step's rounding is not amplified.
-STEP = {torch.float32: {"lr": 0.01, "momentum": 0.0}, torch.float64: {"lr": 0.1, "momentum": 0.9}}
-
-
-def _on_path(monkeypatch, path: str) -> None:
-    """The ``path`` fixture's choice, for tests that pick their paths per case (CPU; CUDA always runs Triton)."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "triton" else "0")
 
 
 def _timm_block(timm, kind: str, in_chs: int, out_chs: int, stride: int, proj: str | None):
@@ -65,27 +58,11 @@ def test_block_matches_timm(path, device, timm, name, kind, in_chs, out_chs, str
     eager, fused = eager.to(device, dtype), fused.to(device, dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     inputs = [torch.randn(batch, in_chs, size, size, device=device).contiguous(memory_format=fmt) for _ in range(3)]
-    # Training, three SGD steps: outputs, input gradients, every parameter, gradient and buffer.
-    if dtype == torch.float64:
-        for got, want in zip(train_steps(fused, inputs, **STEP[dtype]), train_steps(eager, inputs, **STEP[dtype])):
-            assert_normwise_close(got, want)
-        assert_modules_normwise_close(fused, eager)
-    else:
-        reference = copy.deepcopy(eager).double()
-        runs = (train_steps(fused, inputs, **STEP[dtype]), train_steps(eager, inputs, **STEP[dtype]),
-                train_steps(reference, [t.double() for t in inputs], **STEP[dtype]))
-        for got, want, exact in zip(*runs):
-            assert_as_accurate_as_eager(got, want, exact)
-        assert_modules_as_accurate_as_eager(fused, eager, reference)
-    fused.eval(), eager.eval()
-    with torch.no_grad():
-        x = inputs[0].to(dtype)
-        assert_normwise_close(fused(x), eager(x))
+    assert_trains_like(fused, eager, inputs)  # three SGD steps, then eval
 
 
-def test_block_runs_one_fused_op_per_convolution_and_keeps_no_pre_activation(device, monkeypatch, timm):
+def test_block_runs_one_fused_op_per_convolution_and_keeps_no_pre_activation(device, gpu_paths, monkeypatch, timm):
     """Each convolution is one bn_relu_conv2d on its input; the projection shares norm1 without a stored norm1(x)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = []
     module = sys.modules["fastres.nn.bn_relu_conv"]  # the attribute fastres.nn.bn_relu_conv is the function
     original = module.bn_relu_conv2d
@@ -142,8 +119,8 @@ TRAIN_CASES = (
 
 
 @pytest.mark.parametrize("builder, path, width", TRAIN_CASES, ids=[f"{b}-{p}-x{w}" for b, p, w in TRAIN_CASES])
-def test_builder_trains_like_timm(monkeypatch, device, timm, builder, path, width):
-    _on_path(monkeypatch, path)
+def test_builder_trains_like_timm(on_path, device, timm, builder, path, width):
+    on_path(path)
     eager, fused = _models(timm, builder, torch.float64, num_classes=10, width_factor=width)
     steps = 2 if path == "triton" and device.type == "cpu" else 3  # the interpreter: one SGD step, else two
     inputs = [torch.randn(4, 3, 64, 64, device=device) for _ in range(steps)]
@@ -184,7 +161,6 @@ def test_builder_keyword_arguments_follow_timm(monkeypatch, device, timm, builde
 
     Full-width models: on CPU the reference path (the interpreter runs the kernels in the tests above).
     """
-    _on_path(monkeypatch, "reference")
     torch.manual_seed(0)
     eager = timm.create_model(builder, **kwargs)
     torch.manual_seed(0)
@@ -207,7 +183,6 @@ def test_builder_keyword_arguments_follow_timm(monkeypatch, device, timm, builde
 
 
 def test_small_inputs_stem_is_one_3x3_convolution(monkeypatch):
-    _on_path(monkeypatch, "reference")
     model = fastres.models.resnetv2_18(num_classes=10, small_inputs=True)
     assert list(model.stem._modules) == ["conv"] and model.stem.conv.kernel_size == (3, 3)
     assert model.stem.conv.stride == (1, 1) and model.stem.conv.padding == (1, 1)
@@ -218,7 +193,6 @@ def test_small_inputs_stem_is_one_3x3_convolution(monkeypatch):
 
 
 def test_classifier_api_follows_timm(monkeypatch, timm):
-    _on_path(monkeypatch, "reference")
     torch.manual_seed(0)
     eager, fused = _models(timm, "resnetv2_18", torch.float32, num_classes=10)
     eager.eval(), fused.eval()

@@ -46,7 +46,7 @@ def test_ctas_per_sm():
 def test_1x1_forward_is_dram_bound_and_misses_the_target_on_a_partial_wave():
     """DenseNet-like 1x1, 64x256x14x14 -> 128 in bf16, tiles 128x128x64: 98 programs, one CTA per SM."""
     args = _forward_args(64, 256, 14, 128, 1, 1, 128, 128, 64)
-    e = sol.estimate("_forward_kernel", args, (98, 1, 1), regs=180, warps=8, smem=98304)
+    e = sol.estimate("bn_relu_conv_fwd_kernel", args, (98, 1, 1), regs=180, warps=8, smem=98304)
     m = 64 * 14 * 14
     dram = 64 * 256 * 196 * 2 + 128 * 256 * 2 + m * 128 * 2 + (513 + 2 * 256) * 4
     assert e["dram"] == dram == 9_703_428
@@ -62,13 +62,13 @@ def test_1x1_forward_is_dram_bound_and_misses_the_target_on_a_partial_wave():
         assert e[chip]["bound"] == "DRAM"
         assert e[chip]["share"] == pytest.approx(fill)  # 74%: under the 80% target
         assert e[chip]["met"] is False
-    assert sol.estimate("_forward_kernel", args, (98, 1, 1), 180, 8, 98304, round_trip=False)["smem_step"] == 65536
+    assert sol.estimate("bn_relu_conv_fwd_kernel", args, (98, 1, 1), 180, 8, 98304, round_trip=False)["smem_step"] == 65536
 
 
 def test_3x3_forward_is_shared_memory_bound():
     """64x128x28x28 -> 128, 3x3 stride 1, bf16, tiles 128x128x64 with 8 warps and 128 KB of shared memory."""
     args = _forward_args(64, 128, 28, 128, 3, 1, 128, 128, 64)
-    e = sol.estimate("_forward_kernel", args, (392, 1, 1), regs=128, warps=8, smem=131072)
+    e = sol.estimate("bn_relu_conv_fwd_kernel", args, (392, 1, 1), regs=128, warps=8, smem=131072)
     flops = 2 * (64 * 28 * 28) * 128 * (128 * 9)
     assert e["flops"] == e["mma_flops"] == flops == 14_797_504_512
     assert e["dram"] == 2 * 64 * 128 * 784 * 2 + 128 * 1152 * 2 + (257 + 256) * 4
@@ -92,7 +92,7 @@ def test_a_densenet_3x3_forward_is_bound_by_its_prologue_instructions():
     SASS of the fused forward has) outweigh the MMA and the shared-memory traffic."""
     args = _forward_args(64, 128, 28, 32, 3, 1, 64, 32, 64)
     programs = 64 * 28 * 28 // 64  # 784
-    e = sol.estimate("_forward_kernel", args, (programs, 1, 1), regs=255, warps=4, smem=40960, round_trip=False,
+    e = sol.estimate("bn_relu_conv_fwd_kernel", args, (programs, 1, 1), regs=255, warps=4, smem=40960, round_trip=False,
                      instructions=490)
     steps = 9 * 2
     assert e["iterations"] == steps * programs
@@ -108,7 +108,7 @@ def test_a_densenet_3x3_forward_is_bound_by_its_prologue_instructions():
         assert e[chip]["met"] is False
     # Without the instruction count the same launch is bound by its shared-memory tiles (24 KB a step).
     assert e["smem_step"] == 2 * (64 * 64 * 2 + 64 * 32 * 2)
-    assert sol.estimate("_forward_kernel", args, (programs, 1, 1), 255, 4, 40960, round_trip=False)["h100"]["bound"] \
+    assert sol.estimate("bn_relu_conv_fwd_kernel", args, (programs, 1, 1), 255, 4, 40960, round_trip=False)["h100"]["bound"] \
         == "smem"
 
 
@@ -120,13 +120,13 @@ def test_strided_dgrad_runs_only_the_taps_that_reach_each_phase():
         args = {**f, "dy_ptr": f["y_ptr"], "da_ptr": None, "g_ptr": f["x_ptr"], "partial_ptr": None, "sums_ptr": None,
                 "dbnw_ptr": None, "dbnb_ptr": None, "HP": 7, "WP": 7,
                 **{f"dys_{d}": f[f"ys_{d}"] for d in "nchw"}, **{f"gs_{d}": f[f"xs_{d}"] for d in "nchw"}}
-        e = sol.estimate("_dgrad_kernel", args, (2, 1, 4), regs=168, warps=4, smem=49152)
+        e = sol.estimate("bn_relu_conv_dgrad_kernel", args, (2, 1, 4), regs=168, warps=4, smem=49152)
         assert e["flops"] == 2 * (n * 7 * 7) * co * c * k * k  # the forward's FLOPs
         assert e["mma_flops"] == 2 * 64 * 64 * 64 * taps * 2  # 2 row blocks, one K block per tap
         # dy and x read, weight read, g written: x and g whole even where no tap reaches (a 1x1's odd phases).
         assert e["dram"] == (n * co * 49 + co * c * k * k + 2 * n * c * 196) * 2 + (129 + 128) * 4
     # The unfused candidate's epilogue alone, on torch's da: da and x read, g written, no MMA.
-    e = sol.estimate("_dgrad_kernel", {**args, "da_ptr": f["x_ptr"]}, (7, 1, 1), regs=96, warps=4, smem=0)
+    e = sol.estimate("bn_relu_conv_dgrad_kernel", {**args, "da_ptr": f["x_ptr"]}, (7, 1, 1), regs=96, warps=4, smem=0)
     assert (e["kind"], e["flops"], e["mma_flops"], e["dram"]) == ("memory", 0, 0, 3 * n * c * 196 * 2 + 257 * 4)
 
 
@@ -134,15 +134,15 @@ def test_strided_1x1_reads_only_the_pixels_it_uses():
     """channels_last x at stride 2: a 1x1 reads every other row and column, a 3x3 (padding 1) all of x."""
     for k, share in ((1, 4), (3, 1)):
         args = _forward_args(2, 64, 14, 64, k, 2, 64, 64, 64)
-        e = sol.estimate("_forward_kernel", args, (2, 1, 1), regs=128, warps=4, smem=49152)
+        e = sol.estimate("bn_relu_conv_fwd_kernel", args, (2, 1, 1), regs=128, warps=4, smem=49152)
         assert e["dram"] == (2 * 64 * 196 // share + 64 * 64 * k * k + 2 * 64 * 49) * 2 + (129 + 128) * 4
 
 
 def test_memory_kernels_only_count_dram():
-    e = sol.estimate("_add_relu_fwd_kernel", {"x_ptr": _vector(1 << 20, BF16), "r_ptr": _vector(1 << 20, BF16),
+    e = sol.estimate("add_relu_fwd_kernel", {"x_ptr": _vector(1 << 20, BF16), "r_ptr": _vector(1 << 20, BF16),
                                              "z_ptr": _vector(1 << 20, BF16), "mask_ptr": _vector(1 << 17, torch.uint8),
                                              "n_elements": 1 << 20}, (512, 1, 1), regs=32, warps=8, smem=0)
     assert e["dram"] == 3 * 2 * (1 << 20) + (1 << 17)
     assert (e["kind"], e["flops"], e["smem"], e["ctas_per_sm"], e["waves"]) == ("memory", 0, 0, 8, 1)
     assert e["h200"]["share"] == pytest.approx(512 / (8 * 132)) and e["h200"]["met"] is False
-    assert sol.estimate("_combine_kernel", {}, (1, 1, 1), 32, 4, 0) is None  # not modelled
+    assert sol.estimate("batch_norm_combine_kernel", {}, (1, 1, 1), 32, 4, 0) is None  # not modelled

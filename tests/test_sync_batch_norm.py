@@ -1,5 +1,6 @@
 """SyncBatchNormReLU2d across 2 processes (gloo, CPU) against one process on the whole batch."""
 
+import contextlib
 import copy
 import os
 import socket
@@ -11,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fastres
+from fastres.testing import gpu_paths_on_cpu
 
 BATCHES = (3, 2)  # per process: batch sizes may differ
 C, H, W = 5, 4, 3
@@ -30,30 +32,36 @@ def _data():
     return x, r, grad
 
 
-def _worker(rank, world, port, interpret, channels_last, out_dir):
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+def _on(path: str):
+    """In a worker process: the path's routing (CPU tensors; "triton" takes the GPU paths)."""
+    return gpu_paths_on_cpu() if path == "triton" else contextlib.nullcontext()
+
+
+def _worker(rank, world, port, path, channels_last, out_dir):
+    os.environ["TRITON_INTERPRET"] = "1"  # before the first kernel runs
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        x, r, grad = _data()
-        start = sum(BATCHES[:rank])
-        part = slice(start, start + BATCHES[rank])
-        bn = fastres.nn.SyncBatchNormReLU2d(C)
-        with torch.no_grad():
-            bn.weight.copy_(torch.linspace(0.5, 1.5, C)), bn.bias.copy_(torch.linspace(-0.2, 0.2, C))
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        results = []
-        for _ in range(2):  # two steps: the running statistics accumulate
-            xl = x[part].contiguous(memory_format=fmt).requires_grad_()
-            rl = r[part].clone().requires_grad_()
-            out = bn(xl, rl)
-            out.backward(grad[part])
-            results.append({"out": out.detach(), "dx": xl.grad, "dr": rl.grad})
-        dw, db = bn.weight.grad.clone(), bn.bias.grad.clone()
-        dist.all_reduce(dw), dist.all_reduce(db)  # what DDP would do (as a sum here)
-        torch.save(
-            {"steps": results, "dw": dw / 2, "db": db / 2, "buffers": dict(bn.named_buffers())},
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
+        with _on(path):
+            x, r, grad = _data()
+            start = sum(BATCHES[:rank])
+            part = slice(start, start + BATCHES[rank])
+            bn = fastres.nn.SyncBatchNormReLU2d(C)
+            with torch.no_grad():
+                bn.weight.copy_(torch.linspace(0.5, 1.5, C)), bn.bias.copy_(torch.linspace(-0.2, 0.2, C))
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            results = []
+            for _ in range(2):  # two steps: the running statistics accumulate
+                xl = x[part].contiguous(memory_format=fmt).requires_grad_()
+                rl = r[part].clone().requires_grad_()
+                out = bn(xl, rl)
+                out.backward(grad[part])
+                results.append({"out": out.detach(), "dx": xl.grad, "dr": rl.grad})
+            dw, db = bn.weight.grad.clone(), bn.bias.grad.clone()
+            dist.all_reduce(dw), dist.all_reduce(db)  # what DDP would do (as a sum here)
+            torch.save(
+                {"steps": results, "dw": dw / 2, "db": db / 2, "buffers": dict(bn.named_buffers())},
+                os.path.join(out_dir, f"rank{rank}.pt"),
+            )
     finally:
         dist.barrier()  # neither process tears gloo down while the other still talks to it
         dist.destroy_process_group()
@@ -61,7 +69,7 @@ def _worker(rank, world, port, interpret, channels_last, out_dir):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_sync_matches_one_process_on_the_concatenated_batch(path, tmp_path, channels_last):
-    mp.spawn(_worker, args=(2, _free_port(), path == "triton", channels_last, str(tmp_path)), nprocs=2)
+    mp.spawn(_worker, args=(2, _free_port(), path, channels_last, str(tmp_path)), nprocs=2)
     x, r, grad = _data()
     bn = nn.BatchNorm2d(C)
     with torch.no_grad():
@@ -216,7 +224,7 @@ def _ddp_steps(model, x, grad, calls: dict):
 
 
 def _model_worker(rank, world, port, out_dir):
-    os.environ["TRITON_INTERPRET"] = "1"  # before the first kernel runs; "0" below selects the reference
+    os.environ["TRITON_INTERPRET"] = "1"  # before the first kernel runs
     torch.set_num_threads(1)  # two processes on what may be two cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -231,11 +239,12 @@ def _model_worker(rank, world, port, out_dir):
         cases = _model_cases(import_torchvision())
         results = {}
         for path, name in MODEL_RUNS:
-            os.environ["TRITON_INTERPRET"] = "1" if path == "triton" else "0"  # read at each call
-            model = cases[name][0]()
-            outs, counts = _ddp_steps(model, x[part], grad[part], calls)
+            with _on(path):
+                model = cases[name][0]()
+                outs, counts = _ddp_steps(model, x[part], grad[part], calls)
+                triton = ops.use_triton(x)
             results[path, name] = {
-                "outs": outs, "counts": counts, "triton": ops.use_triton(x),
+                "outs": outs, "counts": counts, "triton": triton,
                 "bn_types": sorted({type(m).__name__ for m in model.modules()
                                     if isinstance(m, nn.modules.batchnorm._BatchNorm)}),
                 "grads": {k: p.grad for k, p in model.named_parameters()},
@@ -327,7 +336,7 @@ def test_torch_converter_after_convert_of_a_torchvision_resnet_keeps_the_stem_re
 # statistics (stem, dense layers, transition) are synchronized inside fastres._C's recomputing
 # ops, norm5 through the fused synchronized op; compared as the ResNets above.
 
-PATHS_WITH_FUSED_DENSE = ("triton", "reference", "fused_conv")
+PATHS_WITH_FUSED_DENSE = ("triton", "reference")
 
 
 def _small_densenet(lib):
@@ -346,7 +355,7 @@ def _densenet_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        from fastres.ops import dense_block, dense_fused, dense_path, sync_batch_norm as ops
+        from fastres.ops import dense_block, dense_fused, sync_batch_norm as ops
 
         calls = _spy({"shared": (dense_block, "_synchronized_statistics"), "fused": (ops, "sync_batch_norm_relu"),
                       "fused_conv": (dense_fused, "_synchronized")})
@@ -355,10 +364,9 @@ def _densenet_worker(rank, world, port, out_dir):
         part = slice(start, start + MODEL_BATCHES[rank])
         results = {}
         for path in PATHS_WITH_FUSED_DENSE:
-            os.environ["TRITON_INTERPRET"] = "0" if path == "reference" else "1"
-            dense_path.FUSED_ON_CPU = path == "fused_conv"  # dense blocks on the fused convolutions (CUDA's path)
-            model = fastres.nn.convert_sync_batchnorm(_small_densenet(fastres.models))
-            outs, counts = _ddp_steps(model, x[part], grad[part], calls)
+            with _on(path):  # "triton": dense blocks on the fused convolutions (CUDA's path)
+                model = fastres.nn.convert_sync_batchnorm(_small_densenet(fastres.models))
+                outs, counts = _ddp_steps(model, x[part], grad[part], calls)
             results[path] = {
                 "outs": outs, "counts": counts,
                 "grads": {k: p.grad for k, p in model.named_parameters()},
@@ -391,11 +399,11 @@ def test_densenet_under_convert_sync_batchnorm_and_ddp_matches_one_process(tmp_p
             got = torch.cat([r[path]["outs"][step] for r in ranks])
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{path} step {step}: {m}")
         for r in (rank[path] for rank in ranks):
-            if path == "fused_conv":
-                # The stem through shared storage, the 2 x 2 x 2 dense-layer BNs through the fused convolutions;
-                # the transition's synchronizing BN-ReLU (unfused with its convolution) and norm5 through the
-                # fused synchronized BN-ReLU.
-                assert r["counts"] == [(1, 2, 8)] * MODEL_STEPS, path
+            if path == "triton":
+                # As on CUDA: the 2 x 2 x 2 dense-layer BNs through the fused convolutions; the stem's, the
+                # transition's synchronizing BN-ReLU (unfused with its convolution) and norm5 through the
+                # fused synchronized BN-ReLU; nothing through fastres._C.
+                assert r["counts"] == [(0, 3, 8)] * MODEL_STEPS, path
             else:
                 # stem + 2 x 2 dense-layer BNs + transition + 2 x 2 through shared storage; norm5 fused.
                 assert r["counts"] == [(10, 1, 0)] * MODEL_STEPS, path
@@ -407,6 +415,7 @@ def test_densenet_under_convert_sync_batchnorm_and_ddp_matches_one_process(tmp_p
 
 
 def _double_backward_worker(rank, world, port, out_dir):
+    os.environ["TRITON_INTERPRET"] = "1"  # before the first kernel runs
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -416,15 +425,15 @@ def _double_backward_worker(rank, world, port, out_dir):
         part = slice(0, 3) if rank == 0 else slice(3, 5)
         results = {}
         for path in ("triton", "reference"):
-            os.environ["TRITON_INTERPRET"] = "1" if path == "triton" else "0"
-            x = x_all[part].clone().requires_grad_()
-            r = r_all[part].clone().requires_grad_()
-            w = torch.linspace(0.5, 1.5, 3, dtype=torch.float64, requires_grad=True)
-            b = torch.linspace(-0.2, 0.2, 3, dtype=torch.float64, requires_grad=True)
-            out = fastres.functional.sync_batch_norm_relu(x, None, None, w, b, residual=r)
-            gx, gw = torch.autograd.grad(out.square().sum(), (x, w), create_graph=True)
-            (gx.square().sum() + gw.square().sum()).backward()
-            results[path] = [t.grad for t in (x, r, w, b)]
+            with _on(path):
+                x = x_all[part].clone().requires_grad_()
+                r = r_all[part].clone().requires_grad_()
+                w = torch.linspace(0.5, 1.5, 3, dtype=torch.float64, requires_grad=True)
+                b = torch.linspace(-0.2, 0.2, 3, dtype=torch.float64, requires_grad=True)
+                out = fastres.functional.sync_batch_norm_relu(x, None, None, w, b, residual=r)
+                gx, gw = torch.autograd.grad(out.square().sum(), (x, w), create_graph=True)
+                (gx.square().sum() + gw.square().sum()).backward()
+                results[path] = [t.grad for t in (x, r, w, b)]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.barrier()

@@ -65,6 +65,20 @@ def _input(dtype=torch.float32, batch=2):
     return torch.randn(batch, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(1))
 
 
+def _fastres_ops(explanation) -> set[str]:
+    """The fastres custom ops in the traced graphs (autograd Functions' bodies included)."""
+    return {str(node.target) for graph in explanation.graphs for module in graph.modules()
+            if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes
+            if node.op == "call_function" and str(node.target).startswith("fastres.")}
+
+
+# The custom op each model's graph must hold, per path: the dense block's own op (fused kernels on the GPU
+# paths, fastres._C's shared-storage ops on CPU), the BN-ReLU-Conv's, the residual merge's.
+GRAPH_OPS = {"densenet": {"triton": "fastres.fused_dense_block_forward", "reference": "fastres.dense_bn_relu_forward"},
+             "resnet": {"triton": "fastres.batch_norm_relu", "reference": None},
+             "resnetv2": {"triton": "fastres.bn_relu_conv2d", "reference": None}}
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_no_graph_breaks(path, tv, name, training):
@@ -73,6 +87,9 @@ def test_no_graph_breaks(path, tv, name, training):
     explanation = torch._dynamo.explain(fused)(_input())
     assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons]
     assert explanation.graph_count == 1
+    expected = GRAPH_OPS.get(name.removeprefix("convert(").removesuffix(")"), {}).get(path)
+    if expected:
+        assert expected in _fastres_ops(explanation)
 
 
 @pytest.mark.parametrize("name", ["densenet", "resnet"])
@@ -87,11 +104,12 @@ def test_no_graph_breaks_without_gradients(path, tv, name):
     assert torch._dynamo.explain(fused)(_input()).graph_break_count == 0
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", ["densenet", "convert(resnet)", "resnetv2"])
-def test_compiled_model_trains_like_eager(path, tv, name):
+def test_compiled_model_trains_like_eager(path, tv, name, training):
     """fullgraph=True; outputs, every gradient and BatchNorm buffer as eager torchvision's, float64."""
     torch._dynamo.reset()
-    eager, fused = _pair(tv, name, dtype=torch.float64)
+    eager, fused = _pair(tv, name, training, dtype=torch.float64)
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
     x = _input(torch.float64)
     out, ref = compiled(x), eager(x)

@@ -94,7 +94,10 @@ def run(args, parser) -> int:
     if args.worker == "interpreter":
         if os.environ.get("TRITON_INTERPRET") != "1":
             parser.error("--worker interpreter runs with TRITON_INTERPRET=1 (use --interpreter)")
-        results = [dataclasses.asdict(r) | {"device": "cpu (interpreter)"} for r in selftest.run_all("cpu")]
+        from ..testing import gpu_paths_on_cpu
+
+        with gpu_paths_on_cpu():  # every op's CUDA path, dense blocks included
+            results = [dataclasses.asdict(r) | {"device": "cpu (interpreter)"} for r in selftest.run_all("cpu")]
         print(RESULT_PREFIX + json.dumps(results), flush=True)
         return 0
 

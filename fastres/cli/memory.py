@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from . import zoo
+from ..testing import saved_bytes
 from .argtypes import bc_depth, positive
 from .measure import (
     DOUBT_MARK, MB, environment, memory_format, release_free_memory, reset_rss_peak, rss, rss_peak, step_spread,
@@ -111,27 +112,6 @@ def make_model(variant: str, model: str, *, depth: int = 100, growth_rate: int =
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-
-
-def saved_bytes(step, params) -> int:
-    """Bytes autograd saves for backward during ``step()``: distinct storages, parameters excluded.
-
-    Work inside a ``torch.utils.checkpoint`` region is saved through the
-    checkpoint's own hooks, so it is not counted here.
-    """
-    param_storages = {p.untyped_storage().data_ptr() for p in params}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in param_storages:
-            seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(seen.values())
 
 
 # --------------------------------------------------------------------------- CPU memory

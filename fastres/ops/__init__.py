@@ -1,26 +1,48 @@
-"""The one place that decides where an op runs.
+"""The one place that decides where an op runs: ``route``.
 
-- CUDA tensors run the Triton kernels in ``fastres.kernels``.
-- CPU tensors run the eager PyTorch reference, except when ``TRITON_INTERPRET=1``
-  is set: then they run the same Triton kernels through Triton's interpreter,
-  which is how the kernel code is exercised without a GPU.
-- ``torch.jit.trace`` records the eager reference on every device.
+- CUDA tensors run the Triton kernels in ``fastres.kernels`` (the "GPU paths").
+- CPU tensors run eager PyTorch, and DenseNet work runs ``fastres._C``'s
+  shared-storage engine. Inside ``cpu_runs_gpu_paths()`` (public as
+  ``fastres.testing.gpu_paths_on_cpu()``) CPU tensors take the GPU paths
+  instead, their kernels run by Triton's interpreter or compiled for a
+  stand-in device: how the kernel code is exercised without a GPU.
+- ``torch.jit.trace`` and functorch transforms get eager PyTorch everywhere.
 
 Triton is imported lazily, so ``import fastres`` works where it is absent.
 """
 
+import contextlib
 import functools
 import importlib
-import os
+import threading
 import warnings
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 
+__all__ = ["EAGER", "EXTENSION", "TRITON", "route", "triton_available", "use_triton"]
 
-def interpreting() -> bool:
-    """True when ``TRITON_INTERPRET=1`` (read at each call, like Triton does)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+EAGER, TRITON, EXTENSION = "eager", "triton", "extension"
+
+_routing = threading.local()  # per thread, as torch.no_grad is (a CPU backward runs on the caller's thread)
+
+
+@torch.compiler.assume_constant_result  # read once when a graph is traced, like triton_available
+def _cpu_on_gpu_paths() -> bool:
+    return getattr(_routing, "cpu_on_gpu_paths", 0) > 0
+
+
+@contextlib.contextmanager
+def cpu_runs_gpu_paths() -> Iterator[None]:
+    """CPU tensors take every op's GPU path while this is active (this thread; nests)."""
+    if not triton_available():
+        raise RuntimeError("the GPU paths run Triton kernels: install triton (pip install triton)")
+    _routing.cpu_on_gpu_paths = getattr(_routing, "cpu_on_gpu_paths", 0) + 1
+    try:
+        yield
+    finally:
+        _routing.cpu_on_gpu_paths -= 1
 
 
 @functools.cache
@@ -38,7 +60,7 @@ def triton_available() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether the op on ``t`` runs the Triton kernel (else the eager reference).
+    """Whether an op on ``t`` runs its Triton kernels (else eager PyTorch): ``route``'s first question.
 
     Never under ``torch.jit.trace``: the tracer records only ATen ops, so a
     traced graph holds eager PyTorch's computation (which it can also save).
@@ -53,22 +75,38 @@ def use_triton(t: torch.Tensor) -> bool:
             return True
         _warn_no_triton()
         return False
-    if t.device.type == "cpu" and interpreting():
-        if not triton_available():
-            raise RuntimeError(
-                "TRITON_INTERPRET=1 is set but triton is not installed; "
-                "install it (pip install triton) or unset TRITON_INTERPRET"
-            )
-        return True
-    return False
+    return t.device.type == "cpu" and _cpu_on_gpu_paths()
+
+
+def route(op: str, x: torch.Tensor) -> str:
+    """Which path the op ``op`` takes on ``x``: ``TRITON``, ``EXTENSION`` (``fastres._C``) or ``EAGER``.
+
+    ``op`` is ``"elementwise"`` (add-ReLU, batch norms, BN-ReLU, BN-ReLU-Conv:
+    each its Triton kernels or eager PyTorch; on the Triton path the tuner
+    then times fused against unfused candidates per shape), or ``"dense"``
+    (dense blocks, and the BN-ReLUs of transitions and stems that DenseNets
+    recompute in backward): on the GPU paths the fused BN-ReLU-Conv kernels,
+    on CPU ``fastres._C`` for float32/float64 outside CPU autocast (it makes
+    the bottleneck bfloat16), else eager. Empty tensors take eager PyTorch,
+    which handles them.
+    """
+    if op == "dense" and x.numel() == 0:
+        return EAGER
+    if use_triton(x):
+        return TRITON
+    if op == "dense" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not (
+        torch.jit.is_tracing() or torch._C._are_functorch_transforms_active() or torch.is_autocast_enabled("cpu")
+    ):
+        return EXTENSION
+    return EAGER
 
 
 def require_triton(t: torch.Tensor, op: str) -> None:
     """Raise unless ``t`` runs Triton kernels (what fastres's custom ops run)."""
     if not use_triton(t):
         raise RuntimeError(
-            f"{op} runs Triton kernels: it takes CUDA tensors, or CPU tensors with "
-            f"TRITON_INTERPRET=1, got a {t.device.type} tensor; "
+            f"{op} runs Triton kernels: it takes CUDA tensors, or CPU tensors inside "
+            f"fastres.testing.gpu_paths_on_cpu(), got a {t.device.type} tensor; "
             "the functions in fastres.functional run eager PyTorch there"
         )
 

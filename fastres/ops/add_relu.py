@@ -3,7 +3,7 @@
 Three ops, none differentiable by itself (so ``torch.compile`` sees opaque calls
 with fake implementations): ``fastres::add_relu`` (new output),
 ``fastres::add_relu_`` (writes into x, like ``out += identity; relu_(out)``) and
-``fastres::add_relu_backward``. ``AddReLU`` ties them together for autograd and
+``fastres::add_relu_backward``. ``AddReLUFunction`` ties them together for autograd and
 saves only the 1-bit ReLU mask: eager keeps the full output for relu's backward.
 
 In eager mode the Python implementations are called directly, not through
@@ -108,7 +108,7 @@ def _(grad: Tensor, mask: Tensor, order: list[int]) -> Tensor:
     return torch.empty_permuted(grad.shape, order, dtype=grad.dtype, device=grad.device)
 
 
-class AddReLU(torch.autograd.Function):
+class AddReLUFunction(torch.autograd.Function):
     """Autograd for the fused merge; saves the 1-bit mask and nothing else.
 
     ``forward`` returns ``(out, mask)`` (the mask non-differentiable) so that
@@ -160,7 +160,7 @@ def add_relu(x: Tensor, identity: Tensor, inplace: bool) -> Tensor:
     if not use_triton(x):
         return x.add_(identity).relu_() if inplace else torch.relu(x + identity)
     if torch.is_grad_enabled() and (x.requires_grad or identity.requires_grad):
-        return apply_function(AddReLU, x, identity, inplace)[0]
+        return apply_function(AddReLUFunction, x, identity, inplace)[0]
     compiling = torch.compiler.is_compiling()
     if inplace:
         (torch.ops.fastres.add_relu_ if compiling else _add_relu_inplace)(x, identity, False)

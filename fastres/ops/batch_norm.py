@@ -3,7 +3,7 @@
 Two ops, ``fastres::batch_norm_relu`` (the whole forward: statistics,
 running-stat update, apply) and ``fastres::batch_norm_relu_backward``, are
 registered with ``torch.library`` so that ``torch.compile`` sees opaque calls
-with fake implementations. In eager mode ``BatchNormReLU`` calls their Python
+with fake implementations. In eager mode ``BatchNormReLUFunction`` calls their Python
 implementations directly: the dispatcher's handling of a custom op with
 mutated arguments costs more host time (70-95 us) than the kernels' launches.
 
@@ -17,52 +17,10 @@ mask: eager saves x and the whole output. The synchronized op
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._prims_common import suggest_memory_format
 
 from . import apply_function, kernels, require_triton, use_triton
 from .bitmask import unpack_mask
-
-
-def channels_last(x: Tensor) -> bool:
-    """Whether eager's batch norm would give a channels_last output for ``x``."""
-    if x.is_contiguous():
-        return False  # the common NCHW case, without the stride analysis
-    return suggest_memory_format(x) == torch.channels_last
-
-
-def empty_out(x: Tensor, c_last: bool, dtype: torch.dtype | None = None) -> Tensor:
-    """An output shaped like x, dense in NCHW or channels_last order."""
-    fmt = torch.channels_last if c_last else torch.contiguous_format
-    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
-
-
-def acc_dtype(x: Tensor) -> torch.dtype:
-    """What statistics are computed and kept in: float64 for float64 x, float32 otherwise."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def view3(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
-    """``t`` (N, C, H, W) and its strides as an [N, C, H*W] view (copied first if H and W do not merge).
-
-    The kernels take the tensor's pointer and these strides: no view is built.
-    """
-    n, c, h, w = t.shape
-    s = t.stride()
-    if h > 1 and w > 1 and s[2] != w * s[3]:
-        t = t.contiguous(memory_format=suggest_memory_format(t))
-        s = t.stride()
-    return t, (s[0], s[1], s[3] if w > 1 else s[2] if h > 1 else 1)
-
-
-def out_strides(shape: tuple[int, int, int], c_last: bool) -> tuple[int, int, int]:
-    """[N, C, HW] strides of a dense output."""
-    n, c, hw = shape
-    return (c * hw, 1, c) if c_last else (c * hw, hw, 1)
-
-
-def shape3(x: Tensor) -> tuple[int, int, int]:
-    n, c, h, w = x.shape
-    return n, c, h * w
+from .layout import acc_dtype, channels_last, empty_out, out_strides, shape3, view3
 
 
 def new_bn_mask(shape: tuple[int, int, int], c_last: bool, device: torch.device, needed: bool) -> Tensor:
@@ -246,7 +204,7 @@ def differentiable_batch_norm(x, weight, bias, mean, rstd, training, eps):
     return y if bias is None else y + bias.view(c)
 
 
-class BatchNormReLU(torch.autograd.Function):
+class BatchNormReLUFunction(torch.autograd.Function):
     """Autograd for the fused op: saves x, stats and the 1-bit ReLU mask.
 
     ``forward`` returns ``(out, stats, mask)`` (the last two
@@ -310,7 +268,7 @@ def batch_norm_relu(x, running_mean, running_var, weight, bias, training, moment
         x.requires_grad or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad) or (residual is not None and residual.requires_grad)
     ):
-        return apply_function(BatchNormReLU, *args)[0]
+        return apply_function(BatchNormReLUFunction, *args)[0]
     if torch.compiler.is_compiling():
         return torch.ops.fastres.batch_norm_relu(*args, False)[0]
     return forward(*args, False)[0]

@@ -22,7 +22,8 @@ from torch._prims_common import suggest_memory_format
 
 from . import apply_function, kernels, require_triton, use_triton
 from .owned import mark_owned
-from .batch_norm import acc_dtype, channels_last, differentiable_batch_norm, empty_out, out_strides, shape3, view3
+from .batch_norm import differentiable_batch_norm
+from .layout import acc_dtype, channels_last, empty_out, out_strides, shape3, view3
 
 
 def conv_dtype(x: Tensor) -> torch.dtype:
@@ -54,10 +55,10 @@ def empty_weight_grad(x: Tensor, weight: Tensor) -> Tensor:
     return torch.empty(weight.shape, dtype=weight.dtype, device=x.device, memory_format=fmt)
 
 
-def statistics(x, running_mean, running_var, training, momentum, eps) -> Tensor:
+def statistics(x, running_mean, running_var, training, momentum, eps, out: Tensor | None = None) -> Tensor:
     """``[mean | rstd | count]``: the batch's (running statistics updated in place) or, in eval, the running ones."""
     c = x.shape[1]
-    stats = torch.empty(2 * c + 1, dtype=acc_dtype(x), device=x.device)
+    stats = torch.empty(2 * c + 1, dtype=acc_dtype(x), device=x.device) if out is None else out
     if training:
         x3, xs = view3(x)
         kernels("batch_norm").batch_norm_stats(x3, shape3(x), xs, stats, running_mean, running_var, momentum, eps)

@@ -1,7 +1,8 @@
 """Memory layouts: the logical order kernels walk and where outputs go."""
 
 import torch
-from torch._prims_common import compute_elementwise_output_strides
+from torch import Tensor
+from torch._prims_common import compute_elementwise_output_strides, suggest_memory_format
 
 
 def memory_order(t: torch.Tensor) -> list[int]:
@@ -31,3 +32,45 @@ def has_internal_overlap(t: torch.Tensor) -> bool:
     ``torch.compile`` traces it.
     """
     return any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride()))
+
+
+def channels_last(x: Tensor) -> bool:
+    """Whether eager's batch norm would give a channels_last output for ``x``."""
+    if x.is_contiguous():
+        return False  # the common NCHW case, without the stride analysis
+    return suggest_memory_format(x) == torch.channels_last
+
+
+def empty_out(x: Tensor, c_last: bool, dtype: torch.dtype | None = None) -> Tensor:
+    """An output shaped like x, dense in NCHW or channels_last order."""
+    fmt = torch.channels_last if c_last else torch.contiguous_format
+    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """What statistics are computed and kept in: float64 for float64 x, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def view3(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """``t`` (N, C, H, W) and its strides as an [N, C, H*W] view (copied first if H and W do not merge).
+
+    The kernels take the tensor's pointer and these strides: no view is built.
+    """
+    n, c, h, w = t.shape
+    s = t.stride()
+    if h > 1 and w > 1 and s[2] != w * s[3]:
+        t = t.contiguous(memory_format=suggest_memory_format(t))
+        s = t.stride()
+    return t, (s[0], s[1], s[3] if w > 1 else s[2] if h > 1 else 1)
+
+
+def out_strides(shape: tuple[int, int, int], c_last: bool) -> tuple[int, int, int]:
+    """[N, C, HW] strides of a dense output."""
+    n, c, hw = shape
+    return (c * hw, 1, c) if c_last else (c * hw, hw, 1)
+
+
+def shape3(x: Tensor) -> tuple[int, int, int]:
+    n, c, h, w = x.shape
+    return n, c, h * w

@@ -17,10 +17,9 @@ from torch import Tensor
 
 from . import kernels, require_triton, use_triton
 from .batch_norm import (
-    acc_dtype, apply, backward_elementwise, backward_reduce, channels_last, differentiable_backward, empty_out,
-    input_grads, new_bn_mask,
-    shape3, view3,
+    apply, backward_elementwise, backward_reduce, differentiable_backward, input_grads, new_bn_mask,
 )
+from .layout import acc_dtype, channels_last, empty_out, shape3, view3
 
 
 @torch.library.custom_op("fastres::bn_local_stats", mutates_args=())
@@ -127,8 +126,8 @@ def _all_gather(t: Tensor, group) -> Tensor:
     return torch.stack(parts)
 
 
-class SyncBatchNormReLU(torch.autograd.Function):
-    """Autograd for the synchronized op; saves what ``BatchNormReLU`` saves."""
+class SyncBatchNormReLUFunction(torch.autograd.Function):
+    """Autograd for the synchronized op; saves what ``BatchNormReLUFunction`` saves."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, residual, momentum, eps, group, save):
@@ -211,7 +210,7 @@ def sync_batch_norm_relu(x, running_mean, running_var, weight, bias, momentum, e
     if not use_triton(x):
         return _reference(x, running_mean, running_var, weight, bias, momentum, eps, residual, group)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
-    return SyncBatchNormReLU.apply(x, weight, bias, running_mean, running_var, residual, momentum, eps, group, save)
+    return SyncBatchNormReLUFunction.apply(x, weight, bias, running_mean, running_var, residual, momentum, eps, group, save)
 
 
 def sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, group):

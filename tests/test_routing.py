@@ -1,0 +1,72 @@
+"""Where a call runs: ``fastres.ops.route``, and ``fastres.testing.gpu_paths_on_cpu()`` sending CPU tensors down the GPU paths."""
+
+import threading
+
+import pytest
+import torch
+
+import fastres
+from fastres.ops import route
+from fastres.testing import gpu_paths_on_cpu
+
+
+def test_cpu_tensors_take_the_cpu_paths_outside_the_context():
+    x = torch.randn(2, 3, 4, 4)
+    assert route("elementwise", x) == "eager"
+    assert route("dense", x) == "extension"
+    assert route("dense", x.half()) == "eager"  # fastres._C computes in float32/float64
+    assert route("dense", x[:0]) == "eager"  # an empty batch: eager handles it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert route("dense", x) == "eager"  # autocast makes the bottleneck bfloat16
+
+
+def test_the_context_sends_every_op_down_the_gpu_paths_and_nests():
+    x = torch.randn(2, 3, 4, 4)
+    with gpu_paths_on_cpu():
+        assert route("elementwise", x) == route("dense", x) == route("dense", x.half()) == "triton"
+        with gpu_paths_on_cpu():
+            assert route("dense", x) == "triton"
+        assert route("dense", x) == "triton"  # still inside the outer one
+        assert route("dense", x[:0]) == "eager"
+    assert route("dense", x) == "extension"
+
+
+def test_the_context_holds_for_its_thread_only():
+    x = torch.randn(2, 3, 4, 4)
+    seen = []
+    with gpu_paths_on_cpu():
+        thread = threading.Thread(target=lambda: seen.append(route("elementwise", x)))
+        thread.start()
+        thread.join()
+        assert route("elementwise", x) == "triton"
+    assert seen == ["eager"]
+
+
+def test_the_context_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        with gpu_paths_on_cpu():
+            pass
+    assert route("elementwise", torch.randn(2)) == "eager"
+
+
+def test_dense_blocks_follow_the_route():
+    """The module's own decision is route's: the fused Function inside the context, fastres._C's outside."""
+    block = fastres.nn.DenseBlock(1, 4, 2, 3)
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    if fastres.functional.extension_available():
+        assert type(block(x).grad_fn).__name__ == "DenseBlockFunctionBackward"
+    with gpu_paths_on_cpu():
+        assert type(block(x).grad_fn).__name__ == "FusedDenseBlockFunctionBackward"
+
+
+def test_no_module_level_flags():
+    """Routing state lives in the context manager, not in a module attribute that callers flip."""
+    import sys
+
+    import fastres.cli  # noqa: F401 (every fastres module that a model or the command imports)
+    import fastres.models  # noqa: F401
+
+    flags = [f"{name}.{attr}" for name, module in list(sys.modules.items()) if name.startswith("fastres")
+             for attr, value in vars(module).items() if isinstance(value, bool)]
+    assert flags == []
