@@ -56,7 +56,7 @@ stage check 35 $PY -m fastres check --json "$OUT/check.json"
 # (test_every_launch_config_matches_eager runs every config); the benchmarks autotune.
 stage tests 110 env FASTRES_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider \
     --junitxml="$OUT/tests.xml" \
-    tests/test_ext.py tests/test_add_relu.py tests/test_batch_norm.py tests/test_compile.py \
+    tests/test_ext.py tests/test_add_relu.py tests/test_batch_norm.py tests/test_op_tooling.py \
     tests/test_bn_relu_conv.py tests/test_densenet.py tests/test_resnet.py \
     tests/test_convert.py tests/test_bad_input.py tests/test_resnetv2.py tests/test_convert_timm.py
 
