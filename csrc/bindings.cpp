@@ -15,6 +15,7 @@
 //   sum_g, sum_gx ([C])
 //   running_mean, running_var ([C])        any floating dtype (updated through a copy in the
 //                                          parameter dtype when theirs differs, or when strided)
+//   moments ([3, C] or gathered [W, 3, C])  float64
 //
 // Math runs in double for float64 x and in float otherwise; reductions are
 // summed in double for float32 too, as eager CPU batch norm does.
@@ -114,33 +115,83 @@ class RunningBuffer {
   at::Tensor target_, work_;
 };
 
+// The running statistics a training op updates: both given (different
+// tensors) or both None.
+struct RunningPair {
+  RunningBuffer mean, var;
+  void finish() const {
+    mean.finish();
+    var.finish();
+  }
+};
+
+RunningPair running_pair(const char* op, const std::optional<at::Tensor>& running_mean,
+                         const std::optional<at::Tensor>& running_var, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
+                    ": running_mean and running_var must both be given or both be None");
+  RunningPair running{RunningBuffer(op, "running_mean", running_mean, x),
+                      RunningBuffer(op, "running_var", running_var, x)};
+  TORCH_CHECK_VALUE(!running.mean.defined() || !running.mean.work().is_same(running.var.work()),
+                    op, ": running_mean and running_var must be different tensors");
+  return running;
+}
+
 // ---- the ops ----
-//
-// Each takes a trailing `stream` (an int, 0 by default) that it ignores: the
-// Python wrappers of fastres.ops.dense_ops pass it.
 
 std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x,
                                                const std::optional<at::Tensor>& running_mean,
                                                const std::optional<at::Tensor>& running_var,
-                                               double momentum, double eps, int64_t /*stream*/) {
+                                               double momentum, double eps) {
   constexpr const char* op = "batch_stats";
   check_x(op, x);
-  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
-                    ": running_mean and running_var must both be given or both be None");
+  const RunningPair running = running_pair(op, running_mean, running_var, x);
+  auto [mean, rstd] =
+      fastres::cpu::batch_stats(x, running.mean.work(), running.var.work(), momentum, eps);
+  running.finish();
+  return {mean, rstd};
+}
+
+at::Tensor batch_moments(const at::Tensor& x) {
+  constexpr const char* op = "batch_moments";
+  check_x(op, x);
+  return fastres::cpu::batch_moments(x);
+}
+
+// x: this process's batch, which sets the channels, the device and the dtype
+// of (mean, rstd); moments: every process's batch_moments, stacked.
+std::tuple<at::Tensor, at::Tensor> merge_batch_stats(const at::Tensor& x, const at::Tensor& moments,
+                                                     const std::optional<at::Tensor>& running_mean,
+                                                     const std::optional<at::Tensor>& running_var,
+                                                     double momentum, double eps) {
+  constexpr const char* op = "merge_batch_stats";
+  check_x(op, x);
+  FASTRES_CHECK_SAME_DEVICE(op, "moments", moments, "x", x);
+  FASTRES_CHECK_DTYPE(op, "moments", moments, at::kDouble);
+  FASTRES_CHECK_DIM(op, "moments", moments, 3);
+  TORCH_CHECK_VALUE(moments.size(0) > 0 && moments.size(1) == 3 && moments.size(2) == x.size(1),
+                    op, ": moments must have shape [W, 3, C] with W > 0 and C = x.size(1) = ",
+                    x.size(1), ", got ", moments.sizes());
+  const RunningPair running = running_pair(op, running_mean, running_var, x);
+  auto [mean, rstd] =
+      fastres::cpu::merge_batch_stats(moments.contiguous(), running.mean.work(),
+                                      running.var.work(), momentum, eps, param_dtype(x));
+  running.finish();
+  return {mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> running_stats(const at::Tensor& x,
+                                                 const at::Tensor& running_mean,
+                                                 const at::Tensor& running_var, double eps) {
+  constexpr const char* op = "running_stats";
+  check_x(op, x);
   const RunningBuffer rm(op, "running_mean", running_mean, x);
   const RunningBuffer rv(op, "running_var", running_var, x);
-  TORCH_CHECK_VALUE(!rm.defined() || !rm.work().is_same(rv.work()), op,
-                    ": running_mean and running_var must be different tensors");
-  auto [mean, rstd] = fastres::cpu::batch_stats(x, rm.work(), rv.work(), momentum, eps);
-  rm.finish();
-  rv.finish();
-  return {mean, rstd};
+  return fastres::cpu::running_stats(rm.work(), rv.work(), eps);
 }
 
 void bn_relu_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                      const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& bias, const at::Tensor& out,
-                     int64_t /*stream*/) {
+                     const std::optional<at::Tensor>& bias, const at::Tensor& out) {
   constexpr const char* op = "bn_relu_forward";
   check_x(op, x);
   const BnParams bn = bn_params(op, x, mean, rstd, weight, bias);
@@ -151,7 +202,7 @@ void bn_relu_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tens
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, int64_t /*stream*/) {
+    const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "bn_relu_backward_reduce";
   check_x(op, x);
   check_like_x(op, "grad_out", grad_out, x, /*written=*/false);
@@ -165,7 +216,7 @@ void bn_relu_backward_input(const at::Tensor& grad_out, const at::Tensor& x,
                             const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& sum_g,
                             const at::Tensor& sum_gx, const at::Tensor& grad_in,
-                            bool training, int64_t /*stream*/) {
+                            bool training) {
   constexpr const char* op = "bn_relu_backward_input";
   check_x(op, x);
   check_like_x(op, "grad_out", grad_out, x, /*written=*/false);
@@ -189,19 +240,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "running_mean and running_var (or None) are updated in place with momentum and the "
         "unbiased variance.",
         py::arg("x"), py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"),
-        py::arg("eps"), py::arg("stream") = 0);
+        py::arg("eps"));
+  m.def("batch_moments", &batch_moments, no_gil,
+        "Per-channel moments of x, [3, C] float64: rows sum, M2 (sum of squared deviations "
+        "from the mean) and count; what a synchronized batch norm gathers.",
+        py::arg("x"));
+  m.def("merge_batch_stats", &merge_batch_stats, no_gil,
+        "batch_stats over several processes' batches from their gathered moments [W, 3, C] "
+        "(Chan et al.'s merge; batches may differ in size): (mean, rstd) in x's parameter "
+        "dtype; running_mean and running_var (or None) are updated in place with momentum and "
+        "the variance unbiased over the total count, as torch.nn.SyncBatchNorm does.",
+        py::arg("x"), py::arg("moments"), py::arg("running_mean"), py::arg("running_var"),
+        py::arg("momentum"), py::arg("eps"));
+  m.def("running_stats", &running_stats, no_gil,
+        "Eval: (mean, rstd) = (running_mean, 1 / sqrt(running_var + eps)), new tensors in x's "
+        "parameter dtype.",
+        py::arg("x"), py::arg("running_mean"), py::arg("running_var"), py::arg("eps"));
   m.def("bn_relu_forward", &bn_relu_forward, no_gil,
         "out = relu((x - mean) * rstd * weight + bias).", py::arg("x"), py::arg("mean"),
-        py::arg("rstd"), py::arg("weight"), py::arg("bias"), py::arg("out"),
-        py::arg("stream") = 0);
+        py::arg("rstd"), py::arg("weight"), py::arg("bias"), py::arg("out"));
   m.def("bn_relu_backward_reduce", &bn_relu_backward_reduce, no_gil,
         "(sum_g, sum_gx) per channel: sums of g and g * (x - mean), g = grad_out where not "
         "(y <= 0).",
         py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("rstd"),
-        py::arg("weight"), py::arg("bias"), py::arg("stream") = 0);
+        py::arg("weight"), py::arg("bias"));
   m.def("bn_relu_backward_input", &bn_relu_backward_input, no_gil,
         "grad_in += dx, through the batch statistics when training.", py::arg("grad_out"),
         py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("bias"),
-        py::arg("sum_g"), py::arg("sum_gx"), py::arg("grad_in"), py::arg("training"),
-        py::arg("stream") = 0);
+        py::arg("sum_g"), py::arg("sum_gx"), py::arg("grad_in"), py::arg("training"));
 }

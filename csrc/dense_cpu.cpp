@@ -24,6 +24,8 @@
 // sums of its deviations from its own mean (a second pass over data still in
 // cache), and the chunks are merged with Chan et al.'s formula
 //     M2 = sum_k M2_k + n_k * (mean_k - mean)^2.
+// batch_moments stops there; merge_batch_stats merges several processes'
+// moments with the same formula and finishes them as batch_stats does.
 //
 // The hot loops are compiled twice on x86-64 Linux with GCC (target_clones):
 // for x86-64-v3 (AVX2, FMA) and for the baseline; the dynamic loader picks one
@@ -784,15 +786,43 @@ struct GradSumsOp {
   }
 };
 
-// ---- the ops ----
+// ---- batch statistics: moments, Chan's merge, finalize ----
 
+// Moments of one channel's elements: their count, sum and M2 (the sum of
+// their squared deviations from their mean).
+struct Moments {
+  double count, sum, m2;
+};
+
+// Chan et al.'s merge of parts k = 0 .. parts - 1 (part(k) gives their
+// Moments), summed in part order: M2 = sum_k M2_k + n_k * (mean_k - mean)^2.
+// Empty parts add nothing (an empty batch's mean is NaN).
+template <class Part>
+Moments merge_moments(int64_t parts, const Part& part) {
+  Moments total{0.0, 0.0, 0.0};
+  for (int64_t k = 0; k < parts; ++k) {
+    const Moments p = part(k);
+    total.count += p.count;
+    total.sum += p.sum;
+  }
+  const double mean = total.sum / total.count;
+  for (int64_t k = 0; k < parts; ++k) {
+    const Moments p = part(k);
+    if (p.count == 0) continue;
+    const double shift = p.sum / p.count - mean;
+    total.m2 += p.m2 + p.count * shift * shift;
+  }
+  return total;
+}
+
+double rstd_of(double var, double eps) { return 1.0 / std::sqrt(var + eps); }
+
+// Per-channel moments of x (the chunks merged in chunk order).
 template <typename T>
-void batch_stats_impl(const at::Tensor& x, const at::Tensor& running_mean,
-                      const at::Tensor& running_var, double momentum, double eps,
-                      const at::Tensor& mean, const at::Tensor& rstd) {
+std::vector<Moments> channel_moments(const at::Tensor& x) {
   const Dims d = dims_of(x);
-  const double m = static_cast<double>(d.positions());  // 0 gives NaN, like an empty mean
-  std::vector<double> sum(d.c), m2(d.c);
+  const double m = static_cast<double>(d.positions());
+  std::vector<Moments> moments(d.c);
   const Layout layout = layout_of({&x}, channels_innermost(x));
 
   if (layout == Layout::kStrided) {
@@ -803,49 +833,51 @@ void batch_stats_impl(const at::Tensor& x, const at::Tensor& running_mean,
     for (int64_t c = 0; c < d.c; ++c) mu[c] = sums[c] / m;
     const std::vector<DeviationSums> devs =
         reduce_channels<DeviationSums>(d, channels_inner, DeviationOp<T>{xv, mu.data()});
-    for (int64_t c = 0; c < d.c; ++c) {
-      sum[c] = sums[c];
-      m2[c] = devs[c].sum_sq - devs[c].sum * devs[c].sum / m;
-    }
-  } else {
-    ReduceArgs<T> a{};
-    a.d = d;
-    a.x = x.const_data_ptr<T>();
-    a.xs = strides_of(x);
-    std::vector<double> chunk_sum, chunk_m2;
-    run_reduction<T>(layout, a, chunk_sum, chunk_m2, stats_rows, stats_channels);
-    // Channel c's chunk k, in order: partials [first + k * step].
-    const bool rows = layout == Layout::kRows;
-    const RowChunks rc = row_chunks(d);
-    const PositionChunks pc = position_chunks(d);
-    const int64_t chunks = rows ? rc.count : pc.count, step = rows ? 1 : d.c;
-    for (int64_t c = 0; c < d.c; ++c) {
-      const int64_t first = rows ? c * rc.count : c;
-      for (int64_t k = 0; k < chunks; ++k) sum[c] += chunk_sum[first + k * step];
-      // Chan et al.: M2 = sum_k M2_k + n_k * (mean_k - mean)^2.
-      const double mu = sum[c] / m;
-      for (int64_t k = 0; k < chunks; ++k) {
-        const double count = static_cast<double>(rows ? rc.elements(k, d) : pc.elements(k, d));
-        const double shift = chunk_sum[first + k * step] / count - mu;
-        m2[c] += chunk_m2[first + k * step] + count * shift * shift;
-      }
-    }
+    for (int64_t c = 0; c < d.c; ++c)
+      moments[c] = {m, sums[c], devs[c].sum_sq - devs[c].sum * devs[c].sum / m};
+    return moments;
   }
+  ReduceArgs<T> a{};
+  a.d = d;
+  a.x = x.const_data_ptr<T>();
+  a.xs = strides_of(x);
+  std::vector<double> chunk_sum, chunk_m2;
+  run_reduction<T>(layout, a, chunk_sum, chunk_m2, stats_rows, stats_channels);
+  // Channel c's chunk k, in order: partials [first + k * step].
+  const bool rows = layout == Layout::kRows;
+  const RowChunks rc = row_chunks(d);
+  const PositionChunks pc = position_chunks(d);
+  const int64_t chunks = rows ? rc.count : pc.count, step = rows ? 1 : d.c;
+  for (int64_t c = 0; c < d.c; ++c) {
+    const int64_t first = rows ? c * rc.count : c;
+    moments[c] = merge_moments(chunks, [&](int64_t k) {
+      const double count = static_cast<double>(rows ? rc.elements(k, d) : pc.elements(k, d));
+      return Moments{count, chunk_sum[first + k * step], chunk_m2[first + k * step]};
+    });
+  }
+  return moments;
+}
 
-  // Mean, rstd and the running statistics' update, all in double (as eager
-  // CPU batch norm), rounded once.
+// Mean, rstd (of the biased variance) and the running statistics' update
+// (unbiased variance), all in double (as eager CPU batch norm), rounded once.
+// Undefined running buffers: no update.
+template <typename T>
+void finalize(const std::vector<Moments>& moments, const at::Tensor& running_mean,
+              const at::Tensor& running_var, double momentum, double eps,
+              const at::Tensor& mean, const at::Tensor& rstd) {
   T* mean_out = mean.data_ptr<T>();
   T* rstd_out = rstd.data_ptr<T>();
   T* running_mean_p = running_mean.defined() ? running_mean.data_ptr<T>() : nullptr;
   T* running_var_p = running_var.defined() ? running_var.data_ptr<T>() : nullptr;
-  for (int64_t c = 0; c < d.c; ++c) {
-    const double m2_c = m2[c] < 0 ? 0.0 : m2[c];  // not std::max: NaN must stay NaN
-    const double mu = sum[c] / m, var = m2_c / m;
+  for (size_t c = 0; c < moments.size(); ++c) {
+    const double m = moments[c].count;  // 0 gives NaN, like an empty mean
+    const double m2 = moments[c].m2 < 0 ? 0.0 : moments[c].m2;  // not std::max: NaN must stay NaN
+    const double mu = moments[c].sum / m, var = m2 / m;
     mean_out[c] = static_cast<T>(mu);
-    rstd_out[c] = static_cast<T>(1.0 / std::sqrt(var + eps));
+    rstd_out[c] = static_cast<T>(rstd_of(var, eps));
     if (running_mean_p != nullptr) {
       // No elements: the unbiased variance is NaN (0 / 0).
-      const double unbiased = m > 0 ? m2_c / (m - 1) : std::numeric_limits<double>::quiet_NaN();
+      const double unbiased = m > 0 ? m2 / (m - 1) : std::numeric_limits<double>::quiet_NaN();
       running_mean_p[c] =
           static_cast<T>(momentum * mu + (1 - momentum) * static_cast<double>(running_mean_p[c]));
       running_var_p[c] = static_cast<T>(momentum * unbiased +
@@ -853,6 +885,19 @@ void batch_stats_impl(const at::Tensor& x, const at::Tensor& running_mean,
     }
   }
 }
+
+// A [3, C] float64 moments tensor holds rows sum, M2 and count.
+Moments moments_at(const double* t, int64_t channels, int64_t c) {
+  return {t[2 * channels + c], t[c], t[channels + c]};
+}
+
+void set_moments(double* t, int64_t channels, int64_t c, const Moments& m) {
+  t[c] = m.sum;
+  t[channels + c] = m.m2;
+  t[2 * channels + c] = m.count;
+}
+
+// ---- the ops ----
 
 // What every elementwise task shares: x, the written tensor and the BN constants
 // (backward adds grad_out and its two per-channel terms).
@@ -1006,7 +1051,56 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x, const at::Te
   const at::Tensor mean = at::empty({x.size(1)}, x.options());
   const at::Tensor rstd = at::empty({x.size(1)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_stats", [&] {
-    batch_stats_impl<scalar_t>(x, running_mean, running_var, momentum, eps, mean, rstd);
+    finalize<scalar_t>(channel_moments<scalar_t>(x), running_mean, running_var, momentum, eps,
+                       mean, rstd);
+  });
+  return {mean, rstd};
+}
+
+at::Tensor batch_moments(const at::Tensor& x) {
+  std::vector<Moments> moments;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_moments",
+                             [&] { moments = channel_moments<scalar_t>(x); });
+  const int64_t channels = x.size(1);
+  const at::Tensor out = at::empty({3, channels}, x.options().dtype(at::kDouble));
+  double* p = out.data_ptr<double>();
+  for (int64_t c = 0; c < channels; ++c) set_moments(p, channels, c, moments[c]);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_batch_stats(const at::Tensor& moments,
+                                                     const at::Tensor& running_mean,
+                                                     const at::Tensor& running_var,
+                                                     double momentum, double eps,
+                                                     at::ScalarType dtype) {
+  const int64_t parts = moments.size(0), channels = moments.size(2);
+  const double* p = moments.const_data_ptr<double>();
+  std::vector<Moments> merged(channels);
+  for (int64_t c = 0; c < channels; ++c)
+    merged[c] = merge_moments(
+        parts, [&](int64_t k) { return moments_at(p + k * 3 * channels, channels, c); });
+  const at::Tensor mean = at::empty({channels}, moments.options().dtype(dtype));
+  const at::Tensor rstd = at::empty({channels}, moments.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "merge_batch_stats", [&] {
+    finalize<scalar_t>(merged, running_mean, running_var, momentum, eps, mean, rstd);
+  });
+  return {mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> running_stats(const at::Tensor& running_mean,
+                                                 const at::Tensor& running_var, double eps) {
+  const int64_t channels = running_var.size(0);
+  const at::Tensor mean = at::empty({channels}, running_mean.options());
+  const at::Tensor rstd = at::empty({channels}, running_var.options());
+  AT_DISPATCH_FLOATING_TYPES(running_var.scalar_type(), "running_stats", [&] {
+    const scalar_t* rm = running_mean.const_data_ptr<scalar_t>();
+    const scalar_t* rv = running_var.const_data_ptr<scalar_t>();
+    scalar_t* mean_out = mean.data_ptr<scalar_t>();
+    scalar_t* rstd_out = rstd.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      mean_out[c] = rm[c];
+      rstd_out[c] = static_cast<scalar_t>(rstd_of(static_cast<double>(rv[c]), eps));
+    }
   });
   return {mean, rstd};
 }

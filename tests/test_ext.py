@@ -160,6 +160,7 @@ def test_reductions_are_deterministic(device):
     mean, rstd, weight, bias = bn_params(40, torch.float32, device)
     for first, second in [
         (ops.batch_stats(x), ops.batch_stats(x)),
+        ((ops.batch_moments(x),), (ops.batch_moments(x),)),
         (
             ops.bn_relu_backward_reduce(g, x, mean, rstd, weight, bias),
             ops.bn_relu_backward_reduce(g, x, mean, rstd, weight, bias),
@@ -228,13 +229,157 @@ def test_batch_stats_updates_running_buffers_of_another_dtype_or_strided(device,
     else:
         running_mean, running_var = storage[0, :c], storage[1, :c].abs()
     storage_before = storage.clone()
-    eager_mean, eager_var = running_mean.double(), running_var.double()
+    eager_mean, eager_var = running_mean.double().clone(), running_var.double().clone()
     _eager_batch_norm_update(x, eager_mean, eager_var, 0.3)
     ops.batch_stats(x, running_mean, running_var, 0.3, EPS)
     torch.testing.assert_close(running_mean.double(), eager_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(running_var.double(), eager_var, rtol=1e-6, atol=1e-6)
     if kind == "strided_buffers":  # the elements between them are untouched
         assert torch.equal(storage[:, 1::2], storage_before[:, 1::2])
+
+
+# ---- synchronized batch norm: batch_moments, merge_batch_stats ----
+#
+# A process group is simulated: each process's batch is a chunk of one batch
+# along N, and the all_gather is torch.stack of the chunks' moments.
+
+
+def ref_moments(x):
+    """[3, C] float64: per-channel sum, M2 and count, as batch_moments lays them out."""
+    xd = x.double()
+    dev = xd - per_channel(xd.mean((0, 2, 3)))
+    count = torch.full((x.shape[1],), x.numel() // x.shape[1], dtype=torch.float64, device=x.device)
+    return torch.stack([xd.sum((0, 2, 3)), (dev * dev).sum((0, 2, 3)), count])
+
+
+def ref_synchronized_statistics(chunks, running_mean, running_var, momentum):
+    """(mean, biased var) over the chunks from each one's (mean, var, count), running buffers updated in place.
+
+    torch.nn.SyncBatchNorm's combination in float64: empty chunks are dropped,
+    the running variance is unbiased over the total count.
+    """
+    stats = [(*torch.var_mean(c.double(), dim=(0, 2, 3), correction=0), c.numel() // c.shape[1])
+             for c in chunks if c.numel() > 0]
+    counts = torch.tensor([n for _, _, n in stats], dtype=torch.float64)[:, None]
+    variances = torch.stack([v for v, _, _ in stats])
+    means = torch.stack([m for _, m, _ in stats])
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
+    if running_mean is not None:
+        running_mean.copy_(running_mean.double() * (1 - momentum) + mean * momentum)
+        running_var.copy_(running_var.double() * (1 - momentum) + var * (total / (total - 1)) * momentum)
+    return mean, var
+
+
+def split_batch(x, sizes):
+    """x's consecutive chunks along N (channel slices still): one per simulated process."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [x[s : s + n] for s, n in zip(starts, sizes)]
+
+
+@pytest.mark.parametrize("device, dtype", cases())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES + [(0, 3, 4, 4)], ids=str)
+def test_batch_moments(device, dtype, layout, shape):
+    buf = shared_buffer(shape, layout, dtype, device)
+    buf_before = buf.clone()
+    x = channel_slice(buf, shape[1])
+    moments = ops.batch_moments(x)
+    assert moments.dtype == torch.float64 and moments.shape == (3, shape[1])
+    expected = ref_moments(x)
+    if shape[0] == 0:  # no elements: nothing summed
+        expected = torch.zeros_like(expected)
+    m = shape[0] * shape[2] * shape[3]
+    assert_close(moments, expected, torch.float64, scale=max(m, 1))
+    assert torch.equal(buf, buf_before)
+
+
+# Batches per process: unequal, one process only, an empty one (skipped, as SyncBatchNorm does).
+BATCH_SIZES = [(1, 4, 2), (3, 3), (5,), (2, 0, 3)]
+
+
+@pytest.mark.parametrize("device, dtype", cases())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("sizes", BATCH_SIZES, ids=str)
+@pytest.mark.parametrize("c, h, w", [(3, 7, 7), (40, 5, 3), (4, 1, 6)], ids=str)
+def test_merge_batch_stats_of_unequal_batches(device, dtype, layout, sizes, c, h, w):
+    """Against the float64 combination of each batch's (mean, var, count), the whole batch's statistics,
+    and the running buffers of torch.nn.BatchNorm2d on the concatenated batch (what SyncBatchNorm matches)."""
+    x = features((sum(sizes), c, h, w), layout, dtype, device)
+    chunks = split_batch(x, sizes)
+    p = dict(dtype=param_dtype(dtype), device=device)
+    running_mean, running_var = torch.randn(c, **p), torch.rand(c, **p) + 0.5
+    ref_mean_buf, ref_var_buf = running_mean.double().clone(), running_var.double().clone()
+    eager = torch.nn.BatchNorm2d(c, momentum=0.3, dtype=torch.float64, device=device)
+    eager.running_mean.copy_(running_mean)
+    eager.running_var.copy_(running_var)
+
+    gathered = torch.stack([ops.batch_moments(chunk) for chunk in chunks])
+    mean, rstd = ops.merge_batch_stats(x[: sizes[0]], gathered, running_mean, running_var, 0.3, EPS)
+    ref_mean, ref_var = ref_synchronized_statistics(chunks, ref_mean_buf, ref_var_buf, 0.3)
+    eager(x.double())
+
+    assert mean.dtype == rstd.dtype == param_dtype(dtype)
+    assert_close(mean, ref_mean, param_dtype(dtype))
+    assert_close(rstd, torch.rsqrt(ref_var + EPS), param_dtype(dtype))
+    whole_var, whole_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    assert_close(mean, whole_mean, param_dtype(dtype))
+    assert_close(rstd, torch.rsqrt(whole_var + EPS), param_dtype(dtype))
+    for got, ref, module_buffer in [(running_mean, ref_mean_buf, eager.running_mean),
+                                    (running_var, ref_var_buf, eager.running_var)]:
+        assert_close(got, ref, param_dtype(dtype))
+        assert_close(got, module_buffer, param_dtype(dtype))
+
+
+@pytest.mark.parametrize("device, dtype", cases())
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_merge_batch_stats_updates_running_statistics_like_batch_norm(device, dtype, layout):
+    """momentum, and momentum=None's cumulative factors 1, 1/2, 1/3, over three steps of two processes."""
+    c, sizes = 5, (3, 1)
+    p = dict(dtype=param_dtype(dtype), device=device)
+    for factors in ([0.1, 0.1, 0.1], [1.0, 1 / 2, 1 / 3], [0.0, 0.7, 0.25]):
+        running_mean, running_var = torch.randn(c, **p), torch.rand(c, **p) + 0.5
+        eager_mean, eager_var = running_mean.clone(), running_var.clone()
+        for momentum in factors:
+            x = features((sum(sizes), c, 4, 3), layout, dtype, device)
+            gathered = torch.stack([ops.batch_moments(chunk) for chunk in split_batch(x, sizes)])
+            ops.merge_batch_stats(x, gathered, running_mean, running_var, momentum, EPS)
+            _eager_batch_norm_update(x, eager_mean, eager_var, momentum)
+            assert_close(running_mean, eager_mean, param_dtype(dtype))
+            assert_close(running_var, eager_var, param_dtype(dtype))
+
+
+@pytest.mark.parametrize("device, dtype", cases())
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_merge_batch_stats_of_one_process_is_batch_stats(device, dtype, layout):
+    """Bit for bit, running buffers included: batch_stats is batch_moments then the same merge and finish."""
+    x = features((3, 40, 5, 3), layout, dtype, device)
+    p = dict(dtype=param_dtype(dtype), device=device)
+    buffers = [torch.randn(40, **p), torch.rand(40, **p) + 0.5]
+    merged_buffers = [b.clone() for b in buffers]
+    local = ops.batch_stats(x, *buffers, 0.1, EPS)
+    merged = ops.merge_batch_stats(x, ops.batch_moments(x)[None], *merged_buffers, 0.1, EPS)
+    assert all(torch.equal(a, b) for a, b in zip((*local, *buffers), (*merged, *merged_buffers)))
+
+
+# ---- running_stats (eval) ----
+
+
+@pytest.mark.parametrize("device, dtype", cases())
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.float64], ids=["float32_buffers", "float64_buffers"])
+def test_running_stats(device, dtype, buffer_dtype):
+    c = 6
+    x = features((2, c, 3, 3), "nchw", dtype, device)
+    running_mean = torch.randn(c, dtype=buffer_dtype, device=device)
+    running_var = torch.rand(c, dtype=buffer_dtype, device=device) + 1e-3
+    before = running_mean.clone(), running_var.clone()
+    mean, rstd = ops.running_stats(x, running_mean, running_var, EPS)
+    assert mean.dtype == rstd.dtype == param_dtype(dtype)
+    assert mean.data_ptr() != running_mean.data_ptr()  # saved for backward: not the buffer itself
+    assert_close(mean, running_mean.to(param_dtype(dtype)), param_dtype(dtype))
+    assert_close(rstd, torch.rsqrt(running_var.to(param_dtype(dtype)).double() + EPS), param_dtype(dtype))
+    assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
 
 
 # ---- bn_relu_forward ----
@@ -333,7 +478,7 @@ def test_ops_compose_to_autograd_of_batch_norm_relu(device, layout, affine, trai
     if training:
         mean, rstd = ops.batch_stats(x, ours_mean, ours_var, 0.1, EPS)
     else:
-        mean, rstd = running_mean, torch.rsqrt(running_var + EPS)
+        mean, rstd = ops.running_stats(x, running_mean, running_var, EPS)
     out = scratch(x, layout)
     ops.bn_relu_forward(x, mean, rstd, weight, bias, out)
     grad_out = torch.randn_like(out)
@@ -397,6 +542,9 @@ def test_empty_batch(device):
     x = torch.randn(0, 3, 4, 4, device=device)
     mean, rstd = ops.batch_stats(x)
     assert mean.isnan().all() and rstd.isnan().all()  # like the mean of an empty tensor
+    moments = ops.batch_moments(x)
+    assert (moments == 0).all()
+    assert all(t.isnan().all() for t in ops.merge_batch_stats(x, torch.stack([moments, moments])))
     params = bn_params(3, torch.float32, device)
     out = torch.empty_like(x)
     ops.bn_relu_forward(x, *params, out)
@@ -408,12 +556,22 @@ def test_empty_batch(device):
 # ---- bad input ----
 
 
+OPS = ["batch_stats", "batch_moments", "merge_batch_stats", "running_stats", "bn_relu_forward",
+       "bn_relu_backward_reduce", "bn_relu_backward_input"]
+
+
 def good_args(op: str) -> dict:
     x = torch.randn(2, 3, 4, 4)
     mean, rstd, weight, bias = bn_params(3, torch.float32, "cpu")
     bn = dict(mean=mean, rstd=rstd, weight=weight, bias=bias)
     return {
         "batch_stats": dict(x=x, running_mean=torch.zeros(3), running_var=torch.ones(3), momentum=0.1, eps=1e-5),
+        "batch_moments": dict(x=x),
+        "merge_batch_stats": dict(
+            x=x, moments=torch.stack([ops.batch_moments(x), ops.batch_moments(x[:1])]), running_mean=torch.zeros(3),
+            running_var=torch.ones(3), momentum=0.1, eps=1e-5,
+        ),
+        "running_stats": dict(x=x, running_mean=torch.zeros(3), running_var=torch.ones(3), eps=1e-5),
         "bn_relu_forward": dict(x=x, **bn, out=torch.empty_like(x)),
         "bn_relu_backward_reduce": dict(grad_out=torch.randn_like(x), x=x, **bn),
         "bn_relu_backward_input": dict(
@@ -441,6 +599,24 @@ BAD_ARGS = [  # (op, argument, bad value, error, message after "op: ")
      "running_mean and running_var must both be given or both be None"),
     ("batch_stats", "running_var", lambda: torch.ones(3, device="meta"), ValueError,
      r"running_var must be on the same device as x \(cpu\), got meta"),
+    ("batch_moments", "x", lambda: torch.randn(3, 4, 4), ValueError, "x must be 4-D, got 3-D"),
+    ("batch_moments", "x", lambda: torch.randn(2, 3, 4, 4).half(), TypeError, "x must have dtype float32 or float64"),
+    ("merge_batch_stats", "moments", lambda: torch.zeros(2, 3, 3), TypeError,
+     "moments must have dtype float64, got float32"),
+    ("merge_batch_stats", "moments", lambda: torch.zeros(3, 3, dtype=torch.float64), ValueError,
+     "moments must be 3-D, got 2-D"),
+    ("merge_batch_stats", "moments", lambda: torch.zeros(2, 3, 4, dtype=torch.float64), ValueError,
+     r"moments must have shape \[W, 3, C\] with W > 0 and C = x.size\(1\) = 3, got \[2, 3, 4\]"),
+    ("merge_batch_stats", "moments", lambda: torch.zeros(0, 3, 3, dtype=torch.float64), ValueError,
+     r"moments must have shape \[W, 3, C\] with W > 0"),
+    ("merge_batch_stats", "moments", lambda: torch.zeros(2, 3, 3, dtype=torch.float64, device="meta"), ValueError,
+     r"moments must be on the same device as x \(cpu\), got meta"),
+    ("merge_batch_stats", "running_mean", lambda: None, ValueError,
+     "running_mean and running_var must both be given or both be None"),
+    ("merge_batch_stats", "running_var", lambda: torch.ones(4), ValueError, r"running_var must have shape \[3\]"),
+    ("running_stats", "running_mean", lambda: torch.zeros(2), ValueError, r"running_mean must have shape \[3\]"),
+    ("running_stats", "running_var", lambda: torch.ones(3, dtype=torch.int64), TypeError,
+     "running_var must have a floating-point dtype, got int64"),
     ("bn_relu_forward", "out", lambda: torch.empty(2, 4, 4, 4), ValueError,
      r"out must have shape \[2, 3, 4, 4\] \(like x\), got \[2, 4, 4, 4\]"),
     ("bn_relu_forward", "out", lambda: torch.empty(2, 3, 4, 4, dtype=torch.float64), TypeError,
@@ -481,7 +657,7 @@ NON_CPU = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", NON_CPU)
-@pytest.mark.parametrize("op", ["batch_stats", "bn_relu_forward", "bn_relu_backward_reduce", "bn_relu_backward_input"])
+@pytest.mark.parametrize("op", OPS)
 def test_non_cpu_tensors_raise_naming_the_op(op, device):
     args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in good_args(op).items()}
     expected = rf"^{op}: fastres\._C runs on CPU tensors, got x on {device}.* \(CUDA tensors run fastres's Triton kernels\)$"
@@ -489,6 +665,15 @@ def test_non_cpu_tensors_raise_naming_the_op(op, device):
         getattr(ops, op)(**args)
     with pytest.raises(ValueError, match=expected):  # the extension itself, as the wrappers call it
         getattr(_ext.load(), op)(*args.values())
+
+
+# ---- torch.library ----
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_custom_ops_pass_opcheck(op):
+    """Each op's torch.library registration: schema, mutations, fake implementation, compile."""
+    torch.library.opcheck(getattr(torch.ops.fastres, f"dense_{op}").default, tuple(good_args(op).values()))
 
 
 # ---- loading ----

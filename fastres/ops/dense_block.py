@@ -80,13 +80,13 @@ def _conv_dtype(x: Tensor) -> torch.dtype:
 
 
 def _statistics(x: Tensor, bn: BatchNormArgs) -> tuple[Tensor, Tensor]:
-    """(mean, rstd) that normalise ``x``, ``rstd = 1 / sqrt(var + eps)``.
+    """(mean, rstd) that normalise ``x``, ``rstd = 1 / sqrt(var + eps)``, all from ``fastres._C``.
 
     Training: the batch statistics, with the running ones (when tracked)
-    updated in place by the same call (``fastres._C``'s finalize).
+    updated in place by the same call. Eval: from the running statistics.
     """
     if not bn.training:
-        return bn.running_mean.clone(), torch.rsqrt(bn.running_var + bn.eps)
+        return dense_ops.running_stats(x, bn.running_mean, bn.running_var, bn.eps)
     if bn.process_group is not None:
         return _synchronized_statistics(x, bn)
     return dense_ops.batch_stats(x, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
@@ -95,27 +95,17 @@ def _statistics(x: Tensor, bn: BatchNormArgs) -> tuple[Tensor, Tensor]:
 def _synchronized_statistics(x: Tensor, bn: BatchNormArgs) -> tuple[Tensor, Tensor]:
     """(mean, rstd) over every process's batch, as ``torch.nn.SyncBatchNorm`` computes them.
 
-    Each process's (mean, biased var, count) is gathered and combined
-    exactly (batches may differ in size); the running statistics are updated
-    with the combined ones, the variance unbiased over the whole count.
+    Each process's moments are gathered and merged exactly by ``fastres._C``
+    (batches may differ in size), which also updates the running statistics,
+    the variance unbiased over the whole count.
     """
     dist = torch.distributed
-    c = x.shape[1]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    var, mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
-    local = torch.cat([mean, var, mean.new_full((1,), x.numel() // c)])
+    local = dense_ops.batch_moments(x)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(bn.process_group))]
     dist.all_gather(gathered, local, group=bn.process_group)
-    stacked = torch.stack(gathered)
-    means, variances, counts = stacked[:, :c], stacked[:, c : 2 * c], stacked[:, 2 * c :]
-    total = counts.sum()
-    mean = (counts * means).sum(0) / total
-    var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
-    if bn.running_mean is not None:
-        m = bn.momentum
-        bn.running_mean.copy_(bn.running_mean * (1 - m) + mean * m)
-        bn.running_var.copy_(bn.running_var * (1 - m) + var * (total / (total - 1)) * m)
-    return mean, torch.rsqrt(var + bn.eps)
+    return dense_ops.merge_batch_stats(
+        x, torch.stack(gathered), bn.running_mean, bn.running_var, bn.momentum, bn.eps
+    )
 
 
 def _scratch_view(storage: Tensor, shape: tuple, memory_format: torch.memory_format) -> Tensor:

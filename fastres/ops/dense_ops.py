@@ -15,17 +15,17 @@ x, grad_out, out and grad_in: [N, C, H, W], float32 or float64, any strides unde
 (mean, rstd, weight, bias, sum_g, sum_gx): [C], float64 for float64 x, float32
 otherwise; weight and bias may be None (affine=False: 1 and 0). m = N * H * W.
 ``rstd`` is ``1 / sqrt(var + eps)``; ``g`` is the gradient through the ReLU.
+
+All the batch-norm statistics of the CPU engine are computed here, in C++:
+batch statistics with the running statistics' update (``batch_stats``), a
+synchronized batch norm's (each process's ``batch_moments``, gathered, then
+``merge_batch_stats``) and eval's (``running_stats``).
 """
 
 import torch
 from torch import Tensor
 
 from .. import _ext
-
-
-def _stream(x: Tensor) -> int:
-    """torch's current stream on x's device as the launchers take it (0: CPU, unused)."""
-    return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
 
 
 def _traced() -> bool:
@@ -41,7 +41,7 @@ def _channel_vector(x: Tensor) -> Tensor:
 def _batch_stats_op(
     x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float, eps: float
 ) -> tuple[Tensor, Tensor]:
-    return _ext.load().batch_stats(x, running_mean, running_var, momentum, eps, _stream(x))
+    return _ext.load().batch_stats(x, running_mean, running_var, momentum, eps)
 
 
 @_batch_stats_op.register_fake
@@ -49,11 +49,43 @@ def _(x, running_mean, running_var, momentum, eps):
     return _channel_vector(x), _channel_vector(x)
 
 
+@torch.library.custom_op("fastres::dense_batch_moments", mutates_args=())
+def _batch_moments_op(x: Tensor) -> Tensor:
+    return _ext.load().batch_moments(x)
+
+
+@_batch_moments_op.register_fake
+def _(x):
+    return x.new_empty((3, x.shape[1]), dtype=torch.float64)
+
+
+@torch.library.custom_op("fastres::dense_merge_batch_stats", mutates_args=("running_mean", "running_var"))
+def _merge_batch_stats_op(
+    x: Tensor, moments: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    return _ext.load().merge_batch_stats(x, moments, running_mean, running_var, momentum, eps)
+
+
+@_merge_batch_stats_op.register_fake
+def _(x, moments, running_mean, running_var, momentum, eps):
+    return _channel_vector(x), _channel_vector(x)
+
+
+@torch.library.custom_op("fastres::dense_running_stats", mutates_args=())
+def _running_stats_op(x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return _ext.load().running_stats(x, running_mean, running_var, eps)
+
+
+@_running_stats_op.register_fake
+def _(x, running_mean, running_var, eps):
+    return _channel_vector(x), _channel_vector(x)
+
+
 @torch.library.custom_op("fastres::dense_bn_relu_forward", mutates_args=("out",))
 def _bn_relu_forward_op(
     x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tensor
 ) -> None:
-    _ext.load().bn_relu_forward(x, mean, rstd, weight, bias, out, _stream(x))
+    _ext.load().bn_relu_forward(x, mean, rstd, weight, bias, out)
 
 
 @_bn_relu_forward_op.register_fake
@@ -65,7 +97,7 @@ def _(x, mean, rstd, weight, bias, out):
 def _bn_relu_backward_reduce_op(
     grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    return _ext.load().bn_relu_backward_reduce(grad_out, x, mean, rstd, weight, bias, _stream(x))
+    return _ext.load().bn_relu_backward_reduce(grad_out, x, mean, rstd, weight, bias)
 
 
 @_bn_relu_backward_reduce_op.register_fake
@@ -79,7 +111,7 @@ def _bn_relu_backward_input_op(
     sum_g: Tensor, sum_gx: Tensor, grad_in: Tensor, training: bool,
 ) -> None:
     _ext.load().bn_relu_backward_input(
-        grad_out, x, mean, rstd, weight, bias, sum_g, sum_gx, grad_in, training, _stream(x)
+        grad_out, x, mean, rstd, weight, bias, sum_g, sum_gx, grad_in, training
     )
 
 
@@ -105,7 +137,49 @@ def batch_stats(
     """
     if _traced():
         return torch.ops.fastres.dense_batch_stats(x, running_mean, running_var, float(momentum), float(eps))
-    return _ext.load().batch_stats(x, running_mean, running_var, float(momentum), float(eps), _stream(x))
+    return _ext.load().batch_stats(x, running_mean, running_var, float(momentum), float(eps))
+
+
+def batch_moments(x: Tensor) -> Tensor:
+    """x's per-channel moments, what a synchronized batch norm gathers from each process.
+
+    A [3, C] float64 tensor: rows ``sum``, ``M2`` (the sum of squared
+    deviations from the mean) and ``count`` (m). The running statistics are
+    not touched.
+    """
+    if _traced():
+        return torch.ops.fastres.dense_batch_moments(x)
+    return _ext.load().batch_moments(x)
+
+
+def merge_batch_stats(
+    x: Tensor,
+    moments: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """``batch_stats`` over every process's batch, from their ``batch_moments`` stacked as ``moments`` [W, 3, C].
+
+    The moments merge exactly (Chan et al.; batches may differ in size,
+    empty ones are skipped); ``(mean, rstd)`` come in x's parameter dtype (x
+    is this process's batch). The running statistics are updated as
+    ``batch_stats`` updates them, the variance unbiased over the total count:
+    ``torch.nn.SyncBatchNorm``'s update. Every process gets the same results.
+    """
+    if _traced():
+        return torch.ops.fastres.dense_merge_batch_stats(
+            x, moments, running_mean, running_var, float(momentum), float(eps)
+        )
+    return _ext.load().merge_batch_stats(x, moments, running_mean, running_var, float(momentum), float(eps))
+
+
+def running_stats(x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Eval: ``(mean, rstd) = (running_mean, 1 / sqrt(running_var + eps))``, new tensors in x's parameter dtype."""
+    if _traced():
+        return torch.ops.fastres.dense_running_stats(x, running_mean, running_var, float(eps))
+    return _ext.load().running_stats(x, running_mean, running_var, float(eps))
 
 
 def bn_relu_forward(
@@ -115,7 +189,7 @@ def bn_relu_forward(
     if _traced():
         torch.ops.fastres.dense_bn_relu_forward(x, mean, rstd, weight, bias, out)
     else:
-        _ext.load().bn_relu_forward(x, mean, rstd, weight, bias, out, _stream(x))
+        _ext.load().bn_relu_forward(x, mean, rstd, weight, bias, out)
 
 
 def bn_relu_backward_reduce(
@@ -134,7 +208,7 @@ def bn_relu_backward_reduce(
     """
     if _traced():
         return torch.ops.fastres.dense_bn_relu_backward_reduce(grad_out, x, mean, rstd, weight, bias)
-    return _ext.load().bn_relu_backward_reduce(grad_out, x, mean, rstd, weight, bias, _stream(x))
+    return _ext.load().bn_relu_backward_reduce(grad_out, x, mean, rstd, weight, bias)
 
 
 def bn_relu_backward_input(
@@ -163,5 +237,5 @@ def bn_relu_backward_input(
         )
     else:
         _ext.load().bn_relu_backward_input(
-            grad_out, x, mean, rstd, weight, bias, sum_g, sum_gx, grad_in, training, _stream(x)
+            grad_out, x, mean, rstd, weight, bias, sum_g, sum_gx, grad_in, training
         )
