@@ -3,7 +3,7 @@
 // Checks every argument, then runs the CPU implementation (dense_cpu.cpp).
 // The ops take CPU tensors only: any other device raises a ValueError naming
 // the op. On CUDA, fastres's dense blocks, transitions and stem run on its
-// Triton kernels (fastres/ops/dense_fused.py, fastres/ops/bn_relu_conv.py)
+// Triton kernels (fastres/ops/dense_gpu.py, fastres/ops/bn_relu_conv.py)
 // and never call this module.
 //
 // Supported dtypes:
@@ -232,7 +232,7 @@ void bn_relu_backward_input(const at::Tensor& grad_out, const at::Tensor& x,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  m.doc() = "fastres C++ CPU ops for DenseNet's shared feature buffers (see fastres.ops.dense_ops)";
+  m.doc() = "fastres C++ CPU ops for DenseNet's shared feature buffers (see fastres.ops.extension)";
   // The ops release the GIL: CPU work runs on ATen's thread pool.
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("batch_stats", &batch_stats, no_gil,

@@ -14,9 +14,9 @@ from .ops import batch_norm as _batch_norm
 from .ops import bn_relu_conv as _bn_relu_conv
 from . import _ext
 from . import ops as _ops
-from .ops import dense_block as _dense_block
-from .ops import dense_fused as _dense_fused
-from .ops.dense_block import BatchNormArgs, DenseLayerArgs
+from .ops import dense_cpu as _dense_cpu
+from .ops import dense_gpu as _dense_gpu
+from .ops.dense_cpu import BatchNormArgs, DenseLayerArgs
 from .ops import sync_batch_norm as _sync_batch_norm
 from .ops.layout import has_internal_overlap
 
@@ -339,7 +339,7 @@ def bn_relu_conv1x1(x: Tensor, norm: BatchNormArgs, weight: Tensor) -> Tensor:
     _check_norm_args("norm", norm, x.shape[1], x)
     _check_conv_dtype("weight", weight, x)
     _check_engine_dtype(x)
-    return _dense_block.bn_relu_conv1x1(x, norm, weight)
+    return _dense_cpu.bn_relu_conv1x1(x, norm, weight)
 
 
 def bn_relu_max_pool2d(x: Tensor, norm: BatchNormArgs, kernel_size: int = 3, stride: int = 2, padding: int = 1) -> Tensor:
@@ -353,7 +353,7 @@ def bn_relu_max_pool2d(x: Tensor, norm: BatchNormArgs, kernel_size: int = 3, str
     check_4d("x", x)
     _check_norm_args("norm", norm, x.shape[1], x)
     _check_engine_dtype(x)
-    return _dense_block.bn_relu_max_pool2d(x, norm, kernel_size, stride, padding)
+    return _dense_cpu.bn_relu_max_pool2d(x, norm, kernel_size, stride, padding)
 
 
 def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
@@ -405,6 +405,6 @@ def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
                 raise ValueError(f"layers[{i}].{name} is on {t.device} but x is on {x.device}")
             _check_conv_dtype(f"layers[{i}].{name}", t, x)
     if _ops.route("dense", x) == _ops.TRITON:
-        return _dense_fused.dense_block(x, layers)
+        return _dense_gpu.dense_block(x, layers)
     _check_engine_dtype(x)
-    return _dense_block.dense_block(x, layers)
+    return _dense_cpu.dense_block(x, layers)

@@ -18,7 +18,7 @@ from fastres import _ext
 if os.environ.get("FASTRES_NO_EXT") == "1":
     pytest.skip("fastres._C is not built (FASTRES_NO_EXT=1)", allow_module_level=True)
 
-from fastres.ops import dense_ops as ops  # noqa: E402
+from fastres.ops import extension as ops  # noqa: E402
 
 DEVICES = ["cpu"]
 LAYOUTS = ["nchw", "channels_last"]
@@ -691,7 +691,7 @@ def test_load_explains_how_to_rebuild(monkeypatch):
 def test_import_fastres_works_without_the_extension():
     script = (
         "import sys; sys.modules['fastres._C'] = None\n"
-        "import fastres, fastres.ops.dense_ops\n"
+        "import fastres, fastres.ops.extension\n"
         "from fastres import _ext\n"
         "assert not _ext.available()\n"
     )

@@ -355,10 +355,10 @@ def _densenet_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        from fastres.ops import dense_block, dense_fused, sync_batch_norm as ops
+        from fastres.ops import dense_cpu, dense_gpu, sync_batch_norm as ops
 
-        calls = _spy({"shared": (dense_block, "_synchronized_statistics"), "fused": (ops, "sync_batch_norm_relu"),
-                      "fused_conv": (dense_fused, "_synchronized")})
+        calls = _spy({"shared": (dense_cpu, "_synchronized_statistics"), "fused": (ops, "sync_batch_norm_relu"),
+                      "fused_conv": (dense_gpu, "_synchronized")})
         x, grad = _densenet_data()
         start = sum(MODEL_BATCHES[:rank])
         part = slice(start, start + MODEL_BATCHES[rank])

@@ -23,13 +23,7 @@ from torch._prims_common import suggest_memory_format
 from . import apply_function, kernels, require_triton, use_triton
 from .owned import mark_owned
 from .batch_norm import differentiable_batch_norm
-from .layout import acc_dtype, channels_last, empty_out, out_strides, shape3, view3
-
-
-def conv_dtype(x: Tensor) -> torch.dtype:
-    """What the convolution of x runs in: autocast's dtype when it is on for x's device, else x's."""
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+from .layout import acc_dtype, channels_last, conv_dtype, empty_out, out_strides, shape3, view3
 
 
 def output_shape(x: Tensor, weight: Tensor, stride, padding) -> tuple[int, int, int, int]:

@@ -74,3 +74,9 @@ def out_strides(shape: tuple[int, int, int], c_last: bool) -> tuple[int, int, in
 def shape3(x: Tensor) -> tuple[int, int, int]:
     n, c, h, w = x.shape
     return n, c, h * w
+
+
+def conv_dtype(x: Tensor) -> torch.dtype:
+    """What the convolution of x runs in: autocast's dtype when it is on for x's device, else x's."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype

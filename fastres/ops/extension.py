@@ -1,10 +1,10 @@
-"""BatchNorm + ReLU ops for DenseNet's shared feature buffers (``fastres._C``).
+"""``fastres._C``'s ops, the CPU engine of dense blocks: BatchNorm + ReLU on shared feature buffers.
 
 A dense block keeps every layer's features in one buffer [N, C_total, H, W]
 (NCHW or channels_last); a layer reads the channel slice ``buf[:, :C]`` as
 ``x``, a strided view, never a copy. These wrappers run the C++ CPU
 implementation (CPU tensors only: on CUDA dense blocks run the fused Triton
-kernels of ``dense_fused``).
+kernels of ``dense_gpu``).
 
 Each is also a ``torch.library`` custom op (``fastres::dense_*``) with a fake
 implementation: under ``torch.compile`` and ``torch.export`` the graph holds

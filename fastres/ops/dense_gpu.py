@@ -1,6 +1,6 @@
-"""A dense block through shared storage on the fused BN-ReLU-Conv kernels (the GPU path).
+"""The GPU path of a dense block: shared storage on the fused BN-ReLU-Conv kernels.
 
-The same contract as ``dense_block.DenseBlockFunction`` (one feature buffer,
+The same contract as ``dense_cpu.DenseBlockFunction`` (one feature buffer,
 per layer only the bottleneck output kept, running statistics updated once),
 with no BN-ReLU output anywhere, not even as scratch:
 
@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .layout import acc_dtype, out_strides, shape3, view3
-from .bn_relu_conv import conv_dtype, empty_weight_grad, statistics
-from .dense_block import (
+from .layout import acc_dtype, conv_dtype, out_strides, shape3, view3
+from .bn_relu_conv import empty_weight_grad, statistics
+from .dense_cpu import (
     _NO_DOUBLE_BACKWARD, BatchNormArgs, DenseLayerArgs, _apply, _drops, _memory_format, _params, _scratch_view, _PARAMS_PER_LAYER,
     backward_state,
 )

@@ -1,4 +1,4 @@
-"""A dense block through shared storage (Pleiss et al., 2017), forward and backward.
+"""The CPU path of a dense block: shared storage (Pleiss et al., 2017) on ``fastres._C``, forward and backward.
 
 Layer ``l`` of a block reads the concatenation of the block input and every
 earlier layer's ``k`` new channels, and computes
@@ -17,7 +17,7 @@ earlier layer's ``k`` new channels, and computes
   shaped like ``features``.
 
 The BN-ReLU passes run in ``fastres._C`` (C++, CPU tensors); on CUDA dense
-blocks run ``dense_fused`` instead.
+blocks run ``dense_gpu`` instead.
 """
 
 from typing import NamedTuple, Sequence
@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dense_ops
-from .batch_norm import channels_last, differentiable_batch_norm
+from . import extension
+from .batch_norm import differentiable_batch_norm
+from .layout import channels_last, conv_dtype
 from .owned import mark_owned as _mark_owned, owned as _owned
 
 
@@ -73,12 +74,6 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last(x) else torch.contiguous_format
 
 
-def _conv_dtype(x: Tensor) -> torch.dtype:
-    """What a convolution of x runs in: autocast's dtype when it is on, else x's."""
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-
-
 def _statistics(x: Tensor, bn: BatchNormArgs) -> tuple[Tensor, Tensor]:
     """(mean, rstd) that normalise ``x``, ``rstd = 1 / sqrt(var + eps)``, all from ``fastres._C``.
 
@@ -86,10 +81,10 @@ def _statistics(x: Tensor, bn: BatchNormArgs) -> tuple[Tensor, Tensor]:
     updated in place by the same call. Eval: from the running statistics.
     """
     if not bn.training:
-        return dense_ops.running_stats(x, bn.running_mean, bn.running_var, bn.eps)
+        return extension.running_stats(x, bn.running_mean, bn.running_var, bn.eps)
     if bn.process_group is not None:
         return _synchronized_statistics(x, bn)
-    return dense_ops.batch_stats(x, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
+    return extension.batch_stats(x, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
 
 
 def _synchronized_statistics(x: Tensor, bn: BatchNormArgs) -> tuple[Tensor, Tensor]:
@@ -100,10 +95,10 @@ def _synchronized_statistics(x: Tensor, bn: BatchNormArgs) -> tuple[Tensor, Tens
     the variance unbiased over the whole count.
     """
     dist = torch.distributed
-    local = dense_ops.batch_moments(x)
+    local = extension.batch_moments(x)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(bn.process_group))]
     dist.all_gather(gathered, local, group=bn.process_group)
-    return dense_ops.merge_batch_stats(
+    return extension.merge_batch_stats(
         x, torch.stack(gathered), bn.running_mean, bn.running_var, bn.momentum, bn.eps
     )
 
@@ -127,13 +122,13 @@ def _scratch(x: Tensor, c0: int, k: int, layers: Sequence[DenseLayerArgs], conv_
 
 
 def _bn_relu_into(x: Tensor, mean: Tensor, rstd: Tensor, bn: BatchNormArgs, out: Tensor) -> Tensor:
-    dense_ops.bn_relu_forward(x, mean, rstd, bn.weight, bn.bias, out)
+    extension.bn_relu_forward(x, mean, rstd, bn.weight, bn.bias, out)
     return out
 
 
 def _bn_relu_backward(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, bn: BatchNormArgs, grad_x: Tensor):
     """Accumulates the input gradient into ``grad_x``; returns (dweight, dbias) or Nones."""
-    sum_g, sum_gx = dense_ops.bn_relu_backward_reduce(grad, x, mean, rstd, bn.weight, bn.bias)
+    sum_g, sum_gx = extension.bn_relu_backward_reduce(grad, x, mean, rstd, bn.weight, bn.bias)
     g_sums, gx_sums = sum_g, sum_gx
     if bn.training and bn.process_group is not None:
         # dx takes every process's sums over the whole count (the kernel divides by the local one);
@@ -143,7 +138,7 @@ def _bn_relu_backward(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, bn: B
         torch.distributed.all_reduce(total, group=bn.process_group)
         ratio = (x.numel() // c) / total[2 * c :]
         g_sums, gx_sums = total[:c] * ratio, total[c : 2 * c] * ratio
-    dense_ops.bn_relu_backward_input(grad, x, mean, rstd, bn.weight, bn.bias, g_sums, gx_sums, grad_x, bn.training)
+    extension.bn_relu_backward_input(grad, x, mean, rstd, bn.weight, bn.bias, g_sums, gx_sums, grad_x, bn.training)
     if bn.weight is None:
         return None, None
     return (sum_gx * rstd).to(bn.weight.dtype), sum_g.to(bn.bias.dtype)
@@ -226,8 +221,7 @@ class DenseBlockFunction(torch.autograd.Function):
         features[:, :c0].copy_(x)
         # Under autocast the convolutions run in its dtype, so the bottleneck
         # output (and norm2's scratch) has that dtype; features keep x's.
-        conv_dtype = _conv_dtype(x)
-        scratch1, scratch2 = _scratch(x, c0, k, layers, conv_dtype)
+        scratch1, scratch2 = _scratch(x, c0, k, layers, conv_dtype(x))
 
         saved, masks = [], []
         for i, layer in enumerate(layers):
@@ -254,7 +248,7 @@ class DenseBlockFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no zero gradients for the saved outputs
         ctx.save_for_backward(*output)
-        ctx.layers, ctx.conv_dtype = layers, _conv_dtype(x)
+        ctx.layers, ctx.conv_dtype = layers, conv_dtype(x)
 
     @staticmethod
     def backward(ctx, grad_features: Tensor | None, *_saved):
@@ -313,7 +307,7 @@ def _differentiable_grads(ctx, fn, x: Tensor, mean: Tensor, rstd: Tensor, grad_o
     return tuple(result)
 
 
-class BnReluConv1x1Function(torch.autograd.Function):
+class BNReLUConv1x1Function(torch.autograd.Function):
     """``conv1x1(relu(bn(x)))`` keeping only x and two per-channel vectors: BN-ReLU is recomputed in backward.
 
     A DenseNet transition reads the block's feature buffer, which the block
@@ -333,7 +327,7 @@ class BnReluConv1x1Function(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no zero gradients for the saved outputs
         ctx.save_for_backward(x, *output[1:])
-        ctx.norm, ctx.weight, ctx.fmt, ctx.conv_dtype = norm, weight, _memory_format(x), _conv_dtype(x)
+        ctx.norm, ctx.weight, ctx.fmt, ctx.conv_dtype = norm, weight, _memory_format(x), conv_dtype(x)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor | None, *_stats):
@@ -351,7 +345,7 @@ class BnReluConv1x1Function(torch.autograd.Function):
         return grad_x, None, grad_weight, grad_w, grad_b
 
 
-class BnReluMaxPoolFunction(torch.autograd.Function):
+class BNReLUMaxPool2dFunction(torch.autograd.Function):
     """``max_pool2d(relu(bn(x)))`` keeping x, two per-channel vectors and the pool's indices.
 
     The BN-ReLU output, which eager keeps for the pool, is recomputed: the
@@ -400,12 +394,12 @@ def _apply(cls: type[torch.autograd.Function], *args) -> Tensor:
 def bn_relu_max_pool2d(x: Tensor, norm: BatchNormArgs, kernel_size: int, stride: int, padding: int) -> Tensor:
     """``max_pool2d(relu(batch_norm(x)), kernel_size, stride, padding)``, recomputing the BN-ReLU in backward."""
     pool = ([kernel_size] * 2, [stride] * 2, [padding] * 2, [1, 1], False)
-    return _apply(BnReluMaxPoolFunction, x, norm, pool, norm.weight, norm.bias)
+    return _apply(BNReLUMaxPool2dFunction, x, norm, pool, norm.weight, norm.bias)
 
 
 def bn_relu_conv1x1(x: Tensor, norm: BatchNormArgs, weight: Tensor) -> Tensor:
     """``conv2d(relu(batch_norm(x)), weight)`` for a 1x1 ``weight``, recomputing the BN-ReLU in backward."""
-    return _apply(BnReluConv1x1Function, x, norm, weight, norm.weight, norm.bias)
+    return _apply(BNReLUConv1x1Function, x, norm, weight, norm.weight, norm.bias)
 
 
 def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
