@@ -8,6 +8,8 @@ import torch
 
 from . import ops
 
+__all__ = ["gpu_paths_on_cpu", "saved_bytes"]
+
 
 @contextlib.contextmanager
 def gpu_paths_on_cpu() -> Iterator[None]:

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["EAGER", "EXTENSION", "TRITON", "route", "triton_available", "use_triton"]
+__all__ = ["EAGER", "EXTENSION", "TRITON", "route"]
 
 EAGER, TRITON, EXTENSION = "eager", "triton", "extension"
 
