@@ -84,8 +84,27 @@ def _no_overflow_checks_in_interpreter() -> None:
     builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
 
 
+def _index_one_element_arrays_in_interpreter() -> None:
+    """Make Triton's interpreter take a one-element block as an index through ``.item()``.
+
+    Triton 3.6's interpreter converts a scalar (held as a one-element numpy
+    array) to an index with ``int(array)``, which numpy 2.5 refuses for
+    arrays of ndim > 0 (older numpy warned). Tests only.
+    """
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_with_item_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch_tensor_with_item_index
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     try:
+        _index_one_element_arrays_in_interpreter()
         _round_bfloat16_to_nearest_in_interpreter()
         _bfloat16_dot_in_interpreter()
         _no_overflow_checks_in_interpreter()

@@ -228,7 +228,7 @@ def test_eps_follows_eagers_rule(path, op, training, eps, match):
     import torch.nn.functional as F
     x = torch.randn(2, 4, 6, 6)
     rm, rv = torch.zeros(4), torch.ones(4)
-    with pytest.raises(ValueError, match=re.escape(match)):
+    with pytest.raises(ValueError, match="eps must be"):  # eager refuses too (its wording varies by version)
         F.batch_norm(x, rm, rv, training=training, eps=eps)
     with pytest.raises(ValueError, match=re.escape(match)):
         _call(op, x, rm, rv, None, None, training=training, eps=eps)
