@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_4d
+from .._checks import check_4d, kept_in_fx_graphs
 from ..nn.module_state import NotScriptable
 from ..nn.batch_norm import norm_relu
 from ..nn.densenet import DenseBlock, Transition, stem_bn_relu_pool
@@ -28,6 +28,24 @@ __all__ = [
 _OLD_LAYER_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 _RELU = nn.ReLU(inplace=True)  # the final ReLU, a function call in torchvision's forward
+
+
+def _final_bn_relu(norm: nn.Module, x: Tensor) -> Tensor:
+    # A torch.fx leaf of its own: _RELU belongs to no model, so a traced graph could not refer to it.
+    return norm_relu(norm, _RELU, x)
+
+
+@kept_in_fx_graphs
+def _check_input(x: Tensor, in_channels: int) -> None:
+    check_4d("x", x, "DenseNet")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"DenseNet: x has {x.shape[1]} channels but conv0 expects {in_channels}")
+
+
+# torch.fx leaves: they branch on the tensor, and read the modules' state when the graph runs.
+torch.fx.wrap("_final_bn_relu")
+torch.fx.wrap("_check_input")
+torch.fx.wrap("stem_bn_relu_pool")
 
 
 class DenseNet(NotScriptable, nn.Module):
@@ -96,12 +114,10 @@ class DenseNet(NotScriptable, nn.Module):
         for name, module in modules.items():
             if name.startswith(("denseblock", "transition")):
                 x = module(x)
-        return norm_relu(modules["norm5"], _RELU, x)
+        return _final_bn_relu(modules["norm5"], x)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_4d("x", x, "DenseNet")
-        if x.shape[1] != self.features.conv0.in_channels:
-            raise ValueError(f"DenseNet: x has {x.shape[1]} channels but conv0 expects {self.features.conv0.in_channels}")
+        _check_input(x, self.features.conv0.in_channels)
         out = F.adaptive_avg_pool2d(self._features(x), (1, 1))
         return self.classifier(torch.flatten(out, 1))
 

@@ -12,10 +12,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_4d
+from .._checks import check_4d, kept_in_fx_graphs
 from ..nn.batch_norm import norm_relu
 from ..nn.module_state import NotScriptable
 from ..nn.resnet_blocks import BasicBlock, Bottleneck, conv1x1
+
+# torch.fx leaves: they branch on the tensor, and read the modules' state when the graph runs.
+torch.fx.wrap("norm_relu")
 
 __all__ = [
     "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -122,11 +125,18 @@ class ResNet(NotScriptable, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Here, not in the stem's BN: its error would name the convolution's output, not x.
-        check_4d("x", x, "ResNet")
-        in_channels = getattr(self.conv1, "in_channels", None)
-        if in_channels is not None and x.shape[1] != in_channels:
-            raise ValueError(f"ResNet: x has {x.shape[1]} channels but conv1 expects {in_channels}")
+        _check_input(x, getattr(self.conv1, "in_channels", None))
         return self._forward_impl(x)
+
+
+@kept_in_fx_graphs
+def _check_input(x: Tensor, in_channels: int | None) -> None:
+    check_4d("x", x, "ResNet")
+    if in_channels is not None and x.shape[1] != in_channels:
+        raise ValueError(f"ResNet: x has {x.shape[1]} channels but conv1 expects {in_channels}")
+
+
+torch.fx.wrap("_check_input")
 
 
 def _resnet(

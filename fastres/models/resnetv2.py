@@ -26,6 +26,12 @@ from ..nn.preact_blocks import (
     DownsampleAvg, DownsampleConv, PreActBasicBlock, PreActBottleneck, conv2d, make_divisible,
 )
 
+# torch.fx leaves: they branch on the tensor, and read the modules' state when the graph runs.
+torch.fx.wrap("check_4d")
+torch.fx.wrap("check_float_tensor")
+torch.fx.wrap("bn_relu_conv")
+torch.fx.wrap("pre_activation")
+
 __all__ = [
     "ResNetV2", "resnetv2_18", "resnetv2_18d", "resnetv2_34", "resnetv2_34d", "resnetv2_50", "resnetv2_50d",
     "resnetv2_101", "resnetv2_101d", "resnetv2_152", "resnetv2_152d",

@@ -48,6 +48,9 @@ def bn_relu(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, residual: Tensor | N
     )
 
 
+torch.fx.wrap("bn_relu")  # a torch.fx leaf: BatchNormReLU2d's forward, with the module's state read when run
+
+
 def _torch_synchronizes(device: torch.device) -> bool:
     """Whether ``torch.nn.SyncBatchNorm`` synchronizes tensors on ``device`` (else it raises: CPU)."""
     return device.type in ("cuda", "hpu", "xpu", torch._C._get_privateuse1_backend_name())

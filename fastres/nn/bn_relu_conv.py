@@ -14,6 +14,7 @@ the pre-activation is ``norm(x)``; fused when that activation is a plain ReLU.
 
 import sys
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -105,6 +106,9 @@ def bn_relu_conv_pair(norm: nn.Module, conv_a: nn.Module, conv_b: nn.Module, x: 
     if bn_training:  # batch statistics again, the running ones already updated
         running_mean = running_var = None
     return first, _conv(conv_b, x, running_mean, running_var, norm, bn_training, factor)
+
+
+torch.fx.wrap("bn_relu_conv")  # a torch.fx leaf: BNReLUConv2d's forward, with the modules' state read when run
 
 
 class BNReLUConv2d(NotScriptable, nn.Module):

@@ -141,19 +141,7 @@ class DenseLayer(_FromTorchvision, nn.Module):
         )
 
     def forward(self, input: Tensor | list[Tensor]) -> Tensor:
-        prev = [input] if isinstance(input, Tensor) else list(input)
-        if not prev or not all(isinstance(t, Tensor) and t.dim() == 4 for t in prev):
-            raise ValueError(f"{type(self).__name__}: input must be a 4-D tensor or a list of 4-D tensors")
-        x = prev[0] if len(prev) == 1 else torch.cat(prev, 1)
-        _check_features(self, x, self.conv1.in_channels, "input")
-        if self.memory_efficient and self.shares_storage() and shared_storage_applies(x):
-            new = dense_block(x, [self.dense_args(tuple(x.shape))])[:, x.shape[1]:]
-            return new.contiguous(memory_format=suggest_memory_format(x))  # eager's layout, not a view
-        out = self.conv1(norm_relu(self.norm1, self.relu1, x))
-        out = self.conv2(norm_relu(self.norm2, self.relu2, out))
-        if self.drop_rate > 0:
-            out = F.dropout(out, p=self.drop_rate, training=self.training)
-        return out
+        return _dense_layer(self, input)
 
 
 class DenseBlock(_FromTorchvision, nn.ModuleDict):
@@ -184,16 +172,10 @@ class DenseBlock(_FromTorchvision, nn.ModuleDict):
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, init_features: Tensor) -> Tensor:
-        _check_features(self, init_features, self.num_input_features, "init_features")
-        layers = list(self.values())
-        shared = all(isinstance(layer, DenseLayer) and layer.shares_storage() for layer in layers)
-        if self.memory_efficient and shared and not has_hooks(self) and shared_storage_applies(init_features):
-            n, _, h, w = init_features.shape
-            return dense_block(init_features, [layer.dense_args((n, layer.conv1.in_channels, h, w)) for layer in layers])
-        features = [init_features]
-        for layer in layers:
-            features.append(layer(features))
-        return torch.cat(features, 1)
+        return _dense_block(
+            list(self.values()), init_features, self.num_input_features,
+            self.memory_efficient and not has_hooks(self), type(self).__name__,
+        )
 
 
 class Transition(_FromTorchvision, nn.Sequential):
@@ -210,11 +192,56 @@ class Transition(_FromTorchvision, nn.Sequential):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_features(self, x, self.norm.num_features)
-        if fused_conv_applies(x) and type(self.relu) is nn.ReLU and not (has_hooks(self.relu) or has_hooks(self)):
-            # The fused BN-ReLU-Conv reads the block's buffer in place and keeps nothing of its size.
-            return self.pool(bn_relu_conv(self.norm, self.conv, x))
-        if recomputes_bn_relu(x, self.norm, self.relu, self) and _is_plain_conv(self.conv, 1, 0) \
-                and not has_hooks(self.conv):
-            return self.pool(bn_relu_conv1x1(x, _norm_args(self.norm, tuple(x.shape)), self.conv.weight))
-        return self.pool(self.conv(norm_relu(self.norm, self.relu, x)))
+        return _transition(self.norm, self.relu, self.conv, self.pool, x, has_hooks(self), type(self).__name__)
+
+
+# The forwards of the layer, block and transition, as torch.fx leaves: they choose their path from the
+# tensor, and read the modules' state (training, buffers) when the graph runs. They take the modules
+# they run, so a traced graph holds references to those.
+
+
+def _dense_layer(layer: DenseLayer, input: Tensor | list[Tensor]) -> Tensor:
+    prev = [input] if isinstance(input, Tensor) else list(input)
+    if not prev or not all(isinstance(t, Tensor) and t.dim() == 4 for t in prev):
+        raise ValueError(f"{type(layer).__name__}: input must be a 4-D tensor or a list of 4-D tensors")
+    x = prev[0] if len(prev) == 1 else torch.cat(prev, 1)
+    _check_features(layer, x, layer.conv1.in_channels, "input")
+    if layer.memory_efficient and layer.shares_storage() and shared_storage_applies(x):
+        new = dense_block(x, [layer.dense_args(tuple(x.shape))])[:, x.shape[1]:]
+        return new.contiguous(memory_format=suggest_memory_format(x))  # eager's layout, not a view
+    out = layer.conv1(norm_relu(layer.norm1, layer.relu1, x))
+    out = layer.conv2(norm_relu(layer.norm2, layer.relu2, out))
+    if layer.drop_rate > 0:
+        out = F.dropout(out, p=layer.drop_rate, training=layer.training)
+    return out
+
+
+def _dense_block(
+    layers: list[nn.Module], init_features: Tensor, num_input_features: int, memory_efficient: bool, owner: str
+) -> Tensor:
+    check_4d("init_features", init_features, owner, num_input_features, "num_input_features")
+    shared = all(isinstance(layer, DenseLayer) and layer.shares_storage() for layer in layers)
+    if memory_efficient and shared and shared_storage_applies(init_features):
+        n, _, h, w = init_features.shape
+        return dense_block(init_features, [layer.dense_args((n, layer.conv1.in_channels, h, w)) for layer in layers])
+    features = [init_features]
+    for layer in layers:
+        features.append(layer(features))
+    return torch.cat(features, 1)
+
+
+def _transition(
+    norm: nn.Module, relu: nn.Module, conv: nn.Module, pool: nn.Module, x: Tensor, hooked: bool, owner: str
+) -> Tensor:
+    check_4d("x", x, owner, norm.num_features, "num_input_features")
+    if fused_conv_applies(x) and type(relu) is nn.ReLU and not (has_hooks(relu) or hooked):
+        # The fused BN-ReLU-Conv reads the block's buffer in place and keeps nothing of its size.
+        return pool(bn_relu_conv(norm, conv, x))
+    if not hooked and recomputes_bn_relu(x, norm, relu) and _is_plain_conv(conv, 1, 0) and not has_hooks(conv):
+        return pool(bn_relu_conv1x1(x, _norm_args(norm, tuple(x.shape)), conv.weight))
+    return pool(conv(norm_relu(norm, relu, x)))
+
+
+torch.fx.wrap("_dense_layer")
+torch.fx.wrap("_dense_block")
+torch.fx.wrap("_transition")

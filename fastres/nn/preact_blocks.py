@@ -19,12 +19,19 @@ from collections.abc import Callable
 
 import sys
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_4d
 from .bn_relu_conv import bn_relu_conv, bn_relu_conv_pair, fusable, pre_activation
 from .module_state import FromModule, has_hooks
+
+# torch.fx leaves: they branch on the tensor, and read the modules' state when the graph runs.
+torch.fx.wrap("check_4d")
+torch.fx.wrap("bn_relu_conv")
+torch.fx.wrap("bn_relu_conv_pair")
+torch.fx.wrap("pre_activation")
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
@@ -96,6 +103,9 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+torch.fx.wrap("_same_padding")  # max() of a traced size is control flow: computed when the graph runs
+
+
 class AvgPool2dSame(nn.AvgPool2d):
     """Average pooling with TensorFlow's 'SAME' zero padding, computed per input size (timm's)."""
 
@@ -165,15 +175,6 @@ class _PreActBlock(FromModule, nn.Module):
             return bn_relu_conv_pair(self.norm1, self.conv1, projection, x)
         x_preact = pre_activation(self.norm1, x)  # the shortcut pools it first: it must exist
         return self.conv1(x_preact), self.downsample(x_preact)
-
-    def _merge(self, x: Tensor, shortcut: Tensor) -> Tensor:
-        x = self.drop_path(x)
-        if x.shape != shortcut.shape:
-            raise ValueError(
-                f"{type(self).__name__}: the residual branch gives {tuple(x.shape)} but the shortcut gives "
-                f"{tuple(shortcut.shape)}; a block that changes stride or channels needs a proj_layer"
-            )
-        return x + shortcut
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(getattr(self, self._convs[-1]).weight)
@@ -254,7 +255,7 @@ class PreActBasicBlock(_PreActBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         out, shortcut = self._stem(x)
-        return self._merge(bn_relu_conv(self.norm2, self.conv2, out), shortcut)
+        return _merge(self.drop_path, bn_relu_conv(self.norm2, self.conv2, out), shortcut, type(self).__name__)
 
 
 class PreActBottleneck(_PreActBlock):
@@ -294,7 +295,22 @@ class PreActBottleneck(_PreActBlock):
     def forward(self, x: Tensor) -> Tensor:
         out, shortcut = self._stem(x)
         out = bn_relu_conv(self.norm3, self.conv3, bn_relu_conv(self.norm2, self.conv2, out))
-        return self._merge(out, shortcut)
+        return _merge(self.drop_path, out, shortcut, type(self).__name__)
+
+
+def _merge(drop_path: nn.Module, x: Tensor, shortcut: Tensor, owner: str) -> Tensor:
+    """``drop_path(x) + shortcut``, same shapes only."""
+    x = drop_path(x)
+    if x.shape != shortcut.shape:
+        raise ValueError(
+            f"{owner}: the residual branch gives {tuple(x.shape)} but the shortcut gives "
+            f"{tuple(shortcut.shape)}; a block that changes stride or channels needs a proj_layer"
+        )
+    return x + shortcut
+
+
+# The shape comparison runs in a traced graph too, and the drop path there reads its module's training flag.
+torch.fx.wrap("_merge")
 
 
 PreActBasic = PreActBasicBlock  # timm's name

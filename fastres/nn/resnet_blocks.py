@@ -14,11 +14,17 @@ fastres's eager synchronized path on CPU tensors (gloo), which torch refuses.
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from .batch_norm import norm_relu, run_sequential
 from .._checks import check_4d
 from .module_state import FromModule
+
+# torch.fx leaves: they branch on the tensor, and read the modules' state when the graph runs.
+torch.fx.wrap("check_4d")
+torch.fx.wrap("norm_relu")
+torch.fx.wrap("run_sequential")
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -52,16 +58,6 @@ class _FusedBlock(FromModule, nn.Module):
     @classmethod
     def convertible_from(cls) -> str:
         return f"a torchvision-style {cls.__name__}"
-
-    def _tail(self, bn: nn.Module, out: Tensor, identity: Tensor) -> Tensor:
-        """``relu(bn(out) + identity)``, fused; identity may differ in dtype (autocast)."""
-        if out.shape != identity.shape:
-            raise ValueError(
-                f"{type(self).__name__}: the residual branch gives {tuple(out.shape)} but the "
-                f"identity gives {tuple(identity.shape)}; a block that changes stride or "
-                "channels needs a matching downsample"
-            )
-        return norm_relu(bn, self.relu, out, identity)
 
     def _check_input(self, x: Tensor) -> None:
         check_4d("x", x, type(self).__name__, self.conv1.in_channels, "inplanes")
@@ -103,7 +99,7 @@ class BasicBlock(_FusedBlock):
         self._check_input(x)
         out = norm_relu(self.bn1, self.relu, self.conv1(x))
         identity = x if self.downsample is None else run_sequential(self.downsample, x)
-        return self._tail(self.bn2, self.conv2(out), identity)
+        return _tail(self.bn2, self.relu, self.conv2(out), identity, type(self).__name__)
 
 
 class Bottleneck(_FusedBlock):
@@ -142,4 +138,18 @@ class Bottleneck(_FusedBlock):
         out = norm_relu(self.bn1, self.relu, self.conv1(x))
         out = norm_relu(self.bn2, self.relu, self.conv2(out))
         identity = x if self.downsample is None else run_sequential(self.downsample, x)
-        return self._tail(self.bn3, self.conv3(out), identity)
+        return _tail(self.bn3, self.relu, self.conv3(out), identity, type(self).__name__)
+
+
+def _tail(bn: nn.Module, relu: nn.Module, out: Tensor, identity: Tensor, owner: str) -> Tensor:
+    """``relu(bn(out) + identity)``, fused; identity may differ in dtype (autocast)."""
+    if out.shape != identity.shape:
+        raise ValueError(
+            f"{owner}: the residual branch gives {tuple(out.shape)} but the "
+            f"identity gives {tuple(identity.shape)}; a block that changes stride or "
+            "channels needs a matching downsample"
+        )
+    return norm_relu(bn, relu, out, identity)
+
+
+torch.fx.wrap("_tail")  # the shape comparison too: a traced graph runs it

@@ -17,6 +17,7 @@ Anything else (a non-ReLU activation, a DropBlock between BN and ReLU, hooks)
 runs as written. ``fusion()`` says which is which.
 """
 
+import torch
 from torch import Tensor, nn
 
 from .._checks import check_4d
@@ -24,6 +25,14 @@ from ..functional import add_relu
 from .batch_norm import batch_norm, norm_relu, run_sequential
 from .bn_relu_conv import bn_relu_conv, fusable
 from .module_state import FromModule, has_hooks
+
+# torch.fx leaves: they branch on the tensor, and read the modules' state when the graph runs.
+torch.fx.wrap("check_4d")
+torch.fx.wrap("add_relu")
+torch.fx.wrap("batch_norm")
+torch.fx.wrap("norm_relu")
+torch.fx.wrap("run_sequential")
+torch.fx.wrap("bn_relu_conv")
 
 
 def _relu(act: nn.Module) -> bool:
