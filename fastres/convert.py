@@ -10,7 +10,7 @@ from .models.densenet import DenseNet
 from .models.resnet import ResNet
 from .nn.batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d
 from .nn.densenet import DenseBlock, DenseLayer, Transition
-from .nn.module_state import has_hooks
+from .nn.module_state import is_plain
 from .nn.preact_blocks import PreActBasicBlock, PreActBottleneck
 from .nn.resnet_blocks import BasicBlock, Bottleneck
 from .nn.timm_blocks import TimmBasicBlock, TimmBottleneck
@@ -131,7 +131,7 @@ def _is_torchvision_densenet(module: nn.Module) -> bool:
     if type(module) is not _torchvision_class("torchvision.models.densenet", "DenseNet"):
         return False
     features, classifier = module._modules.get("features"), module._modules.get("classifier")
-    if type(features) is not nn.Sequential or has_hooks(features) or type(classifier) is not nn.Linear:
+    if not is_plain(features, nn.Sequential) or type(classifier) is not nn.Linear:
         return False
     names = list(features._modules)
     if names[:4] != ["conv0", "norm0", "relu0", "pool0"] or names[-1:] != ["norm5"]:

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import fastres
+from fastres.nn.module_state import is_plain
 from fastres.ops import route
 from fastres.testing import gpu_paths_on_cpu
+from helpers import assert_trains_like, twin
 
 
 def test_cpu_tensors_take_the_cpu_paths_outside_the_context():
@@ -73,3 +75,49 @@ def test_no_module_level_flags():
             " for a, v in vars(m).items() if isinstance(v, bool)])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_is_plain_takes_exact_types_without_hooks():
+    class MyNorm(torch.nn.BatchNorm2d):
+        pass
+
+    bn = torch.nn.BatchNorm2d(3)
+    assert is_plain(bn, torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)
+    assert not is_plain(MyNorm(3), torch.nn.BatchNorm2d)  # a subclass may have its own forward
+    assert not is_plain(bn, torch.nn.ReLU)
+    assert not is_plain(None, torch.nn.Identity)
+    handle = bn.register_forward_pre_hook(lambda m, args: None)
+    assert not is_plain(bn, torch.nn.BatchNorm2d)
+    handle.remove()
+    with torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: None):
+        assert not is_plain(bn, torch.nn.BatchNorm2d)  # a global hook runs on every module call
+    assert is_plain(bn, torch.nn.BatchNorm2d)
+
+
+class _ScaledNorm(torch.nn.BatchNorm2d):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _swap_relu(block):
+    block.relu = torch.nn.GELU()
+
+
+def _subclass_norm(block):
+    norm = _ScaledNorm(block.bn2.num_features)
+    norm.load_state_dict(block.bn2.state_dict())
+    block.bn2 = norm
+
+
+def _hook_norm(block):
+    block.bn1.register_forward_hook(lambda m, args, out: out * 0.5)
+
+
+@pytest.mark.parametrize("change", [_swap_relu, _subclass_norm, _hook_norm], ids=["gelu", "norm_subclass", "norm_hook"])
+def test_a_module_that_is_not_plain_runs_as_written(path, tv, change):
+    """A block whose ReLU, norm or hooks differ from the plain modules computes what eager's does with them."""
+    eager, fused = tv.models.resnet.BasicBlock(4, 4), fastres.nn.BasicBlock(4, 4)
+    change(eager), change(fused)
+    eager, fused = eager.double(), fused.double()
+    twin(eager, fused)
+    assert_trains_like(fused, eager, [torch.randn(2, 4, 5, 5, dtype=torch.float64) for _ in range(2)])

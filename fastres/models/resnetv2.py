@@ -20,8 +20,7 @@ from torch import Tensor, nn
 
 from .._checks import check_4d, check_float_tensor
 from ..nn.bn_relu_conv import bn_relu_conv, pre_activation
-from ..nn.module_state import has_hooks
-from ..nn.module_state import NotScriptable
+from ..nn.module_state import NotScriptable, is_plain
 from ..nn.preact_blocks import (
     DownsampleAvg, DownsampleConv, PreActBasicBlock, PreActBottleneck, conv2d, make_divisible,
 )
@@ -238,8 +237,8 @@ class ResNetV2(NotScriptable, nn.Module):
     def _stem_forward(self, x: Tensor) -> Tensor:
         stem = self.stem
         names = list(stem._modules)
-        if type(stem) is not nn.Sequential or has_hooks(stem) or names[:7] != list(_DEEP_STEM) or not all(
-            type(stem._modules[a]) is nn.ReLU and not has_hooks(stem._modules[a]) for a in ("act1", "act2")
+        if not is_plain(stem, nn.Sequential) or names[:7] != list(_DEEP_STEM) or not all(
+            is_plain(stem._modules[a], nn.ReLU) for a in ("act1", "act2")
         ):
             return stem(x)
         # The deep stem: conv1, then each BN-ReLU fused into the convolution after it.

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..functional import add_relu, batch_norm_relu, sync_batch_norm, sync_batch_norm_relu
 from .._checks import check_4d
-from .module_state import FromModule, has_hooks, running_stats_args, sync_world
+from .module_state import PLAIN_BATCH_NORMS, FromModule, is_plain, running_stats_args, sync_world
 
 
 def bn_relu(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -67,8 +67,8 @@ def batch_norm(bn: nn.Module, x: Tensor) -> Tensor:
     module call.
     """
     if (
-        type(bn) is nn.SyncBatchNorm and isinstance(x, Tensor) and x.dim() == 4
-        and not _torch_synchronizes(x.device) and not has_hooks(bn)
+        is_plain(bn, nn.SyncBatchNorm) and isinstance(x, Tensor) and x.dim() == 4
+        and not _torch_synchronizes(x.device)
     ):
         sync = sync_world(bn, bn.training)
         if sync is not None:
@@ -86,14 +86,11 @@ def run_sequential(seq: nn.Module, x: Tensor) -> Tensor:
     Only a plain ``nn.Sequential`` without hooks is walked child by child
     (its forward is known); any other module is called as it is.
     """
-    if type(seq) is not nn.Sequential or has_hooks(seq):
+    if not is_plain(seq, nn.Sequential):
         return seq(x)
     for module in seq:
         x = batch_norm(module, x)
     return x
-
-
-_FUSABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 def norm_relu(norm: nn.Module, relu: nn.Module, x: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -105,12 +102,12 @@ def norm_relu(norm: nn.Module, relu: nn.Module, x: Tensor, residual: Tensor | No
     """
     if isinstance(norm, (BatchNormReLU2d, SyncBatchNormReLU2d)):
         return norm(x, residual)  # a module call, so its hooks run
-    if type(norm) in _FUSABLE_NORMS and not (has_hooks(norm) or has_hooks(relu)):
+    if is_plain(norm, *PLAIN_BATCH_NORMS) and is_plain(relu, nn.ReLU):
         return bn_relu(norm, x, residual)
     out = batch_norm(norm, x)
     if residual is None:
         return relu(out)
-    if type(relu) is nn.ReLU and not has_hooks(relu):
+    if is_plain(relu, nn.ReLU):
         return add_relu(out, residual, inplace=True)
     out += residual
     return relu(out)

@@ -21,10 +21,9 @@ from torch import Tensor, nn
 from .._checks import check_4d
 from ..functional import bn_relu_conv2d
 from .batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d, batch_norm, bn_relu
-from .module_state import NotScriptable, has_hooks, running_stats_args, sync_world
+from .module_state import PLAIN_BATCH_NORMS, NotScriptable, is_plain, running_stats_args, sync_world
 
 
-_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _NORM_RELUS = (BatchNormReLU2d, SyncBatchNormReLU2d)  # the ReLU is the module's own
 
 
@@ -35,21 +34,21 @@ def is_norm_act(norm: nn.Module) -> bool:
 
 def _timm_bn_relu(norm: nn.Module) -> bool:
     """timm's ``BatchNormAct2d`` with a plain ReLU and no dropout: ``relu(batch_norm(x))``."""
-    if type(norm) is not getattr(sys.modules.get("timm.layers.norm_act"), "BatchNormAct2d", None):
+    if not is_plain(norm, getattr(sys.modules.get("timm.layers.norm_act"), "BatchNormAct2d", None)):
         return False
     act, drop = norm._modules.get("act"), norm._modules.get("drop")
-    return type(act) is nn.ReLU and type(drop) is nn.Identity and not has_hooks(act) and not has_hooks(drop)
+    return is_plain(act, nn.ReLU) and is_plain(drop, nn.Identity)
 
 
 def fusable_norm(norm: nn.Module) -> bool:
     """Whether ``relu(norm(x))`` (or a norm-act ``norm(x)``) is a batch norm and ReLU that a fused op can run."""
-    return (type(norm) in _NORMS + _NORM_RELUS or _timm_bn_relu(norm)) and not has_hooks(norm)
+    return is_plain(norm, *PLAIN_BATCH_NORMS, *_NORM_RELUS) or _timm_bn_relu(norm)
 
 
 def fusable(norm: nn.Module, conv: nn.Module) -> bool:
     """Whether ``conv(relu(norm(x)))`` can run as one fused op (per call, SyncBN may still synchronize)."""
     return (
-        fusable_norm(norm) and type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not has_hooks(conv)
+        fusable_norm(norm) and is_plain(conv, nn.Conv2d) and conv.padding_mode == "zeros"
     )
 
 
@@ -63,7 +62,7 @@ def pre_activation(norm: nn.Module, x: Tensor) -> Tensor:
     """``relu(norm(x))`` (``norm(x)`` for a norm-act module), stored: fused BN-ReLU for a plain batch norm."""
     if is_norm_act(norm):
         return norm(x)
-    if type(norm) in _NORMS and not has_hooks(norm):
+    if is_plain(norm, *PLAIN_BATCH_NORMS):
         return bn_relu(norm, x)
     return F.relu(batch_norm(norm, x))
 

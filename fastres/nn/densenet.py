@@ -20,7 +20,7 @@ from ..functional import (
 from .batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d, norm_relu
 from .bn_relu_conv import bn_relu_conv
 from .._checks import check_4d
-from .module_state import FromModule, has_hooks, running_stats_args, sync_world
+from .module_state import PLAIN_BATCH_NORMS, FromModule, has_hooks, is_plain, running_stats_args, sync_world
 
 
 def _check_features(module: nn.Module, x: Tensor, expected: int, name: str = "x") -> None:
@@ -38,40 +38,34 @@ def _norm_args(bn: nn.BatchNorm2d, x_shape: tuple) -> BatchNormArgs:
 
 
 def _plain_bn_relu(norm: nn.Module, relu: nn.Module) -> bool:
-    """A batch norm (synchronized or not) and a ReLU whose computation fastres._C can take over (hooks apart)."""
-    return type(norm) in _PLAIN_NORMS and type(relu) is nn.ReLU
+    """A batch norm (synchronized or not) and a ReLU whose computation fastres._C can take over."""
+    return is_plain(norm, *PLAIN_BATCH_NORMS, BatchNormReLU2d, SyncBatchNormReLU2d) and is_plain(relu, nn.ReLU)
 
 
-_PLAIN_NORMS = (nn.BatchNorm2d, BatchNormReLU2d, nn.SyncBatchNorm, SyncBatchNormReLU2d)
-
-
-def recomputes_bn_relu(x: Tensor, norm: nn.Module, relu: nn.Module, *modules: nn.Module) -> bool:
+def recomputes_bn_relu(x: Tensor, norm: nn.Module, relu: nn.Module) -> bool:
     """Whether a BN-ReLU on ``x`` runs through fastres._C, recomputed in backward instead of kept.
 
     On CPU, where the alternative (eager BatchNorm2d and ReLU) keeps the full
     BN-ReLU output. On CUDA the fused Triton BN-ReLU keeps a 1-bit mask,
     about as small, and recomputes nothing, so it is used there.
     """
-    return (
-        recompute_bn_relu_applies(x)
-        and _plain_bn_relu(norm, relu) and not any(has_hooks(m) for m in (norm, relu, *modules))
-    )
+    return recompute_bn_relu_applies(x) and _plain_bn_relu(norm, relu)
 
 
 def stem_bn_relu_pool(norm: nn.Module, relu: nn.Module, pool: nn.Module, x: Tensor) -> Tensor:
     """``pool(relu(norm(x)))`` of an ImageNet stem; BN-ReLU recomputed in backward where that saves memory."""
     plain_pool = (
-        type(pool) is nn.MaxPool2d and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+        is_plain(pool, nn.MaxPool2d) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
         and not pool.return_indices and all(isinstance(v, int) for v in (pool.kernel_size, pool.stride, pool.padding))
     )
-    if plain_pool and recomputes_bn_relu(x, norm, relu, pool):
+    if plain_pool and recomputes_bn_relu(x, norm, relu):
         return bn_relu_max_pool2d(x, _norm_args(norm, tuple(x.shape)), pool.kernel_size, pool.stride, pool.padding)
     return pool(norm_relu(norm, relu, x))
 
 
 def _is_plain_conv(conv: nn.Module, kernel: int, padding: int) -> bool:
     return (
-        type(conv) is nn.Conv2d and conv.kernel_size == (kernel, kernel) and conv.stride == (1, 1)
+        is_plain(conv, nn.Conv2d) and conv.kernel_size == (kernel, kernel) and conv.stride == (1, 1)
         and conv.padding == (padding, padding) and conv.dilation == (1, 1) and conv.groups == 1
         and conv.bias is None and conv.padding_mode == "zeros"
     )
@@ -234,10 +228,10 @@ def _transition(
     norm: nn.Module, relu: nn.Module, conv: nn.Module, pool: nn.Module, x: Tensor, hooked: bool, owner: str
 ) -> Tensor:
     check_4d("x", x, owner, norm.num_features, "num_input_features")
-    if fused_conv_applies(x) and type(relu) is nn.ReLU and not (has_hooks(relu) or hooked):
+    if fused_conv_applies(x) and is_plain(relu, nn.ReLU) and not hooked:
         # The fused BN-ReLU-Conv reads the block's buffer in place and keeps nothing of its size.
         return pool(bn_relu_conv(norm, conv, x))
-    if not hooked and recomputes_bn_relu(x, norm, relu) and _is_plain_conv(conv, 1, 0) and not has_hooks(conv):
+    if not hooked and recomputes_bn_relu(x, norm, relu) and _is_plain_conv(conv, 1, 0):
         return pool(bn_relu_conv1x1(x, _norm_args(norm, tuple(x.shape)), conv.weight))
     return pool(conv(norm_relu(norm, relu, x)))
 

@@ -13,6 +13,19 @@ def has_hooks(m: nn.Module) -> bool:
     )
 
 
+def is_plain(m: nn.Module | None, *types: type) -> bool:
+    """Whether a fused op may stand in for calling ``m``: exactly one of ``types`` and without forward hooks.
+
+    Exactly, not a subclass, whose forward may differ; hooks (the module's or
+    global ones) would be skipped by a fused call. The one test every fastres
+    module and model makes before fusing a module's computation.
+    """
+    return type(m) in types and not has_hooks(m)
+
+
+PLAIN_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
 def running_stats_args(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
     """(running_mean, running_var, bn_training, momentum factor): ``_BatchNorm.forward``'s logic.
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .._checks import check_4d
 from .bn_relu_conv import bn_relu_conv, bn_relu_conv_pair, fusable, pre_activation
-from .module_state import FromModule, has_hooks
+from .module_state import FromModule, is_plain
 
 # torch.fx leaves: they branch on the tensor, and read the modules' state when the graph runs.
 torch.fx.wrap("check_4d")
@@ -153,10 +153,10 @@ def _projection_conv(downsample: nn.Module) -> nn.Module | None:
     fused BN-ReLU as conv1; any other shortcut runs on a stored ``x_preact``.
     """
     timm_cls = getattr(sys.modules.get("timm.models.resnetv2"), "DownsampleConv", None)
-    if type(downsample) not in (DownsampleConv, timm_cls) or has_hooks(downsample):
+    if not is_plain(downsample, DownsampleConv, timm_cls):
         return None
     norm = downsample._modules.get("norm")
-    return downsample._modules.get("conv") if type(norm) is nn.Identity and not has_hooks(norm) else None
+    return downsample._modules.get("conv") if is_plain(norm, nn.Identity) else None
 
 
 class _PreActBlock(FromModule, nn.Module):

@@ -24,7 +24,7 @@ from .._checks import check_4d
 from ..functional import add_relu
 from .batch_norm import batch_norm, norm_relu, run_sequential
 from .bn_relu_conv import bn_relu_conv, fusable
-from .module_state import FromModule, has_hooks
+from .module_state import PLAIN_BATCH_NORMS, FromModule, is_plain
 
 # torch.fx leaves: they branch on the tensor, and read the modules' state when the graph runs.
 torch.fx.wrap("check_4d")
@@ -36,11 +36,11 @@ torch.fx.wrap("bn_relu_conv")
 
 
 def _relu(act: nn.Module) -> bool:
-    return type(act) is nn.ReLU and not has_hooks(act)
+    return is_plain(act, nn.ReLU)
 
 
 def _identity(m: nn.Module | None) -> bool:
-    return m is None or (type(m) is nn.Identity and not has_hooks(m))
+    return m is None or is_plain(m, nn.Identity)
 
 
 class _TimmBlock(FromModule, nn.Module):
@@ -103,7 +103,7 @@ class _TimmBlock(FromModule, nn.Module):
                 left.append(f"{bn_name} -> {act_name}: as written, {why}")
             elif _identity(aa) and fusable(bn, conv):
                 fused.append(f"{bn_name} -> {act_name} -> {conv_name} (BN-ReLU-conv)")
-            elif type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and not has_hooks(bn):
+            elif is_plain(bn, *PLAIN_BATCH_NORMS):
                 fused.append(f"{bn_name} -> {act_name} (BN-ReLU)")
                 if not _identity(aa):
                     left.append(f"{aa_name} ({type(aa).__name__}): as written, between the ReLU and {conv_name}")
@@ -112,7 +112,7 @@ class _TimmBlock(FromModule, nn.Module):
         bn_name, act_name = self._last
         bn, act = getattr(self, bn_name), getattr(self, act_name)
         extras = [n for n in ("se", "drop_path") if getattr(self, n) is not None]
-        plain_bn = type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and not has_hooks(bn)
+        plain_bn = is_plain(bn, *PLAIN_BATCH_NORMS)
         if not _relu(act):
             left.append(f"{bn_name} + shortcut -> {act_name}: as written, {act_name} is {type(act).__name__}")
         elif not extras and plain_bn:
