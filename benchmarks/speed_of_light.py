@@ -267,6 +267,12 @@ def bn_finish(a: dict, grid, round_trip: bool) -> Work:
     return Work(f"C={c}", "memory", dram)
 
 
+def bn_eval_stats(a: dict, grid, round_trip: bool) -> Work:
+    c = a["C"]
+    dram = _bytes(a, "running_mean_ptr", c) + _bytes(a, "running_var_ptr", c) + _bytes(a, "stats_ptr", 2 * c + 1)
+    return Work(f"C={c}", "memory", dram)
+
+
 def add_relu_fwd(a: dict, grid, round_trip: bool) -> Work:
     e = a["n_elements"]
     dram = (_bytes(a, "x_ptr", e) + _bytes(a, "r_ptr", e) + _bytes(a, "z_ptr", e)
@@ -285,6 +291,7 @@ WORK = {
     "bn_relu_kernel": bn_relu,
     "batch_norm_stats_kernel": bn_stats, "batch_norm_relu_fwd_kernel": bn_apply, "batch_norm_relu_bwd_sums_kernel": bn_reduce,
     "batch_norm_relu_bwd_dx_kernel": bn_elementwise, "batch_norm_finish_kernel": bn_finish,
+    "batch_norm_eval_stats_kernel": bn_eval_stats,
     "add_relu_fwd_kernel": add_relu_fwd, "add_relu_bwd_kernel": add_relu_bwd,
 }
 PROLOGUE = {"bn_relu_conv_fwd_kernel", "bn_relu_conv_wgrad_kernel"}  # BN-ReLU computed on an MMA operand in the main loop

@@ -256,9 +256,28 @@ def batch_norm_relu_fwd_kernel(
             first = pid_k == 0
             ch = rows
             ch_ok = (rows < C) & first
-        tl.store(stats_ptr + ch, tl.load(mean_ptr + ch, mask=ch_ok, other=0.0).to(ACC), mask=ch_ok)
-        var = tl.load(rstd_ptr + ch, mask=ch_ok, other=1.0).to(ACC)
-        tl.store(stats_ptr + C + ch, rsqrt_rn(var + eps), mask=ch_ok)
+        store_eval_stats(mean_ptr, rstd_ptr, stats_ptr, ch, ch_ok, C, eps, ACC)
+
+
+@triton.jit
+def store_eval_stats(running_mean_ptr, running_var_ptr, stats_ptr, ch, ch_ok, C, eps, ACC: tl.constexpr):
+    """Eval's statistics for channels ``ch``: stats = [running mean | 1 / sqrt(running var + eps)]."""
+    tl.store(stats_ptr + ch, tl.load(running_mean_ptr + ch, mask=ch_ok, other=0.0).to(ACC), mask=ch_ok)
+    var = tl.load(running_var_ptr + ch, mask=ch_ok, other=1.0).to(ACC)
+    tl.store(stats_ptr + C + ch, rsqrt_rn(var + eps), mask=ch_ok)
+
+
+@triton.jit
+def batch_norm_eval_stats_kernel(
+    running_mean_ptr, running_var_ptr,  # [C]
+    stats_ptr,  # [2C + 1] output: mean, rstd, count
+    C, count, eps,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    store_eval_stats(running_mean_ptr, running_var_ptr, stats_ptr, cols, cols < C, C, eps, ACC)
+    if tl.program_id(0) == 0:
+        tl.store(stats_ptr + 2 * C, count.to(ACC))
 
 
 @triton.jit
@@ -280,6 +299,7 @@ def batch_norm_finish_kernel(
 
 stats_kernel = Kernel(batch_norm_stats_kernel)
 finish_kernel = Kernel(batch_norm_finish_kernel)
+eval_stats_kernel = Kernel(batch_norm_eval_stats_kernel)
 combine_kernel = Kernel(batch_norm_combine_kernel)
 apply_kernel = Kernel(batch_norm_relu_fwd_kernel)
 
@@ -346,6 +366,18 @@ def batch_norm_combine(
         (cdiv(c, block_c), 1, 1), stream(gathered.device), 4,
         gathered, stats, running_mean, running_var, w, c, float(momentum), float(eps),
         tl_dtype(gathered.dtype), partial_block(w, block_c), block_c,
+    )
+
+
+def batch_norm_eval_stats(
+    running_mean: torch.Tensor, running_var: torch.Tensor, stats: torch.Tensor, count: int, eps: float,
+) -> None:
+    """``stats = [mean | rstd | count]`` of eval: the running statistics, fixed now for backward."""
+    c = running_mean.shape[0]
+    block_c = 256  # one binary for every channel count
+    eval_stats_kernel(
+        (cdiv(c, block_c), 1, 1), stream(stats.device), 4,
+        running_mean, running_var, stats, c, count, float(eps), tl_dtype(stats.dtype), block_c,
     )
 
 

@@ -44,6 +44,7 @@ def test_every_kernel_compiles(report):
         "batch_norm_relu_bwd_sums_kernel", "batch_norm_relu_bwd_dx_kernel",
         "bn_relu_conv_fwd_kernel", "bn_relu_conv_dgrad_kernel", "bn_relu_conv_wgrad_kernel", "batch_norm_finish_kernel",  # BN-ReLU-Conv, dense blocks
         "bn_relu_kernel",  # the unfused conv candidate's activation
+        "batch_norm_eval_stats_kernel",  # BN-ReLU-Conv in eval
     }
 
 

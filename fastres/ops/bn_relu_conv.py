@@ -53,13 +53,12 @@ def statistics(x, running_mean, running_var, training, momentum, eps, out: Tenso
     """``[mean | rstd | count]``: the batch's (running statistics updated in place) or, in eval, the running ones."""
     c = x.shape[1]
     stats = torch.empty(2 * c + 1, dtype=acc_dtype(x), device=x.device) if out is None else out
+    k = kernels("batch_norm")
     if training:
         x3, xs = view3(x)
-        kernels("batch_norm").batch_norm_stats(x3, shape3(x), xs, stats, running_mean, running_var, momentum, eps)
+        k.batch_norm_stats(x3, shape3(x), xs, stats, running_mean, running_var, momentum, eps)
     else:  # fixed now, for backward, even if the buffers change later
-        stats[:c].copy_(running_mean)
-        torch.rsqrt(running_var.to(stats.dtype) + eps, out=stats[c : 2 * c])
-        stats[2 * c :].fill_(x.numel() // max(c, 1))
+        k.batch_norm_eval_stats(running_mean, running_var, stats, x.numel() // max(c, 1), eps)
     return stats
 
 
