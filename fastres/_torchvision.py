@@ -16,6 +16,7 @@ _OPERATOR_MODULES = ("torchvision._meta_registrations", "torchvision._autograd_r
 
 
 def import_torchvision() -> types.ModuleType:
+    """``import torchvision``, also where its compiled operators cannot load against this torch (see above)."""
     try:
         return importlib.import_module("torchvision")
     except RuntimeError as err:

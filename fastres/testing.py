@@ -1,4 +1,4 @@
-"""Testing helpers: fastres's GPU code on a machine without a GPU, and what autograd keeps."""
+"""Testing helpers: fastres's GPU code on a machine without a GPU, what autograd keeps, torchvision to compare with."""
 
 import contextlib
 import os
@@ -6,9 +6,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from . import ops
+from . import _interpreter, ops
+from ._torchvision import import_torchvision
 
-__all__ = ["gpu_paths_on_cpu", "saved_bytes"]
+__all__ = ["gpu_paths_on_cpu", "import_torchvision", "patch_triton_interpreter", "saved_bytes"]
 
 
 @contextlib.contextmanager
@@ -32,8 +33,23 @@ def gpu_paths_on_cpu() -> Iterator[None]:
             "gpu_paths_on_cpu() runs Triton kernels through Triton's interpreter: set TRITON_INTERPRET=1 "
             "in the environment before fastres runs its first kernel"
         )
+    patch_triton_interpreter()
     with ops.cpu_runs_gpu_paths():
         yield
+
+
+def patch_triton_interpreter() -> None:
+    """Make Triton's interpreter compute what a GPU computes; ``gpu_paths_on_cpu()`` calls it.
+
+    Triton 3.6's interpreter truncates float32 -> bfloat16 casts (GPUs round
+    to nearest even), multiplies bfloat16 ``tl.dot`` operands as bit
+    patterns, and converts a one-element block to an index in a way numpy
+    2.5 refuses; this fixes the three in place, once per process, and turns
+    off its int32 overflow check on every integer operation (about 40% of
+    its time in the convolutions; compiled kernels do not check). A no-op
+    without Triton.
+    """
+    _interpreter.patch()
 
 
 def saved_bytes(fn: Callable[[], object], params: Iterable[torch.Tensor] = ()) -> int:
