@@ -115,12 +115,27 @@ def check_batch_norm_args(x: torch.Tensor, running_mean, running_var, weight, bi
     check_batch_norm_dtypes(x, tensors)
 
 
+def _eager_eval_eps_rule() -> str:
+    """What the installed torch's ``F.batch_norm`` takes as eps in eval: "positive" (torch 2.11) or "non-negative"."""
+    try:
+        torch.nn.functional.batch_norm(torch.ones(1, 1, 1, 1), torch.zeros(1), torch.ones(1), training=False, eps=0.0)
+    except ValueError:
+        return "positive"
+    return "non-negative"
+
+
+_EVAL_EPS_RULE = _eager_eval_eps_rule()  # asked once, at import: torch versions differ on eps = 0
+
+
 def check_batch_norm_eps(name: str, eps: float, training: bool) -> None:
-    """``F.batch_norm``'s rule: eps > 0 in training, eps >= 0 in eval (ValueError naming ``name``)."""
+    """``F.batch_norm``'s rule: eps > 0 in training; in eval eps >= 0, or > 0 where the installed torch says so.
+
+    A ValueError naming ``name``.
+    """
     if training and eps <= 0.0:
         raise ValueError(f"{name} must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"{name} must be non-negative, but got {eps}")
+    if eps < 0.0 or (eps == 0.0 and _EVAL_EPS_RULE == "positive"):
+        raise ValueError(f"{name} must be {_EVAL_EPS_RULE}, but got {eps}")
 
 
 _REDUCED = (torch.float16, torch.bfloat16)

@@ -5,9 +5,12 @@ import re
 import pytest
 import torch
 
+from torch import nn
+
 import fastres
 import fastres.ops.add_relu as dispatch_add_relu
-from fastres.functional import add_relu
+from fastres.functional import add_relu, batch_norm_relu, bn_relu_conv2d
+from fastres.nn import BNReLUConv2d
 
 
 @pytest.fixture(autouse=True)
@@ -257,12 +260,18 @@ def test_one_tensor_as_both_running_statistics_is_refused(path, op):
 
 
 def test_zero_eps_in_eval_is_taken_as_eager_takes_it(path):
+    """torch 2.13 takes eps = 0 in eval, torch 2.11 refuses it: fastres does what the installed torch does."""
     import torch.nn.functional as F
 
     x = torch.randn(2, 4, 6, 6)
     rm, rv = torch.randn(4), torch.rand(4) + 0.5
-    y = fastres.functional.batch_norm_relu(x, rm, rv, training=False, eps=0.0)
-    torch.testing.assert_close(y, F.relu(F.batch_norm(x, rm, rv, training=False, eps=0.0)))
+    try:
+        expected = F.relu(F.batch_norm(x, rm, rv, training=False, eps=0.0))
+    except ValueError:
+        with pytest.raises(ValueError, match="eps must be positive, but got 0.0"):
+            fastres.functional.batch_norm_relu(x, rm, rv, training=False, eps=0.0)
+        return
+    torch.testing.assert_close(fastres.functional.batch_norm_relu(x, rm, rv, training=False, eps=0.0), expected)
 
 
 @pytest.mark.parametrize("bad_dtype, match", [
@@ -315,3 +324,174 @@ def test_cpu_engine_ops_name_x_of_a_dtype_they_do_not_compute_in(path, op, dtype
         return
     with pytest.raises(TypeError, match=f"x must be float32 or float64 on CPU .*got {dtype}"):
         run()
+
+
+# --- batch_norm_relu and BatchNormReLU2d -----------------------------------------
+
+
+def _bn_good(device):
+    x, r = torch.randn(2, 3, 4, 4, device=device), torch.randn(2, 3, 4, 4, device=device)
+    w, b, rm = (torch.randn(3, device=device) for _ in range(3))
+    rv = torch.rand(3, device=device) + 0.5
+    return dict(x=x, running_mean=rm, running_var=rv, weight=w, bias=b, training=True, residual=r)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"x": torch.randn(2, 3, 4)}, ValueError, "x must be a 4-D"),
+        ({"x": torch.ones(2, 3, 4, 4, dtype=torch.int32)}, TypeError, "x must have a floating dtype"),
+        ({"weight": torch.ones(4)}, ValueError, r"weight must have shape \(3,\)"),
+        ({"running_mean": torch.zeros(3, device="meta")}, ValueError, "running_mean must be on x's device"),
+        ({"running_var": torch.zeros(3, dtype=torch.int64)}, TypeError, "running_var must have a floating dtype"),
+        ({"residual": torch.randn(2, 3, 4, 5)}, ValueError, "x and residual must have the same shape"),
+        ({"running_mean": None}, ValueError, "running_mean and running_var must be given together"),
+        ({"running_mean": None, "running_var": None, "training": False}, ValueError, "training=False"),
+        ({"x": torch.randn(1, 3, 1, 1)}, ValueError, "more than 1 value per channel"),
+    ],
+    ids=["3d", "int", "weight_shape", "stats_device", "stats_dtype", "residual_shape", "one_stat", "eval_no_stats", "one_value"],
+)
+def test_batch_norm_relu_names_bad_input(path, device, change, error, match):
+    args = _bn_good(device)
+    args.update({k: v.to(device) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v for k, v in change.items()})
+    if "x" in change:
+        args["residual"] = None
+    with pytest.raises(error, match=match):
+        batch_norm_relu(**args)
+
+
+def test_batch_norm_relu_module_names_the_channel_count(device):
+    bn = fastres.nn.BatchNormReLU2d(4).to(device)
+    with pytest.raises(ValueError, match="x has 3 channels but BatchNormReLU2d expects 4"):
+        bn(torch.randn(2, 3, 5, 5, device=device))
+    with pytest.raises(ValueError, match="x must be a 4-D tensor"):
+        bn(torch.randn(2, 4, 5, device=device))
+
+
+# --- bn_relu_conv2d and BNReLUConv2d ---------------------------------------------
+
+
+def _conv_good(device):
+    x = torch.randn(2, 4, 5, 5, device=device)
+    return dict(x=x, running_mean=torch.zeros(4, device=device), running_var=torch.ones(4, device=device),
+                weight=torch.ones(4, device=device), bias=torch.zeros(4, device=device),
+                conv_weight=torch.randn(6, 4, 3, 3, device=device), conv_bias=None, padding=1, training=True)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(x=torch.randn(2, 4, 5)), ValueError, "x must be a 4-D"),
+    (dict(x=torch.randint(0, 3, (2, 4, 5, 5))), TypeError, "x must have a floating dtype"),
+    (dict(conv_weight=torch.randn(6, 3, 3, 3)), ValueError, "conv_weight has shape .* takes 3 input channels"),
+    (dict(conv_weight=torch.randn(6, 4, 3)), ValueError, "conv_weight must have shape"),
+    (dict(conv_weight=torch.randn(6, 4, 3, 3, dtype=torch.float64)), TypeError, "conv_weight has dtype"),
+    (dict(conv_bias=torch.randn(5)), ValueError, "conv_bias must have shape"),
+    (dict(running_mean=torch.zeros(3)), ValueError, "running_mean must have shape"),
+    (dict(weight=torch.ones(4, dtype=torch.float64)), TypeError, "weight has dtype"),
+    (dict(padding=-1), ValueError, "padding must be"),
+    (dict(padding="full"), ValueError, "padding must be"),
+    (dict(stride=0), ValueError, "stride must be"),
+    (dict(padding=0, conv_weight=torch.randn(6, 4, 7, 7)), ValueError, "output would be empty"),
+    (dict(x=torch.randn(1, 4, 1, 1), padding=0, conv_weight=torch.randn(6, 4, 1, 1)), ValueError,
+     "more than 1 value per channel"),
+    (dict(training=False, running_mean=None, running_var=None), ValueError, "running_mean and running_var"),
+])
+def test_bn_relu_conv2d_names_bad_input(path, device, change, error, match):
+    args = _conv_good(device)
+    args.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in change.items()})
+    with pytest.raises(error, match=match):
+        bn_relu_conv2d(**args)
+
+
+def test_bn_relu_conv_module_names_the_channel_count(device):
+    m = BNReLUConv2d(4, 6, 3, device=device)
+    with pytest.raises(ValueError, match="x has 5 channels but BatchNorm2d expects 4"):
+        m(torch.randn(2, 5, 5, 5, device=device))
+
+
+_TINY_DENSENET = {"growth_rate": 4, "block_config": (2, 3, 2), "num_init_features": 8, "bn_size": 2, "num_classes": 5}
+
+
+# --- DenseNets -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, x, match",
+    [
+        (lambda: fastres.nn.DenseBlock(2, 5, 2, 3), torch.randn(2, 4, 5, 5), "init_features has 4 channels .* expects 5"),
+        (lambda: fastres.nn.DenseBlock(2, 5, 2, 3), torch.randn(5, 5, 5), "init_features must be a 4-D tensor"),
+        (lambda: fastres.nn.DenseLayer(5, 3, 2, 0.0), torch.randn(2, 6, 5, 5), "input has 6 channels .* expects 5"),
+        (lambda: fastres.nn.DenseLayer(5, 3, 2, 0.0), torch.randn(2, 5, 5), "input must be a 4-D tensor"),
+        (lambda: fastres.nn.Transition(6, 3), torch.randn(2, 5, 4, 4), "x has 5 channels .* expects 6"),
+        (lambda: fastres.models.DenseNet(**_TINY_DENSENET), torch.randn(2, 1, 32, 32), "x has 1 channels but conv0 expects 3"),
+        (lambda: fastres.models.DenseNet(**_TINY_DENSENET), torch.randn(3, 32, 32), "x must be a 4-D tensor"),
+    ],
+    ids=["block_channels", "block_3d", "layer_channels", "layer_3d", "transition_channels", "model_channels", "model_3d"],
+)
+def test_densenet_modules_name_bad_input(make, x, match):
+    module = make()
+    with pytest.raises(ValueError, match=match):
+        module(x)
+    assert all(b.item() == 0 for n, b in module.named_buffers() if n.endswith("num_batches_tracked"))
+
+
+def test_training_on_one_value_per_channel_raises_like_eager(needs_ext):
+    block = fastres.nn.DenseBlock(2, 3, 2, 2)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        block(torch.randn(1, 3, 1, 1))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        nn.BatchNorm2d(3)(torch.randn(1, 3, 1, 1))
+
+
+def test_functional_dense_block_checks_weights(needs_ext):
+    block = fastres.nn.DenseBlock(2, 5, 2, 3)
+    args = [layer.dense_args((2, layer.conv1.in_channels, 4, 4)) for layer in block.values()]
+    args[1] = args[1]._replace(conv1_weight=torch.randn(6, 7, 1, 1))
+    with pytest.raises(ValueError, match=r"layers\[1\].conv1_weight must have shape \(6, 8, 1, 1\)"):
+        fastres.functional.dense_block(torch.randn(2, 5, 4, 4), args)
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        fastres.functional.dense_block(torch.ones(2, 5, 4, 4, dtype=torch.int64), args[:1])
+
+
+# --- ResNetV2 --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: fastres.models.resnetv2_50()(torch.randn(2, 4, 32, 32)), ValueError, "x has 4 channels"),
+        (lambda: fastres.models.resnetv2_50()(torch.randn(3, 32, 32)), ValueError, "x must be a 4-D tensor"),
+        (lambda: fastres.models.resnetv2_18()(torch.randint(0, 5, (2, 3, 32, 32))), TypeError, "floating dtype"),
+        (lambda: fastres.models.resnetv2_50(stem_type="deeper"), ValueError, "stem_type must be one of"),
+        (lambda: fastres.models.resnetv2_50(small_inputs=True, stem_type="deep"), ValueError, "small_inputs"),
+        (lambda: fastres.models.resnetv2_50d(stem_type=""), TypeError, "fixed by the builder: stem_type"),
+        (lambda: fastres.models.resnetv2_50(global_pool="catavgmax"), ValueError, "global_pool must be one of"),
+        (lambda: fastres.models.resnetv2_50(output_stride=4), ValueError, "output_stride must be 8, 16 or 32"),
+        (lambda: fastres.models.resnetv2_50(num_classes=-1), ValueError, "num_classes must be >= 0"),
+        (lambda: fastres.models.ResNetV2([1, 1], channels=(64,)), ValueError, "one entry per stage"),
+        (lambda: fastres.models.ResNetV2([1], channels=(64,), preact=False), ValueError, "preact=False"),
+        (lambda: fastres.nn.PreActBottleneck(8, 16, act_layer=nn.SiLU), ValueError, "act_layer must be None or nn.ReLU"),
+        (lambda: fastres.nn.PreActBottleneck(8, 32)(torch.randn(2, 8, 4, 4)), ValueError, "shortcut gives"),
+        (lambda: fastres.nn.PreActBasicBlock(8)(torch.randn(2, 6, 4, 4)), ValueError, "x has 6 channels"),
+        (lambda: fastres.nn.DropPath(1.5), ValueError, r"drop_prob must be in \[0, 1\]"),
+    ],
+    ids=["channels", "3d", "int", "stem_type", "small_inputs_deep", "builder_fixed", "pool", "output_stride",
+         "num_classes", "stages", "preact", "act_layer", "no_projection", "block_channels", "drop_prob"],
+)
+def test_resnetv2_names_bad_input(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+# --- sync_batch_norm -------------------------------------------------------------
+
+
+def test_sync_batch_norm_bad_input_is_refused_before_any_collective():
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"running_mean must have shape \(4,\)"):
+        fastres.functional.sync_batch_norm(x, torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="x must be a 4-D tensor"):
+        fastres.functional.sync_batch_norm(torch.randn(2, 4), None, None)
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        fastres.functional.sync_batch_norm(x.long(), None, None)
+    with pytest.raises(RuntimeError, match="sync_batch_norm needs an initialised torch.distributed process group"):
+        fastres.functional.sync_batch_norm(x, None, None)

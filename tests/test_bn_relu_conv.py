@@ -395,46 +395,6 @@ def test_module_state_dict_keys_and_hooks(path, device):
     torch.testing.assert_close(y, _eager_twin(m)(x))
 
 
-# --- bad input ------------------------------------------------------------------
-
-
-def _good(device):
-    x = torch.randn(2, 4, 5, 5, device=device)
-    return dict(x=x, running_mean=torch.zeros(4, device=device), running_var=torch.ones(4, device=device),
-                weight=torch.ones(4, device=device), bias=torch.zeros(4, device=device),
-                conv_weight=torch.randn(6, 4, 3, 3, device=device), conv_bias=None, padding=1, training=True)
-
-
-@pytest.mark.parametrize("change,error,match", [
-    (dict(x=torch.randn(2, 4, 5)), ValueError, "x must be a 4-D"),
-    (dict(x=torch.randint(0, 3, (2, 4, 5, 5))), TypeError, "x must have a floating dtype"),
-    (dict(conv_weight=torch.randn(6, 3, 3, 3)), ValueError, "conv_weight has shape .* takes 3 input channels"),
-    (dict(conv_weight=torch.randn(6, 4, 3)), ValueError, "conv_weight must have shape"),
-    (dict(conv_weight=torch.randn(6, 4, 3, 3, dtype=torch.float64)), TypeError, "conv_weight has dtype"),
-    (dict(conv_bias=torch.randn(5)), ValueError, "conv_bias must have shape"),
-    (dict(running_mean=torch.zeros(3)), ValueError, "running_mean must have shape"),
-    (dict(weight=torch.ones(4, dtype=torch.float64)), TypeError, "weight has dtype"),
-    (dict(padding=-1), ValueError, "padding must be"),
-    (dict(padding="full"), ValueError, "padding must be"),
-    (dict(stride=0), ValueError, "stride must be"),
-    (dict(padding=0, conv_weight=torch.randn(6, 4, 7, 7)), ValueError, "output would be empty"),
-    (dict(x=torch.randn(1, 4, 1, 1), padding=0, conv_weight=torch.randn(6, 4, 1, 1)), ValueError,
-     "more than 1 value per channel"),
-    (dict(training=False, running_mean=None, running_var=None), ValueError, "running_mean and running_var"),
-])
-def test_bad_input_is_named_before_any_launch(path, device, change, error, match):
-    args = _good(device)
-    args.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in change.items()})
-    with pytest.raises(error, match=match):
-        bn_relu_conv2d(**args)
-
-
-def test_module_names_the_channel_count(device):
-    m = BNReLUConv2d(4, 6, 3, device=device)
-    with pytest.raises(ValueError, match="x has 5 channels but BatchNorm2d expects 4"):
-        m(torch.randn(2, 5, 5, 5, device=device))
-
-
 def test_inference_mode_input_trains_the_convolution_as_eager(path, device):
     """An x made under inference_mode cannot be saved for backward: the op then runs as eager does."""
     with torch.inference_mode():

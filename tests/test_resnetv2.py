@@ -108,13 +108,14 @@ def _models(timm, builder, dtype, fmt=torch.contiguous_format, **kwargs):
 # Whole models in float64, three passes with two SGD steps between (the interpreter: two and one), batch 4 at 64x64: the last stage normalises 16 values per
 # channel. (At 32x32 it normalises 4, and eager timm itself then moves by 3e-8 between NCHW and
 # channels_last after two steps: too ill-conditioned to check wiring at 1e-9.) On a GPU every builder
-# runs the kernels at full width. On CPU every builder runs the reference path at full width, and the
-# interpreter (one program at a time) runs resnetv2_50d at an eighth of the width: bottlenecks behind
-# the deep stem, average-pooled projections (the 1x1 projections and basic blocks run the kernels in
-# test_block_matches_timm).
+# runs the kernels at full width. On CPU every builder runs the reference path at a quarter of the width
+# (the wiring, which width does not change; full widths are checked against timm's state_dicts above),
+# and the interpreter (one program at a time) runs resnetv2_50d at an eighth of the width: bottlenecks
+# behind the deep stem, average-pooled projections (the 1x1 projections and basic blocks run the kernels
+# in test_block_matches_timm).
 TRAIN_CASES = (
     [(b, "triton", 1) for b in BUILDERS] if torch.cuda.is_available()
-    else [(b, "reference", 1) for b in BUILDERS] + [("resnetv2_50d", "triton", 0.125)]
+    else [(b, "reference", 0.25) for b in BUILDERS] + [("resnetv2_50d", "triton", 0.125)]
 )
 
 
@@ -150,7 +151,7 @@ KWARGS = [
     ("resnetv2_50d", {"output_stride": 16}),  # a dilated average-pooled projection: 'SAME'-padded pooling
     ("resnetv2_18", {"global_pool": ""}),  # no pooling: a class map
     ("resnetv2_50", {"zero_init_last": True, "stem_chs": 32}),
-    ("resnetv2_18d", {"width_factor": 2}),
+    ("resnetv2_18d", {"width_factor": 0.5}),
     ("resnetv2_50d", {"drop_rate": 0.5, "drop_path_rate": 0.3}),
 ]
 
@@ -207,33 +208,6 @@ def test_classifier_api_follows_timm(monkeypatch, timm):
     fused.reset_classifier(5, "max")
     assert fused(x).shape == (2, 5) and fused.head.pool_type == "max"
     fused.load_state_dict({k: v for k, v in eager.state_dict().items() if not k.startswith("head")}, strict=False)
-
-
-@pytest.mark.parametrize(
-    "make, error, match",
-    [
-        (lambda: fastres.models.resnetv2_50()(torch.randn(2, 4, 32, 32)), ValueError, "x has 4 channels"),
-        (lambda: fastres.models.resnetv2_50()(torch.randn(3, 32, 32)), ValueError, "x must be a 4-D tensor"),
-        (lambda: fastres.models.resnetv2_18()(torch.randint(0, 5, (2, 3, 32, 32))), TypeError, "floating dtype"),
-        (lambda: fastres.models.resnetv2_50(stem_type="deeper"), ValueError, "stem_type must be one of"),
-        (lambda: fastres.models.resnetv2_50(small_inputs=True, stem_type="deep"), ValueError, "small_inputs"),
-        (lambda: fastres.models.resnetv2_50d(stem_type=""), TypeError, "fixed by the builder: stem_type"),
-        (lambda: fastres.models.resnetv2_50(global_pool="catavgmax"), ValueError, "global_pool must be one of"),
-        (lambda: fastres.models.resnetv2_50(output_stride=4), ValueError, "output_stride must be 8, 16 or 32"),
-        (lambda: fastres.models.resnetv2_50(num_classes=-1), ValueError, "num_classes must be >= 0"),
-        (lambda: fastres.models.ResNetV2([1, 1], channels=(64,)), ValueError, "one entry per stage"),
-        (lambda: fastres.models.ResNetV2([1], channels=(64,), preact=False), ValueError, "preact=False"),
-        (lambda: fastres.nn.PreActBottleneck(8, 16, act_layer=nn.SiLU), ValueError, "act_layer must be None or nn.ReLU"),
-        (lambda: fastres.nn.PreActBottleneck(8, 32)(torch.randn(2, 8, 4, 4)), ValueError, "shortcut gives"),
-        (lambda: fastres.nn.PreActBasicBlock(8)(torch.randn(2, 6, 4, 4)), ValueError, "x has 6 channels"),
-        (lambda: fastres.nn.DropPath(1.5), ValueError, r"drop_prob must be in \[0, 1\]"),
-    ],
-    ids=["channels", "3d", "int", "stem_type", "small_inputs_deep", "builder_fixed", "pool", "output_stride",
-         "num_classes", "stages", "preact", "act_layer", "no_projection", "block_channels", "drop_prob"],
-)
-def test_bad_input_names_the_argument(make, error, match):
-    with pytest.raises(error, match=match):
-        make()
 
 
 def test_batch_norm_converters_keep_the_computation(path, device, timm):
