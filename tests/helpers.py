@@ -207,3 +207,16 @@ def assert_trains_like(fused: torch.nn.Module, eager: torch.nn.Module, inputs: l
     with torch.no_grad():
         x = inputs[0].to(dtype)
         assert_normwise_close(fused(x), eager(x))
+
+
+def assert_steps_like(compiled: torch.nn.Module, fused: torch.nn.Module, eager: torch.nn.Module,
+                      inputs: list[torch.Tensor]) -> None:
+    """``compiled`` (a compiled ``fused``) against ``eager``: each input's output, a backward with the same
+    random gradient, then every parameter, gradient and buffer of ``fused`` (float64, to 1e-9)."""
+    for x in inputs:
+        out, ref = compiled(x), eager(x)
+        assert_normwise_close(out, ref, "out")
+        g = torch.randn_like(ref)
+        out.backward(g)
+        ref.backward(g)
+    assert_modules_normwise_close(fused, eager)

@@ -25,7 +25,9 @@ MODELS = [
     ("resnetv2_50d", "resnetv2_50d", {"drop_path_rate": 0.2}),
 ]
 
-# The interpreter runs one program at a time: narrow versions of the same structures there.
+# On CPU narrow versions of the same structures: the interpreter runs one program at a time, and the
+# reference path checks wiring, which the width does not change (the builders' full widths are checked
+# against timm's state_dicts in test_resnetv2.py and test_resnet.py).
 NARROW = {"resnet": {"channels": (8, 16, 32, 64), "stem_width": 8}, "resnetv2": {"width_factor": 0.125}}
 
 
@@ -33,7 +35,7 @@ def _timm_model(timm, name, kwargs, path, device):
     narrow = NARROW["resnetv2" if name.startswith("resnetv2") else "resnet"]
     if name.startswith("resnext"):  # 32 groups of 4 would round the narrow widths to 0
         narrow = {**narrow, "cardinality": 4, "base_width": 16}
-    extra = narrow if path == "triton" and device.type == "cpu" else {}
+    extra = narrow if device.type == "cpu" else {}
     torch.manual_seed(0)
     return timm.create_model(name, num_classes=10, **kwargs, **extra)
 

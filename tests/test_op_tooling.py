@@ -25,7 +25,7 @@ from fastres.functional import add_relu, bn_relu_conv2d
 from fastres.nn import BNReLUConv2d
 from helpers import (
     assert_as_accurate_as_eager, assert_modules_match, assert_modules_normwise_close, assert_normwise_close,
-    layout_strides, twin,
+    assert_steps_like, layout_strides, twin,
 )
 
 # --- add_relu, batch_norm_relu and a block under torch.compile
@@ -293,14 +293,7 @@ def test_compiled_module_trains_like_eager(path, device, training):
     torch._dynamo.reset()
     fused, eager = _nets(device, training)
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
-    for step in range(2):
-        x = _net_input(device) + step
-        out, ref = compiled(x), eager(x)
-        assert_normwise_close(out, ref, "out")
-        g = torch.randn_like(ref)
-        out.backward(g)
-        ref.backward(g)
-    assert_modules_normwise_close(fused, eager)
+    assert_steps_like(compiled, fused, eager, [_net_input(device) + step for step in range(2)])
     assert int(fused.block.norm.num_batches_tracked) == (2 if training else 0)
 
 
@@ -309,14 +302,7 @@ def test_compiled_module_with_cumulative_momentum(path, device):
     torch._dynamo.reset()
     fused, eager = _nets(device, True, momentum=None, kernel_size=1, padding=0)
     compiled = torch.compile(fused, backend="aot_eager")  # float(num_batches_tracked) breaks the graph, as eager's
-    for step in range(2):
-        x = _net_input(device) + step
-        out, ref = compiled(x), eager(x)
-        assert_normwise_close(out, ref, "out")
-        g = torch.randn_like(ref)
-        out.backward(g)
-        ref.backward(g)
-    assert_modules_normwise_close(fused, eager)
+    assert_steps_like(compiled, fused, eager, [_net_input(device) + step for step in range(2)])
 
 
 def test_compiled_under_autocast(path, device):

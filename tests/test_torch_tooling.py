@@ -14,7 +14,9 @@ from torch.func import functional_call, grad
 
 import fastres
 from fastres.functional import BatchNormArgs, bn_relu_conv1x1, bn_relu_max_pool2d
-from helpers import assert_as_accurate_as_eager, assert_modules_normwise_close, assert_normwise_close, twin
+from helpers import (
+    assert_as_accurate_as_eager, assert_modules_normwise_close, assert_normwise_close, assert_steps_like, twin,
+)
 
 
 def _tv_densenet(tv, **kwargs):
@@ -111,13 +113,7 @@ def test_compiled_model_trains_like_eager(path, tv, name, training):
     torch._dynamo.reset()
     eager, fused = _pair(tv, name, training, dtype=torch.float64)
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
-    x = _input(torch.float64)
-    out, ref = compiled(x), eager(x)
-    assert_normwise_close(out, ref, "out")
-    g = torch.randn_like(ref)
-    out.backward(g)
-    ref.backward(g)
-    assert_modules_normwise_close(fused, eager)
+    assert_steps_like(compiled, fused, eager, [_input(torch.float64)])
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -148,7 +148,7 @@ class SyncBatchNormReLUFunction(torch.autograd.Function):
             group, eps = ctx.group, ctx.eps
             dx, dw, db, dr = differentiable_backward(
                 grad, x, mask, weight, bias, ctx.residual_dtype if need_dr else None, (need_dx, need_dw, need_db),
-                lambda x, w, b: _reference(x, None, None, w, b, 0.0, eps, None, group, relu=False),
+                lambda x, w, b: _eager_sync_batch_norm(x, None, None, w, b, 0.0, eps, None, group, relu=False),
             )
             return input_grads(ctx, 10, dx, dw, db, dr)
         sums, dw, db = torch.ops.fastres.bn_relu_backward_reduce(grad, x, mask, stats, weight, bias, need_dw, need_db)
@@ -177,8 +177,14 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
-def _reference(x, running_mean, running_var, weight, bias, momentum, eps, residual, group, relu=True):
-    """Eager PyTorch: differentiable all-reduces of the per-channel sums; ``relu=False`` stops at the affine."""
+def _eager_sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, residual, group, relu=True):
+    """Eager PyTorch: differentiable all-reduces of the per-channel sums; ``relu=False`` stops at the affine.
+
+    torch has no synchronized batch norm for CPU tensors (``torch.batch_norm_stats``
+    and the other collectives' kernels are CUDA's), so this composition is
+    the CPU path, and, being differentiable, the formula every path
+    differentiates for double backward.
+    """
     c = x.shape[1]
     xf = x.to(acc_dtype(x))
     shape = (1, c, 1, 1)
@@ -208,7 +214,7 @@ def _reference(x, running_mean, running_var, weight, bias, momentum, eps, residu
 def sync_batch_norm_relu(x, running_mean, running_var, weight, bias, momentum, eps, residual, group):
     """Arguments already checked; ``group`` has more than one process."""
     if not use_triton(x):
-        return _reference(x, running_mean, running_var, weight, bias, momentum, eps, residual, group)
+        return _eager_sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, residual, group)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
     return SyncBatchNormReLUFunction.apply(x, weight, bias, running_mean, running_var, residual, momentum, eps, group, save)
 
@@ -220,4 +226,4 @@ def sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, g
     ``torch.nn.SyncBatchNorm`` itself where it works (CUDA), and this where it
     refuses the tensors (CPU on gloo).
     """
-    return _reference(x, running_mean, running_var, weight, bias, momentum, eps, None, group, relu=False)
+    return _eager_sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, None, group, relu=False)
