@@ -91,8 +91,8 @@ def _dense_layer_case(fused: bool):
     return run, grad_shape
 
 
-def _bn_relu_conv_case(fused: bool):
-    """A pre-activation 3x3 convolution (C 16 -> 16, padding 1) in training."""
+def _bn_relu_conv_case(fused: bool, training: bool = True):
+    """A pre-activation 3x3 convolution (C 16 -> 16, padding 1), in training or eval."""
     from fastres.functional import bn_relu_conv2d
 
     torch.manual_seed(0)
@@ -100,8 +100,8 @@ def _bn_relu_conv_case(fused: bool):
 
     def run(t):
         if fused:
-            return bn_relu_conv2d(t.x, t.rm, t.rv, t.w, t.b, weight, None, 1, 1, training=True)
-        return F.conv2d(torch.relu(F.batch_norm(t.x, t.rm, t.rv, t.w, t.b, True, 0.1, 1e-5)), weight, None, 1, 1)
+            return bn_relu_conv2d(t.x, t.rm, t.rv, t.w, t.b, weight, None, 1, 1, training=training)
+        return F.conv2d(torch.relu(F.batch_norm(t.x, t.rm, t.rv, t.w, t.b, training, 0.1, 1e-5)), weight, None, 1, 1)
 
     return run
 
@@ -118,6 +118,7 @@ def _cases():
     eager_layer, _ = _dense_layer_case(False)
     cases["dense_layer train"] = (fused_layer, eager_layer, grad_shape)
     cases["bn_relu_conv3x3 train"] = (_bn_relu_conv_case(True), _bn_relu_conv_case(False), None)
+    cases["bn_relu_conv3x3 eval"] = (_bn_relu_conv_case(True, False), _bn_relu_conv_case(False, False), None)
     return cases
 
 

@@ -100,6 +100,7 @@ def test_host_path_launch_counts(tmp_path):
     assert launches[("bn_add_relu train", "forward")] == 2  # statistics (finished by the last program), apply
     assert launches[("bn_add_relu train", "backward")] == 2  # reduction (finished likewise), dx and dr
     assert launches[("bn_relu eval", "forward")] == 1
+    assert launches[("bn_relu_conv3x3 eval", "forward")] == 2  # the running statistics' rstd, the convolution
 
 
 def test_speed_of_light_covers_every_launch(report):
