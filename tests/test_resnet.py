@@ -196,17 +196,3 @@ def test_state_dict_round_trips_with_torchvision_keys(tv):
     back.load_state_dict(eager.state_dict())
     for (name, a), (_, b) in zip(back.state_dict().items(), fused.state_dict().items()):
         assert torch.equal(a, b), name
-
-
-def test_weights_argument_takes_torchvision_style_weights(tv):
-    source = tv.models.resnet18(num_classes=3)
-
-    class Weights:  # what torchvision's weight enums provide
-        meta = {"categories": ["a", "b", "c"]}
-
-        def get_state_dict(self, progress, check_hash):
-            return source.state_dict()
-
-    model = fastres.models.resnet18(weights=Weights())
-    assert model.fc.out_features == 3
-    assert torch.equal(model.fc.weight, source.fc.weight)

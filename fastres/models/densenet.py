@@ -18,6 +18,7 @@ from .._checks import check_4d, kept_in_fx_graphs
 from ..nn.module_state import NotScriptable
 from ..nn.batch_norm import norm_relu
 from ..nn.densenet import DenseBlock, Transition, stem_bn_relu_pool
+from ._weights import torchvision_weights
 
 __all__ = [
     "DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc",
@@ -133,22 +134,26 @@ def _densenet(growth_rate: int, block_config: tuple[int, ...], num_init_features
     return DenseNet(growth_rate, block_config, num_init_features, **kwargs)
 
 
-def densenet121(**kwargs: Any) -> DenseNet:
+@torchvision_weights("densenet121")
+def densenet121(*, weights: Any | None = None, progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-121 (k=32), torchvision's layout."""
     return _densenet(32, (6, 12, 24, 16), 64, **kwargs)
 
 
-def densenet161(**kwargs: Any) -> DenseNet:
+@torchvision_weights("densenet161")
+def densenet161(*, weights: Any | None = None, progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-161 (k=48), torchvision's layout."""
     return _densenet(48, (6, 12, 36, 24), 96, **kwargs)
 
 
-def densenet169(**kwargs: Any) -> DenseNet:
+@torchvision_weights("densenet169")
+def densenet169(*, weights: Any | None = None, progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-169 (k=32), torchvision's layout."""
     return _densenet(32, (6, 12, 32, 32), 64, **kwargs)
 
 
-def densenet201(**kwargs: Any) -> DenseNet:
+@torchvision_weights("densenet201")
+def densenet201(*, weights: Any | None = None, progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-201 (k=32), torchvision's layout."""
     return _densenet(32, (6, 12, 48, 32), 64, **kwargs)
 

@@ -2,8 +2,8 @@
 
 Module names, constructor arguments and initialisation follow
 ``torchvision.models.resnet``, so a torchvision state_dict loads unchanged and
-the same seed gives the same weights. ``weights`` accepts torchvision's weight
-enums (anything with ``get_state_dict(progress=...)`` and ``meta["categories"]``).
+the same seed gives the same weights. ``weights``, ``pretrained`` and
+``progress`` are torchvision's, resolved by torchvision's code (``_weights.py``).
 """
 
 from collections.abc import Callable
@@ -16,6 +16,7 @@ from .._checks import check_4d, kept_in_fx_graphs
 from ..nn.batch_norm import norm_relu
 from ..nn.module_state import NotScriptable
 from ..nn.resnet_blocks import BasicBlock, Bottleneck, conv1x1
+from ._weights import torchvision_weights
 
 # torch.fx leaves: they branch on the tensor, and read the modules' state when the graph runs.
 torch.fx.wrap("norm_relu")
@@ -139,71 +140,73 @@ def _check_input(x: Tensor, in_channels: int | None) -> None:
 torch.fx.wrap("_check_input")
 
 
-def _resnet(
-    block: type[BasicBlock | Bottleneck],
-    layers: list[int],
-    weights: Any | None,
-    progress: bool,
-    **kwargs: Any,
-) -> ResNet:
-    if weights is not None:
-        kwargs["num_classes"] = len(weights.meta["categories"])
-    model = ResNet(block, layers, **kwargs)
-    if weights is not None:
-        model.load_state_dict(weights.get_state_dict(progress=progress, check_hash=True))
-    return model
+def _resnet(block: type[BasicBlock | Bottleneck], layers: list[int], **kwargs: Any) -> ResNet:
+    return ResNet(block, layers, **kwargs)
 
 
+@torchvision_weights("resnet18")
 def resnet18(*, weights: Any | None = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNet-18 (https://arxiv.org/abs/1512.03385)."""
-    return _resnet(BasicBlock, [2, 2, 2, 2], weights, progress, **kwargs)
+    return _resnet(BasicBlock, [2, 2, 2, 2], **kwargs)
 
 
+@torchvision_weights("resnet34")
 def resnet34(*, weights: Any | None = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNet-34 (https://arxiv.org/abs/1512.03385)."""
-    return _resnet(BasicBlock, [3, 4, 6, 3], weights, progress, **kwargs)
+    return _resnet(BasicBlock, [3, 4, 6, 3], **kwargs)
 
 
+@torchvision_weights("resnet50")
 def resnet50(*, weights: Any | None = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNet-50 v1.5: stride on the 3x3 convolution, as torchvision."""
-    return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, **kwargs)
+    return _resnet(Bottleneck, [3, 4, 6, 3], **kwargs)
 
 
+@torchvision_weights("resnet101")
 def resnet101(*, weights: Any | None = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNet-101 v1.5."""
-    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, **kwargs)
+    return _resnet(Bottleneck, [3, 4, 23, 3], **kwargs)
 
 
+@torchvision_weights("resnet152")
 def resnet152(*, weights: Any | None = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNet-152 v1.5."""
-    return _resnet(Bottleneck, [3, 8, 36, 3], weights, progress, **kwargs)
+    return _resnet(Bottleneck, [3, 8, 36, 3], **kwargs)
 
 
 def _with_width(kwargs: dict[str, Any], groups: int, width_per_group: int) -> dict[str, Any]:
-    # torchvision overwrites these two for the ResNeXt/wide variants, as here.
+    # torchvision's ResNeXt/wide builders fix these two: another value is its error, worded as there.
+    for name, value in (("groups", groups), ("width_per_group", width_per_group)):
+        if kwargs.get(name, value) != value:
+            raise ValueError(f"The parameter '{name}' expected value {value} but got {kwargs[name]} instead.")
     return {**kwargs, "groups": groups, "width_per_group": width_per_group}
 
 
+@torchvision_weights("resnext50_32x4d")
 def resnext50_32x4d(*, weights: Any | None = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNeXt-50 32x4d (https://arxiv.org/abs/1611.05431)."""
-    return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, **_with_width(kwargs, 32, 4))
+    return _resnet(Bottleneck, [3, 4, 6, 3], **_with_width(kwargs, 32, 4))
 
 
+@torchvision_weights("resnext101_32x8d")
 def resnext101_32x8d(*, weights: Any | None = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNeXt-101 32x8d."""
-    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, **_with_width(kwargs, 32, 8))
+    return _resnet(Bottleneck, [3, 4, 23, 3], **_with_width(kwargs, 32, 8))
 
 
+@torchvision_weights("resnext101_64x4d")
 def resnext101_64x4d(*, weights: Any | None = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNeXt-101 64x4d."""
-    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, **_with_width(kwargs, 64, 4))
+    return _resnet(Bottleneck, [3, 4, 23, 3], **_with_width(kwargs, 64, 4))
 
 
+@torchvision_weights("wide_resnet50_2")
 def wide_resnet50_2(*, weights: Any | None = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """Wide ResNet-50-2 (https://arxiv.org/abs/1605.07146): bottlenecks twice as wide."""
-    return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, **_with_width(kwargs, 1, 128))
+    return _resnet(Bottleneck, [3, 4, 6, 3], **_with_width(kwargs, 1, 128))
 
 
+@torchvision_weights("wide_resnet101_2")
 def wide_resnet101_2(*, weights: Any | None = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """Wide ResNet-101-2."""
-    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, **_with_width(kwargs, 1, 128))
+    return _resnet(Bottleneck, [3, 4, 23, 3], **_with_width(kwargs, 1, 128))
