@@ -473,7 +473,7 @@ def test_functional_dense_block_checks_weights(needs_ext):
         (lambda: fastres.models.resnetv2_50(stem_type="deeper"), ValueError, "stem_type must be one of"),
         (lambda: fastres.models.resnetv2_50(small_inputs=True, stem_type="deep"), ValueError, "small_inputs"),
         (lambda: fastres.models.resnetv2_50d(stem_type=""), TypeError, "fixed by the builder: stem_type"),
-        (lambda: fastres.models.resnetv2_50(global_pool="catavgmax"), ValueError, "global_pool must be one of"),
+        (lambda: fastres.models.resnetv2_50(global_pool="catmax"), ValueError, "global_pool must be one of"),
         (lambda: fastres.models.resnetv2_50(output_stride=4), ValueError, "output_stride must be 8, 16 or 32"),
         (lambda: fastres.models.resnetv2_50(num_classes=-1), ValueError, "num_classes must be >= 0"),
         (lambda: fastres.models.ResNetV2([1, 1], channels=(64,)), ValueError, "one entry per stage"),

@@ -6,5 +6,6 @@ from . import resnetv2 as _resnetv2
 from .densenet import *  # noqa: F401,F403
 from .resnet import *  # noqa: F401,F403
 from .resnetv2 import *  # noqa: F401,F403
+from .timm_registry import register_with_timm
 
-__all__ = _resnet.__all__ + _resnetv2.__all__ + _densenet.__all__
+__all__ = _resnet.__all__ + _resnetv2.__all__ + _densenet.__all__ + ["register_with_timm"]

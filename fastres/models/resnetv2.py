@@ -11,14 +11,18 @@ blocks', and explicit ``act`` modules in the deep stem), so SyncBatchNorm and
 frozen-BN converters keep the computation.
 """
 
+import importlib.util
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_4d, check_float_tensor
+from .._torchvision import import_torchvision
 from ..nn.bn_relu_conv import bn_relu_conv, pre_activation
 from ..nn.module_state import NotScriptable, is_plain
 from ..nn.preact_blocks import (
@@ -38,7 +42,28 @@ __all__ = [
 
 _STEM_TYPES = ("", "fixed", "deep", "deep_fixed", "tiered")
 _DEEP_STEM = ("conv1", "norm1", "act1", "conv2", "norm2", "act2", "conv3")
-_POOLS = {"avg": lambda: nn.AdaptiveAvgPool2d(1), "max": lambda: nn.AdaptiveMaxPool2d(1), "": nn.Identity}
+
+
+class AdaptiveAvgMaxPool2d(nn.Module):
+    """The mean of global average and global max pooling (timm's ``avgmax``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 0.5 * (F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1))
+
+
+class AdaptiveCatAvgMaxPool2d(nn.Module):
+    """Global average and global max pooling, concatenated along channels (timm's ``catavgmax``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat((F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)), 1)
+
+
+# timm's pool types: (module, feature multiplier). The 'fast' ones compute the same values.
+_POOLS = {
+    "": (nn.Identity, 1), "avg": (lambda: nn.AdaptiveAvgPool2d(1), 1), "max": (lambda: nn.AdaptiveMaxPool2d(1), 1),
+    "avgmax": (AdaptiveAvgMaxPool2d, 1), "catavgmax": (AdaptiveCatAvgMaxPool2d, 2),
+}
+_POOLS.update({"fast": _POOLS["avg"], **{f"fast{k}": v for k, v in _POOLS.items() if k}})
 
 
 class ResNetStage(nn.Module):
@@ -61,8 +86,14 @@ class ResNetStage(nn.Module):
                 drop_path_rate=block_dpr[block_idx] if block_dpr else 0.0, device=device, dtype=dtype,
             ))
             prev_chs, first_dilation, proj_layer = out_chs, dilation, None
+        self.grad_checkpointing = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # timm's checkpoint_seq: each block recomputed in backward, its activations not kept.
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
         return self.blocks(x)
 
 
@@ -75,28 +106,30 @@ class ClassifierHead(nn.Module):
     """Global pooling, dropout, and a 1x1-convolution classifier (``fc``), flattened: timm's head with ``use_conv``.
 
     ``pool_type=''`` pools nothing: the classifier runs at every position and nothing is flattened, as in timm.
+    ``catavgmax`` doubles the pooled features (``num_features``), which the classifier takes.
     """
 
     def __init__(self, in_features: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0,
                  device=None, dtype=None):
         super().__init__()
-        _check_pool(pool_type)
-        self.in_features = self.num_features = in_features
-        self.pool_type = pool_type
-        self.global_pool = _POOLS[pool_type]()
+        self.in_features = in_features
+        self._set_pool(pool_type)
         self.drop = nn.Dropout(drop_rate)
-        self.fc = _fc(in_features, num_classes, device, dtype)
+        self.fc = _fc(self.num_features, num_classes, device, dtype)
+
+    def _set_pool(self, pool_type: str) -> None:
+        _check_pool(pool_type)
+        module, mult = _POOLS[pool_type]
+        self.pool_type, self.global_pool, self.num_features = pool_type, module(), self.in_features * mult
         self.flatten = nn.Flatten(1) if pool_type else nn.Identity()
 
     def reset(self, num_classes: int, pool_type: str | None = None) -> None:
         """A new classifier (PyTorch's default init, as timm's), and pooling if ``pool_type`` is given."""
         if pool_type is not None and pool_type != self.pool_type:
-            _check_pool(pool_type)
-            self.pool_type, self.global_pool = pool_type, _POOLS[pool_type]()
-            self.flatten = nn.Flatten(1) if pool_type else nn.Identity()
+            self._set_pool(pool_type)
         weight = getattr(self.fc, "weight", None)
         device, dtype = (weight.device, weight.dtype) if weight is not None else (None, None)
-        self.fc = _fc(self.in_features, num_classes, device, dtype)
+        self.fc = _fc(self.num_features, num_classes, device, dtype)
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.drop(self.global_pool(x))
@@ -151,8 +184,8 @@ class ResNetV2(NotScriptable, nn.Module):
 
     Arguments are timm's: ``layers`` (blocks per stage), ``channels`` (output
     channels per stage), ``num_classes`` (0: no classifier), ``in_chans``,
-    ``global_pool`` ('avg', 'max', or '': none), ``output_stride`` (32, 16 or 8: later
-    strides become dilations), ``width_factor``, ``stem_chs``, ``stem_type``
+    ``global_pool`` (timm's: 'avg', 'max', 'avgmax', 'catavgmax', their 'fast'
+    forms, or '': none), ``output_stride`` (32, 16 or 8: later strides become dilations), ``width_factor``, ``stem_chs``, ``stem_type``
     ('', 'fixed', 'deep', 'deep_fixed', 'tiered'), ``avg_down`` (the 'd'
     variants' pooled projection), ``basic`` (``PreActBasicBlock``, else
     ``PreActBottleneck``), ``bottle_ratio``, ``drop_rate`` (before the
@@ -188,6 +221,10 @@ class ResNetV2(NotScriptable, nn.Module):
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
         stem_chs = make_divisible(stem_chs * width_factor)
         self.stem = _stem(in_chans, stem_chs, stem_type, small_inputs, dd)
+        # timm's feature taps: the stem's last convolution (before pooling), then each stage.
+        stem_feat = "conv3" if "conv3" in self.stem._modules else "conv"
+        self.stem_feat_idx = list(self.stem._modules).index(stem_feat)
+        self.feature_info = [{"num_chs": stem_chs, "reduction": 1 if small_inputs else 2, "module": f"stem.{stem_feat}"}]
 
         prev_chs, curr_stride, dilation = stem_chs, 1 if small_inputs else 4, 1
         block_fn = PreActBasicBlock if basic else PreActBottleneck
@@ -204,9 +241,12 @@ class ResNetV2(NotScriptable, nn.Module):
             ))
             prev_chs = out_chs
             curr_stride *= stride
-        self.num_features = self.head_hidden_size = prev_chs
+            self.feature_info.append({"num_chs": prev_chs, "reduction": curr_stride, "module": f"stages.{stage_idx}"})
+        self.num_features = prev_chs
         self.norm = nn.BatchNorm2d(prev_chs, **dd)  # the final pre-activation: BN-ReLU in forward_features
         self.head = ClassifierHead(prev_chs, num_classes, global_pool, drop_rate, **dd)
+        self.head_hidden_size = self.head.num_features
+        self._timm_name, self._pretrained_cfg = None, None
         self.init_weights(zero_init_last)
 
     @torch.no_grad()
@@ -227,32 +267,117 @@ class ResNetV2(NotScriptable, nn.Module):
                 if isinstance(m, (PreActBasicBlock, PreActBottleneck)):
                     m.zero_init_last()
 
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's ``pretrained_cfg`` of the builder's name (input size, mean, std, crop, classifier...).
+
+        timm's own when timm is installed (read on first use); otherwise, and
+        for a ``ResNetV2`` built directly, timm's defaults for this family.
+        """
+        if self._pretrained_cfg is None:
+            self._pretrained_cfg = default_cfg(self._timm_name, self.stem)
+        return self._pretrained_cfg
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, cfg: dict[str, Any]) -> None:
+        self._pretrained_cfg = cfg
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of ``pretrained_cfg``."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict[str, Any]) -> None:
+        self._pretrained_cfg = cfg
+
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
+        self.head_hidden_size = self.head.num_features
 
-    def _stem_forward(self, x: Tensor) -> Tensor:
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups (layer-wise learning-rate decay): the stem, each stage or block, the final norm."""
+        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))]}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward instead of keeping its activations (``torch.utils.checkpoint``)."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def _stem_forward(self, x: Tensor, keep_feature: bool = False):
+        """The stem; with ``keep_feature``, (output, the stem's feature tap) as timm's ``forward_intermediates``."""
         stem = self.stem
         names = list(stem._modules)
-        if not is_plain(stem, nn.Sequential) or names[:7] != list(_DEEP_STEM) or not all(
-            is_plain(stem._modules[a], nn.ReLU) for a in ("act1", "act2")
-        ):
+        fused = is_plain(stem, nn.Sequential) and names[:7] == list(_DEEP_STEM) and all(
+            is_plain(stem._modules[a], nn.ReLU) for a in ("act1", "act2"))
+        if not fused and not keep_feature:
             return stem(x)
-        # The deep stem: conv1, then each BN-ReLU fused into the convolution after it.
-        x = stem.conv1(x)
-        x = bn_relu_conv(stem.norm1, stem.conv2, x)
-        x = bn_relu_conv(stem.norm2, stem.conv3, x)
-        for name in names[7:]:
+        start, feature = 0, None
+        if fused:  # the deep stem: conv1, then each BN-ReLU fused into the convolution after it
+            x = bn_relu_conv(stem.norm2, stem.conv3, bn_relu_conv(stem.norm1, stem.conv2, stem.conv1(x)))
+            start, feature = 7, x
+        for i, name in enumerate(names[start:], start):
             x = stem._modules[name](x)
-        return x
+            if i == self.stem_feat_idx:
+                feature = x
+        return (x, feature) if keep_feature else x
 
     def forward_features(self, x: Tensor) -> Tensor:
         check_4d("x", x, "ResNetV2", self.in_chans, "in_chans")
         check_float_tensor("x", x)
         return pre_activation(self.norm, self.stages(self._stem_forward(x)))
+
+    def forward_intermediates(
+        self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False, stop_early: bool = False,
+        output_fmt: str = "NCHW", intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's: the features at ``feature_info``'s taps (``indices``: the last n, or which; None: all).
+
+        ``norm`` applies the final BN-ReLU to the last stage's tap; ``stop_early``
+        stops after the last tap asked for. Returns the taps, or (final
+        features, taps) unless ``intermediates_only``.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        check_4d("x", x, "ResNetV2", self.in_chans, "in_chans")
+        check_float_tensor("x", x)
+        take, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        x, stem_feature = self._stem_forward(x, keep_feature=True)
+        intermediates = [stem_feature] if 0 in take else []
+        stages = self.stages[:max_index] if stop_early else self.stages
+        feat_idx, last = 0, len(self.stages)
+        for feat_idx, stage in enumerate(stages, start=1):
+            x = stage(x)
+            if feat_idx in take:
+                intermediates.append(pre_activation(self.norm, x) if norm and feat_idx == last else x)
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last:
+            x = pre_activation(self.norm, x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True,
+    ) -> list[int]:
+        """timm's: drop the stages (and norm, head) that the taps ``indices`` do not need; returns the taps."""
+        take, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        prune_end = max_index < len(self.stages)
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        self.stages = self.stages[:max_index]
+        if max_index == 0:
+            self.stem = self.stem[: self.stem_feat_idx + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.head.in_features = self.num_features
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         return self.head(x, pre_logits=pre_logits)
@@ -261,7 +386,40 @@ class ResNetV2(NotScriptable, nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _resnetv2(layers: Sequence[int], basic: bool, deep: bool, kwargs: dict[str, Any]) -> ResNetV2:
+def feature_take_indices(num_features: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's rule: None takes every tap, an int n the last n, a sequence those (negative from the end)."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"indices: last-n ({indices}) is out of range (1 to {num_features})")
+        take = list(range(num_features - indices, num_features))
+    else:
+        take = [num_features + i if i < 0 else i for i in indices]
+        bad = [i for i in take if not 0 <= i < num_features]
+        if bad or not take:
+            raise ValueError(f"indices: feature index {bad[0] if bad else None} is out of range (0 to {num_features - 1})")
+    return take, max(take)
+
+
+def default_cfg(name: str | None, stem: nn.Module) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` for the model ``name`` (timm's own when timm is installed), else its defaults."""
+    if name and importlib.util.find_spec("timm") is not None:
+        import_torchvision()  # timm imports torchvision: through the CPU-torch workaround first
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+        if cfg is not None:
+            return cfg.to_dict()
+    return {
+        "url": "", "architecture": name, "tag": "", "custom_load": False, "input_size": (3, 224, 224),
+        "fixed_input_size": False, "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center",
+        "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "num_classes": 1000, "pool_size": (7, 7),
+        "first_conv": "stem.conv1" if "conv1" in stem._modules else "stem.conv", "classifier": "head.fc",
+    }
+
+
+def _resnetv2(name: str, layers: Sequence[int], basic: bool, deep: bool, kwargs: dict[str, Any]) -> ResNetV2:
     arch: dict[str, Any] = {"layers": layers}
     if basic:
         arch.update(channels=(64, 128, 256, 512), basic=True, bottle_ratio=1.0)
@@ -270,54 +428,56 @@ def _resnetv2(layers: Sequence[int], basic: bool, deep: bool, kwargs: dict[str, 
     clash = sorted(set(arch) & set(kwargs))
     if clash:
         raise TypeError(f"these arguments are fixed by the builder: {', '.join(clash)}")
-    return ResNetV2(**arch, **kwargs)
+    model = ResNetV2(**arch, **kwargs)
+    model._timm_name = name
+    return model
 
 
 def resnetv2_18(**kwargs: Any) -> ResNetV2:
     """ResNetV2-18: pre-activation basic blocks, [2, 2, 2, 2]."""
-    return _resnetv2([2, 2, 2, 2], True, False, kwargs)
+    return _resnetv2("resnetv2_18", [2, 2, 2, 2], True, False, kwargs)
 
 
 def resnetv2_18d(**kwargs: Any) -> ResNetV2:
     """ResNetV2-18d: deep 3x3 stem, average-pooled projections."""
-    return _resnetv2([2, 2, 2, 2], True, True, kwargs)
+    return _resnetv2("resnetv2_18d", [2, 2, 2, 2], True, True, kwargs)
 
 
 def resnetv2_34(**kwargs: Any) -> ResNetV2:
     """ResNetV2-34: pre-activation basic blocks, [3, 4, 6, 3]."""
-    return _resnetv2([3, 4, 6, 3], True, False, kwargs)
+    return _resnetv2("resnetv2_34", [3, 4, 6, 3], True, False, kwargs)
 
 
 def resnetv2_34d(**kwargs: Any) -> ResNetV2:
     """ResNetV2-34d."""
-    return _resnetv2([3, 4, 6, 3], True, True, kwargs)
+    return _resnetv2("resnetv2_34d", [3, 4, 6, 3], True, True, kwargs)
 
 
 def resnetv2_50(**kwargs: Any) -> ResNetV2:
     """ResNetV2-50: pre-activation bottlenecks, [3, 4, 6, 3]."""
-    return _resnetv2([3, 4, 6, 3], False, False, kwargs)
+    return _resnetv2("resnetv2_50", [3, 4, 6, 3], False, False, kwargs)
 
 
 def resnetv2_50d(**kwargs: Any) -> ResNetV2:
     """ResNetV2-50d."""
-    return _resnetv2([3, 4, 6, 3], False, True, kwargs)
+    return _resnetv2("resnetv2_50d", [3, 4, 6, 3], False, True, kwargs)
 
 
 def resnetv2_101(**kwargs: Any) -> ResNetV2:
     """ResNetV2-101: [3, 4, 23, 3]."""
-    return _resnetv2([3, 4, 23, 3], False, False, kwargs)
+    return _resnetv2("resnetv2_101", [3, 4, 23, 3], False, False, kwargs)
 
 
 def resnetv2_101d(**kwargs: Any) -> ResNetV2:
     """ResNetV2-101d."""
-    return _resnetv2([3, 4, 23, 3], False, True, kwargs)
+    return _resnetv2("resnetv2_101d", [3, 4, 23, 3], False, True, kwargs)
 
 
 def resnetv2_152(**kwargs: Any) -> ResNetV2:
     """ResNetV2-152: [3, 8, 36, 3]."""
-    return _resnetv2([3, 8, 36, 3], False, False, kwargs)
+    return _resnetv2("resnetv2_152", [3, 8, 36, 3], False, False, kwargs)
 
 
 def resnetv2_152d(**kwargs: Any) -> ResNetV2:
     """ResNetV2-152d."""
-    return _resnetv2([3, 8, 36, 3], False, True, kwargs)
+    return _resnetv2("resnetv2_152d", [3, 8, 36, 3], False, True, kwargs)
