@@ -185,8 +185,9 @@ class ResNetV2(NotScriptable, nn.Module):
     Arguments are timm's: ``layers`` (blocks per stage), ``channels`` (output
     channels per stage), ``num_classes`` (0: no classifier), ``in_chans``,
     ``global_pool`` (timm's: 'avg', 'max', 'avgmax', 'catavgmax', their 'fast'
-    forms, or '': none), ``output_stride`` (32, 16 or 8: later strides become dilations), ``width_factor``, ``stem_chs``, ``stem_type``
-    ('', 'fixed', 'deep', 'deep_fixed', 'tiered'), ``avg_down`` (the 'd'
+    forms, or '': none), ``output_stride`` (32, 16 or 8: later strides become
+    dilations), ``width_factor``, ``stem_chs``, ``stem_type`` ('', 'fixed',
+    'deep', 'deep_fixed', 'tiered'), ``avg_down`` (the 'd'
     variants' pooled projection), ``basic`` (``PreActBasicBlock``, else
     ``PreActBottleneck``), ``bottle_ratio``, ``drop_rate`` (before the
     classifier), ``drop_path_rate`` (stochastic depth, rising per block),
