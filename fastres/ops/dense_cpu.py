@@ -194,7 +194,10 @@ def backward_state(ctx, grad_features: Tensor, per_layer: int) -> tuple:
     ``per_layer`` tensors were saved for each layer after the features, then
     the dropout masks. The gradient buffer is ``grad_features`` itself when a
     transition handed over a fresh one (accumulated into), else a copy.
+    Double backward is refused here, for both paths.
     """
+    if torch.is_grad_enabled():
+        raise RuntimeError(_NO_DOUBLE_BACKWARD)
     layers = ctx.layers
     features, *saved = ctx.saved_tensors
     k = layers[0].conv2_weight.shape[0]
@@ -254,8 +257,6 @@ class DenseBlockFunction(torch.autograd.Function):
     def backward(ctx, grad_features: Tensor | None, *_saved):
         if grad_features is None:
             return (None,) * len(ctx.needs_input_grad)
-        if torch.is_grad_enabled():
-            raise RuntimeError(_NO_DOUBLE_BACKWARD)
         layers = ctx.layers
         features, c0, k, fmt, saved, masks, grad_buffer = backward_state(ctx, grad_features, 5)
         scratch1, scratch2 = _scratch(features, c0, k, layers, ctx.conv_dtype)

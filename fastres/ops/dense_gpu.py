@@ -31,7 +31,7 @@ from . import kernels
 from .layout import acc_dtype, conv_dtype, out_strides, shape3, view3
 from .bn_relu_conv import empty_weight_grad, statistics
 from .dense_cpu import (
-    _NO_DOUBLE_BACKWARD, BatchNormArgs, DenseLayerArgs, _apply, _drops, _memory_format, _params, _scratch_view, _PARAMS_PER_LAYER,
+    BatchNormArgs, DenseLayerArgs, _apply, _drops, _memory_format, _params, _scratch_view, _PARAMS_PER_LAYER,
     backward_state,
 )
 
@@ -275,8 +275,6 @@ class FusedDenseBlockFunction(torch.autograd.Function):
     def backward(ctx, grad_features: Tensor | None, *_saved):
         if grad_features is None:
             return (None,) * len(ctx.needs_input_grad)
-        if torch.is_grad_enabled():
-            raise RuntimeError(_NO_DOUBLE_BACKWARD)
         layers, dtype, tf32 = ctx.layers, ctx.conv_dtype, ctx.allow_tf32
         features, c0, k, fmt, saved, masks, grad_buffer = backward_state(ctx, grad_features, 3)
         grads = [None if p is None else (empty_weight_grad(features, p) if p.dim() == 4 else torch.empty_like(p))
