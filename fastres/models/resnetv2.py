@@ -276,7 +276,7 @@ class ResNetV2(NotScriptable, nn.Module):
         for a ``ResNetV2`` built directly, timm's defaults for this family.
         """
         if self._pretrained_cfg is None:
-            self._pretrained_cfg = default_cfg(self._timm_name, self.stem)
+            self._pretrained_cfg = timm_pretrained_cfg(self._timm_name, self.stem)
         return self._pretrained_cfg
 
     @pretrained_cfg.setter
@@ -403,7 +403,7 @@ def feature_take_indices(num_features: int, indices: int | Sequence[int] | None)
     return take, max(take)
 
 
-def default_cfg(name: str | None, stem: nn.Module) -> dict[str, Any]:
+def timm_pretrained_cfg(name: str | None, stem: nn.Module) -> dict[str, Any]:
     """timm's ``pretrained_cfg`` for the model ``name`` (timm's own when timm is installed), else its defaults."""
     if name and importlib.util.find_spec("timm") is not None:
         import_torchvision()  # timm imports torchvision: through the CPU-torch workaround first
