@@ -14,10 +14,12 @@ from .nn.module_state import is_plain
 from .nn.preact_blocks import PreActBasicBlock, PreActBottleneck
 from .nn.resnet_blocks import BasicBlock, Bottleneck
 from .nn.timm_blocks import TimmBasicBlock, TimmBottleneck
+from .nn.timm_densenet import TimmDenseBlock, TimmDenseFeatures, TimmDenseLayer, TimmTransition
 
 _FUSED_BLOCKS = (
     TimmBasicBlock, TimmBottleneck, PreActBasicBlock, PreActBottleneck,
     BasicBlock, Bottleneck, DenseBlock, DenseLayer, Transition,
+    TimmDenseFeatures, TimmDenseBlock, TimmDenseLayer, TimmTransition,
 )
 _FUSED_NORMS = {nn.BatchNorm2d: BatchNormReLU2d, nn.SyncBatchNorm: SyncBatchNormReLU2d}
 
@@ -50,6 +52,16 @@ def convert(model: nn.Module, report: bool = False):
       plain ReLU. The norms stay timm's modules (so timm's SyncBatchNorm and
       frozen-BN converters still work); those outside blocks (the final norm,
       a deep stem's) run as timm's forward calls them.
+    - timm's DenseNets (``timm.models.densenet``: densenet121/161/169/201,
+      densenetblur121d, densenet264d): ``DenseBlock``/``DenseLayer``/
+      ``DenseTransition`` become ``fastres.nn.TimmDenseBlock``/
+      ``TimmDenseLayer``/``TimmTransition`` (shared storage, as torchvision's
+      become), and the model's ``features`` a ``TimmDenseFeatures`` (the
+      stem's and final BN-ReLU fused as in ``fastres.models.DenseNet``). The
+      norms stay timm's ``BatchNormAct2d``; the model stays timm's class,
+      with timm's model API. timm's ``set_grad_checkpointing`` no longer
+      reaches the converted layers (they are not timm's class): shared
+      storage needs no checkpointing.
     - BatchNorm2d -> ReLU pairs in any plain ``nn.Sequential`` (one whose
       forward is ``nn.Sequential.forward``; a subclass with its own forward
       may return or use the BN's output, so it is left alone) become one

@@ -6,6 +6,7 @@ from .densenet import DenseBlock, DenseLayer, Transition
 from .preact_blocks import DownsampleAvg, DownsampleConv, DropPath, PreActBasic, PreActBasicBlock, PreActBottleneck
 from .resnet_blocks import BasicBlock, Bottleneck, conv1x1, conv3x3
 from .timm_blocks import TimmBasicBlock, TimmBottleneck
+from .timm_densenet import TimmDenseBlock, TimmDenseFeatures, TimmDenseLayer, TimmTransition
 
 __all__ = [
     "BasicBlock",
@@ -23,6 +24,10 @@ __all__ = [
     "SyncBatchNormReLU2d",
     "TimmBasicBlock",
     "TimmBottleneck",
+    "TimmDenseBlock",
+    "TimmDenseFeatures",
+    "TimmDenseLayer",
+    "TimmTransition",
     "Transition",
     "bn_relu",
     "bn_relu_conv",

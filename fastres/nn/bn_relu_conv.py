@@ -32,9 +32,10 @@ def is_norm_act(norm: nn.Module) -> bool:
     return type(norm) in _NORM_RELUS or isinstance(norm._modules.get("act"), nn.Module)
 
 
-def _timm_bn_relu(norm: nn.Module) -> bool:
-    """timm's ``BatchNormAct2d`` with a plain ReLU and no dropout: ``relu(batch_norm(x))``."""
-    if not is_plain(norm, getattr(sys.modules.get("timm.layers.norm_act"), "BatchNormAct2d", None)):
+def is_timm_bn_relu(norm: nn.Module) -> bool:
+    """timm's ``BatchNormAct2d`` (or ``SyncBatchNormAct``) with a plain ReLU and no dropout: ``relu(batch_norm(x))``."""
+    norm_act = sys.modules.get("timm.layers.norm_act")
+    if not is_plain(norm, getattr(norm_act, "BatchNormAct2d", None), getattr(norm_act, "SyncBatchNormAct", None)):
         return False
     act, drop = norm._modules.get("act"), norm._modules.get("drop")
     return is_plain(act, nn.ReLU) and is_plain(drop, nn.Identity)
@@ -42,7 +43,7 @@ def _timm_bn_relu(norm: nn.Module) -> bool:
 
 def fusable_norm(norm: nn.Module) -> bool:
     """Whether ``relu(norm(x))`` (or a norm-act ``norm(x)``) is a batch norm and ReLU that a fused op can run."""
-    return is_plain(norm, *PLAIN_BATCH_NORMS, *_NORM_RELUS) or _timm_bn_relu(norm)
+    return is_plain(norm, *PLAIN_BATCH_NORMS, *_NORM_RELUS) or is_timm_bn_relu(norm)
 
 
 def fusable(norm: nn.Module, conv: nn.Module) -> bool:

@@ -10,6 +10,7 @@ with other settings) runs as written.
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch._prims_common import suggest_memory_format
 
@@ -17,8 +18,8 @@ from ..functional import (
     BatchNormArgs, DenseLayerArgs, bn_relu_conv1x1, bn_relu_max_pool2d, dense_block, fused_conv_applies,
     recompute_bn_relu_applies, shared_storage_applies,
 )
-from .batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d, norm_relu
-from .bn_relu_conv import bn_relu_conv
+from .batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d, bn_relu, norm_relu
+from .bn_relu_conv import bn_relu_conv, is_timm_bn_relu
 from .._checks import check_4d
 from .module_state import PLAIN_BATCH_NORMS, FromModule, has_hooks, is_plain, running_stats_args, sync_world
 
@@ -37,9 +38,21 @@ def _norm_args(bn: nn.BatchNorm2d, x_shape: tuple) -> BatchNormArgs:
     return BatchNormArgs(running_mean, running_var, bn.weight, bn.bias, training, momentum, bn.eps, group)
 
 
-def _plain_bn_relu(norm: nn.Module, relu: nn.Module) -> bool:
-    """A batch norm (synchronized or not) and a ReLU whose computation fastres._C can take over."""
+def _plain_bn_relu(norm: nn.Module, relu: nn.Module | None) -> bool:
+    """A batch norm (synchronized or not) and a ReLU whose computation fastres._C can take over.
+
+    ``relu`` is None for a norm-act module (timm's ``BatchNormAct2d``), which applies its own.
+    """
+    if relu is None:
+        return is_timm_bn_relu(norm)
     return is_plain(norm, *PLAIN_BATCH_NORMS, BatchNormReLU2d, SyncBatchNormReLU2d) and is_plain(relu, nn.ReLU)
+
+
+def _norm_relu(norm: nn.Module, relu: nn.Module | None, x: Tensor) -> Tensor:
+    """``relu(norm(x))`` (a norm-act ``norm(x)`` when ``relu`` is None): the fused BN-ReLU where it is plain."""
+    if relu is not None:
+        return norm_relu(norm, relu, x)
+    return bn_relu(norm, x) if is_timm_bn_relu(norm) else norm(x)
 
 
 def recomputes_bn_relu(x: Tensor, norm: nn.Module, relu: nn.Module) -> bool:
@@ -52,15 +65,18 @@ def recomputes_bn_relu(x: Tensor, norm: nn.Module, relu: nn.Module) -> bool:
     return recompute_bn_relu_applies(x) and _plain_bn_relu(norm, relu)
 
 
-def stem_bn_relu_pool(norm: nn.Module, relu: nn.Module, pool: nn.Module, x: Tensor) -> Tensor:
-    """``pool(relu(norm(x)))`` of an ImageNet stem; BN-ReLU recomputed in backward where that saves memory."""
+def stem_bn_relu_pool(norm: nn.Module, relu: nn.Module | None, pool: nn.Module, x: Tensor) -> Tensor:
+    """``pool(relu(norm(x)))`` of an ImageNet stem; BN-ReLU recomputed in backward where that saves memory.
+
+    ``relu`` is None for a norm-act ``norm``.
+    """
     plain_pool = (
         is_plain(pool, nn.MaxPool2d) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
         and not pool.return_indices and all(isinstance(v, int) for v in (pool.kernel_size, pool.stride, pool.padding))
     )
     if plain_pool and recomputes_bn_relu(x, norm, relu):
         return bn_relu_max_pool2d(x, _norm_args(norm, tuple(x.shape)), pool.kernel_size, pool.stride, pool.padding)
-    return pool(norm_relu(norm, relu, x))
+    return pool(_norm_relu(norm, relu, x))
 
 
 def _is_plain_conv(conv: nn.Module, kernel: int, padding: int) -> bool:
@@ -117,13 +133,33 @@ class DenseLayer(_FromTorchvision, nn.Module):
     def extra_repr(self) -> str:
         return f"drop_rate={self.drop_rate}, memory_efficient={self.memory_efficient}"
 
+    def bn_relus(self) -> tuple[tuple[nn.Module, nn.Module | None], ...]:
+        """``((norm1, relu1), (norm2, relu2))``: the pre-activations of conv1 and conv2."""
+        return (self.norm1, self.relu1), (self.norm2, self.relu2)
+
     def shares_storage(self) -> bool:
         """Whether this layer can run in a shared-storage block (else it runs as written)."""
-        return (
-            _plain_bn_relu(self.norm1, self.relu1) and _plain_bn_relu(self.norm2, self.relu2)
-            and _is_plain_conv(self.conv1, 1, 0) and _is_plain_conv(self.conv2, 3, 1)
-            and not any(has_hooks(m) for m in self.modules())
-        )
+        return not self._unshared_reason()
+
+    def _unshared_reason(self) -> str:
+        (norm1, relu1), (norm2, relu2) = self.bn_relus()
+        for norm, relu, conv, kernel in ((norm1, relu1, self.conv1, 1), (norm2, relu2, self.conv2, 3)):
+            if not _plain_bn_relu(norm, relu):
+                act = norm._modules.get("act") if relu is None else relu
+                return (f"{type(norm).__name__} -> {type(act).__name__} is not a batch norm with a plain ReLU "
+                        "(or a module has hooks)")
+            if not _is_plain_conv(conv, kernel, (kernel - 1) // 2):
+                return f"its {kernel}x{kernel} convolution has other settings than a DenseNet's"
+        if any(has_hooks(m) for m in self.modules()):
+            return "a module in it has forward hooks"
+        return ""
+
+    def fusion(self) -> tuple[list[str], list[str]]:
+        """(what runs fused, what runs as written and why), from the modules as they are now."""
+        why = self._unshared_reason()
+        if why:
+            return [], [f"as written: {why}"]
+        return ["BN-ReLU-conv1x1-BN-ReLU-conv3x3 on shared storage"], []
 
     def dense_args(self, x_shape: tuple) -> DenseLayerArgs:
         """This layer's tensors and settings for ``dense_block`` (counts the batch in the BNs)."""
@@ -144,6 +180,7 @@ class DenseBlock(_FromTorchvision, nn.ModuleDict):
     _version = 2
     _torchvision_name = "_DenseBlock"
     _children = ("denselayer1",)
+    _layer_class = DenseLayer  # what convert() makes of its layers
 
     def _adopt(self) -> None:
         self.num_input_features = self.denselayer1.norm1.num_features
@@ -165,6 +202,18 @@ class DenseBlock(_FromTorchvision, nn.ModuleDict):
             )
             self.add_module(f"denselayer{i + 1}", layer)
 
+    def fusion(self) -> tuple[list[str], list[str]]:
+        """(what runs fused, what runs as written and why): shared storage needs every layer to share it."""
+        if has_hooks(self):
+            return [], ["as written: it has forward hooks"]
+        for name, layer in self.items():
+            if not isinstance(layer, DenseLayer) and self._layer_class.is_convertible(layer):
+                layer = self._layer_class.from_module(layer)
+            why = layer._unshared_reason() if isinstance(layer, DenseLayer) else f"{type(layer).__name__} is not a dense layer"
+            if why:
+                return [], [f"as written, its layers one by one: {name}: {why}"]
+        return [f"{len(self)} layers on one shared feature buffer (activation memory linear in depth)"], []
+
     def forward(self, init_features: Tensor) -> Tensor:
         return _dense_block(
             list(self.values()), init_features, self.num_input_features,
@@ -185,8 +234,20 @@ class Transition(_FromTorchvision, nn.Sequential):
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
+    def bn_relu(self) -> tuple[nn.Module, nn.Module | None]:
+        return self.norm, self.relu
+
+    def fusion(self) -> tuple[list[str], list[str]]:
+        """(what runs fused, what runs as written and why), from the modules as they are now."""
+        norm, relu = self.bn_relu()
+        if has_hooks(self) or not _plain_bn_relu(norm, relu) or not _is_plain_conv(self.conv, 1, 0):
+            return [], ["as written: its norm is not a batch norm with a plain ReLU, its conv not a plain Conv2d, "
+                        "or a module has hooks"]
+        return ["BN-ReLU-conv1x1 (the BN-ReLU output is not stored)"], []
+
     def forward(self, x: Tensor) -> Tensor:
-        return _transition(self.norm, self.relu, self.conv, self.pool, x, has_hooks(self), type(self).__name__)
+        norm, relu = self.bn_relu()
+        return _transition(norm, relu, self.conv, self.pool, x, has_hooks(self), type(self).__name__)
 
 
 # The forwards of the layer, block and transition, as torch.fx leaves: they choose their path from the
@@ -203,11 +264,20 @@ def _dense_layer(layer: DenseLayer, input: Tensor | list[Tensor]) -> Tensor:
     if layer.memory_efficient and layer.shares_storage() and shared_storage_applies(x):
         new = dense_block(x, [layer.dense_args(tuple(x.shape))])[:, x.shape[1]:]
         return new.contiguous(memory_format=suggest_memory_format(x))  # eager's layout, not a view
-    out = layer.conv1(norm_relu(layer.norm1, layer.relu1, x))
-    out = layer.conv2(norm_relu(layer.norm2, layer.relu2, out))
+    (norm1, relu1), (norm2, relu2) = layer.bn_relus()
+    if getattr(layer, "grad_checkpointing", False) and any(t.requires_grad for t in prev):  # timm's layer's flag
+        out = torch.utils.checkpoint.checkpoint(_bottleneck, layer.conv1, norm1, relu1, *prev, use_reentrant=False)
+    else:
+        out = _bottleneck(layer.conv1, norm1, relu1, x)
+    out = layer.conv2(_norm_relu(norm2, relu2, out))
     if layer.drop_rate > 0:
         out = F.dropout(out, p=layer.drop_rate, training=layer.training)
     return out
+
+
+def _bottleneck(conv: nn.Module, norm: nn.Module, relu: nn.Module | None, *prev: Tensor) -> Tensor:
+    x = prev[0] if len(prev) == 1 else torch.cat(prev, 1)
+    return conv(_norm_relu(norm, relu, x))
 
 
 def _dense_block(
@@ -225,15 +295,15 @@ def _dense_block(
 
 
 def _transition(
-    norm: nn.Module, relu: nn.Module, conv: nn.Module, pool: nn.Module, x: Tensor, hooked: bool, owner: str
+    norm: nn.Module, relu: nn.Module | None, conv: nn.Module, pool: nn.Module, x: Tensor, hooked: bool, owner: str
 ) -> Tensor:
     check_4d("x", x, owner, norm.num_features, "num_input_features")
-    if fused_conv_applies(x) and is_plain(relu, nn.ReLU) and not hooked:
+    if fused_conv_applies(x) and (relu is None or is_plain(relu, nn.ReLU)) and not hooked:
         # The fused BN-ReLU-Conv reads the block's buffer in place and keeps nothing of its size.
         return pool(bn_relu_conv(norm, conv, x))
     if not hooked and recomputes_bn_relu(x, norm, relu) and _is_plain_conv(conv, 1, 0):
         return pool(bn_relu_conv1x1(x, _norm_args(norm, tuple(x.shape)), conv.weight))
-    return pool(conv(norm_relu(norm, relu, x)))
+    return pool(conv(_norm_relu(norm, relu, x)))
 
 
 torch.fx.wrap("_dense_layer")
