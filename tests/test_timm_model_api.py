@@ -145,7 +145,9 @@ def test_grad_checkpointing_trains_like_timms(on_path, timm, path, name):
 
 def test_registered_names_build_fastres_models_with_timms_arguments(timm):
     names = fastres.models.register_with_timm()
-    assert names == [f"fastres_{n}" for n in fastres_resnetv2.__all__[1:]]
+    resnets = [n for n in fastres.models.resnet.__all__ if n != "ResNet"]
+    densenets = ["densenet121", "densenet161", "densenet169", "densenet201", "densenet264d", "densenetblur121d"]
+    assert names == [f"fastres_{n}" for n in fastres_resnetv2.__all__[1:] + resnets + densenets]
     assert fastres.models.register_with_timm() == names  # registering again changes nothing
     assert sorted(timm.list_models("fastres_*")) == sorted(names)
     model = timm.create_model("fastres_resnetv2_50d", num_classes=7, global_pool="catavgmax", width_factor=0.125)
@@ -153,6 +155,39 @@ def test_registered_names_build_fastres_models_with_timms_arguments(timm):
     assert model.pretrained_cfg["architecture"] == "resnetv2_50d"  # timm's weights for the same architecture
     eager = timm.create_model("resnetv2_50d", num_classes=7, global_pool="catavgmax", width_factor=0.125)
     model.load_state_dict(eager.state_dict())  # strict
+
+
+# timm's own ResNets and DenseNets under fastres_ names: timm's model, converted (narrow: the API does not see width).
+CONVERTED = {"resnet50": {"drop_path_rate": 0.1}, "resnext50_32x4d": {"cardinality": 4, "base_width": 16},
+             "densenet121": {"growth_rate": 4, "block_config": (2, 3, 2, 2), "bn_size": 2},
+             "densenetblur121d": {"growth_rate": 4, "block_config": (2, 3, 2, 2), "bn_size": 2}}
+
+
+@pytest.mark.parametrize("name", CONVERTED)
+def test_registered_resnets_and_densenets_are_timms_models_converted(timm, name):
+    fastres.models.register_with_timm()
+    kwargs = {"num_classes": 7, "global_pool": "avgmax", **CONVERTED[name]}
+    torch.manual_seed(0)
+    eager = timm.create_model(name, **kwargs).double()
+    torch.manual_seed(0)
+    fused = timm.create_model(f"fastres_{name}", **kwargs).double()
+    assert type(fused) is type(eager) and fused.pretrained_cfg == eager.pretrained_cfg
+    assert fused.feature_info == eager.feature_info and fused.global_pool.pool_type == "avgmax"
+    assert any(type(m).__module__.startswith("fastres.") for m in fused.modules())
+    assert [(k, v.shape) for k, v in fused.state_dict().items()] == [(k, v.shape) for k, v in eager.state_dict().items()]
+    for a, b in zip(fused.state_dict().values(), eager.state_dict().values()):
+        assert torch.equal(a, b)  # timm's initialisation, untouched by the conversion
+    x = _x()
+    torch.manual_seed(1)
+    got = fused(x)
+    torch.manual_seed(1)
+    assert_normwise_close(got, eager(x))
+    features = timm.create_model(f"fastres_{name}", features_only=True, out_indices=(1, 3), **CONVERTED[name])
+    eager_features = timm.create_model(name, features_only=True, out_indices=(1, 3), **CONVERTED[name])
+    features.load_state_dict(eager_features.state_dict())
+    assert features.feature_info.channels() == eager_features.feature_info.channels()
+    for a, b in zip(features.double().eval()(x), eager_features.double().eval()(x), strict=True):
+        assert_normwise_close(a, b)
 
 
 @pytest.mark.parametrize("out_indices", [(0, 1, 2, 3, 4), (1, 3)], ids=["all", "some"])
@@ -169,16 +204,22 @@ def test_features_only_is_timms(timm, out_indices):
         assert_normwise_close(a, b)
 
 
-def test_pretrained_weights_absent_give_timms_error(timm):
+@pytest.mark.parametrize("name", ["resnetv2_50", "resnet50", "densenet121"])
+def test_pretrained_weights_absent_give_timms_error(timm, name):
     fastres.models.register_with_timm()
     with pytest.raises(Exception) as fused_error:
-        timm.create_model("fastres_resnetv2_50", pretrained=True)
+        timm.create_model(f"fastres_{name}", pretrained=True)
     with pytest.raises(Exception) as eager_error:
-        timm.create_model("resnetv2_50", pretrained=True)
+        timm.create_model(name, pretrained=True)
     assert (type(fused_error.value), str(fused_error.value)) == (type(eager_error.value), str(eager_error.value))
 
 
-def test_timms_loader_optimizer_and_scheduler_train_a_registered_model(timm, tmp_path):
+FACTORY_MODELS = {"resnetv2_50": {"width_factor": 0.125},  # 64x64 images: 2x2 features at the end
+                  "densenet121": {"growth_rate": 4, "block_config": (2, 3, 2, 2), "bn_size": 2}}
+
+
+@pytest.mark.parametrize("base", FACTORY_MODELS)
+def test_timms_loader_optimizer_and_scheduler_train_a_registered_model(timm, tmp_path, base):
     """timm's factories end to end on a small image folder: the same losses and weights as timm's own model."""
     import random
 
@@ -196,16 +237,16 @@ def test_timms_loader_optimizer_and_scheduler_train_a_registered_model(timm, tmp
     from timm.scheduler import create_scheduler_v2
 
     runs = {}
-    for name in ("resnetv2_18", "fastres_resnetv2_18"):
-        model = timm.create_model(name, num_classes=2, width_factor=0.125).double()
+    for name in (base, f"fastres_{base}"):
+        model = timm.create_model(name, num_classes=2, **FACTORY_MODELS[base]).double()
         if name.startswith("fastres"):
-            model.load_state_dict(runs["resnetv2_18"][1])
+            model.load_state_dict(runs[base][1])
         start = copy.deepcopy(model.state_dict())
         torch.manual_seed(0), random.seed(0), np.random.seed(0)
-        loader = create_loader(create_dataset("", root=str(tmp_path)), input_size=(3, 32, 32), batch_size=4,
+        loader = create_loader(create_dataset("", root=str(tmp_path)), input_size=(3, 64, 64), batch_size=8,
                                is_training=True, use_prefetcher=False, num_workers=0)
         optimizer = create_optimizer_v2(model, opt="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4)
-        scheduler, epochs = create_scheduler_v2(optimizer, sched="cosine", num_epochs=2)
+        scheduler, epochs = create_scheduler_v2(optimizer, sched="cosine", num_epochs=4)
         losses = []
         for epoch in range(epochs):
             for x, y in loader:
@@ -216,7 +257,8 @@ def test_timms_loader_optimizer_and_scheduler_train_a_registered_model(timm, tmp
                 losses.append(loss.item())
             scheduler.step(epoch + 1)
         runs[name] = (losses, start, model)
-    (fused_losses, _, fused), (eager_losses, _, eager) = runs["fastres_resnetv2_18"], runs["resnetv2_18"]
+    (fused_losses, _, fused), (eager_losses, _, eager) = runs[f"fastres_{base}"], runs[base]
     assert len(fused_losses) == 4
+    print(f"fastres_{base} losses: {fused_losses}; timm's {base}: {eager_losses}")
     torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(eager_losses), rtol=1e-9, atol=0)
     assert_modules_normwise_close(fused, eager)
