@@ -94,13 +94,17 @@ MODELS = {
     "convert(tv densenet)": (lambda tv, timm: fastres.convert(_tv_densenet(tv)),
                              ["features.denseblock1", "features.denseblock2"], False),
     "convert(timm resnetv2)": (lambda tv, timm: fastres.convert(_timm_resnetv2(timm)), ["stages.0", "stages.1"], True),
+    "convert(timm densenet)": (lambda tv, timm: fastres.convert(timm.create_model(
+        "densenetblur121d", growth_rate=4, block_config=(2, 2), bn_size=2, num_classes=10, aa_stem_only=False)),
+        ["features.denseblock1", "features.denseblock2"], True),
     # Deep stem: BatchNorm-ReLU pairs of a plain Sequential, which convert makes BatchNormReLU2d.
     "convert(timm resnet50d)": (lambda tv, timm: fastres.convert(timm.create_model(
         "resnet50d", num_classes=10, layers=[1, 1, 1, 1], channels=(8, 16, 32, 64), stem_width=8)),
         ["layer1", "layer4"], True),
 }
 # The interpreter runs one program at a time: each family of model once there.
-INTERPRETED = ["resnet", "densenet", "resnetv2d", "convert(tv densenet)", "convert(timm resnetv2)"]
+INTERPRETED = ["resnet", "densenet", "resnetv2d", "convert(tv densenet)", "convert(timm resnetv2)",
+               "convert(timm densenet)"]
 CASES = [(p, name) for p in ("triton", "reference") for name in MODELS
          if torch.cuda.is_available() or p == "reference" or name in INTERPRETED]
 if torch.cuda.is_available():
