@@ -12,6 +12,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Each pytest-xdist worker gets its share of the cores: workers each running torch's default
+# (every core) oversubscribe them, and OpenMP's waiting threads then slow CPU convolutions ~8x.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 # A fresh Inductor cache per run: its FX graph cache does not key on a custom
 # op's fake implementation, so graphs compiled against an older fastres could
 # be replayed with stale output sizes.

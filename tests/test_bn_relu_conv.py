@@ -104,7 +104,13 @@ def _check_matches_eager(device, case, training, dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     # fp32 is also held to eager's own error against float64: with m = 2 values per channel the
     # batch norm's input gradient is a near-total cancellation, in eager as in the fused op.
-    x64 = x.detach().double().requires_grad_()
+    x64 = x.detach().double()
+    if dtype == torch.float64:
+        # No wider type to compare with: eager's own error is then its change when x moves by a few ulps, the
+        # rounding an ill-conditioned case (m = 2 again) amplifies; eager's 1- and 2-thread results differ as much.
+        noise = torch.rand(x64.shape, generator=torch.Generator().manual_seed(5), dtype=x64.dtype).to(x64.device)
+        x64 = x64 * (1 + 2.0 ** -50 * (2 * noise - 1))
+    x64 = x64.requires_grad_()
     p64 = {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None) for k, v in p.items()}
     y_r, grads_r, _, _ = _run(_eager, x64, p64, **kw)
     assert y.dtype == y_e.dtype and y.shape == y_e.shape

@@ -332,15 +332,36 @@ def _small_densenet(lib):
     return lib.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3).double()
 
 
+def _small_timm_densenet():
+    """timm's DenseNet of the same structure (timm's num_init_features is 2 * growth_rate)."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("densenet121", growth_rate=4, block_config=(2, 2), bn_size=2, num_classes=3).double()
+
+
+def _sync_densenet(family: str):
+    """The DenseNet of ``family`` as a user sets it up for SyncBN: fastres's builder or timm's model converted."""
+    if family == "fastres":
+        return fastres.nn.convert_sync_batchnorm(_small_densenet(fastres.models))
+    import timm
+
+    return timm.layers.convert_sync_batchnorm(fastres.convert(_small_timm_densenet()))
+
+
 def _densenet_data():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(sum(MODEL_BATCHES), 3, 16, 16, generator=gen, dtype=torch.float64)
     return x, torch.randn(sum(MODEL_BATCHES), 3, generator=gen, dtype=torch.float64)
 
 
-def _densenet_worker(rank, world, port, out_dir):
+def _densenet_worker(rank, world, port, out_dir, family):
     os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
+    if family == "timm":
+        from fastres.testing import import_torchvision
+
+        import_torchvision()  # timm imports torchvision
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         from fastres.ops import dense_cpu, dense_gpu, sync_batch_norm as ops
@@ -353,7 +374,7 @@ def _densenet_worker(rank, world, port, out_dir):
         results = {}
         for path in PATHS_WITH_FUSED_DENSE:
             with _on(path):  # "triton": dense blocks on the fused convolutions (CUDA's path)
-                model = fastres.nn.convert_sync_batchnorm(_small_densenet(fastres.models))
+                model = _sync_densenet(family)
                 outs, counts = _ddp_steps(model, x[part], grad[part], calls)
             results[path] = {
                 "outs": outs, "counts": counts,
@@ -366,14 +387,18 @@ def _densenet_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_densenet_under_convert_sync_batchnorm_and_ddp_matches_one_process(tmp_path, tv):
+@pytest.mark.parametrize("family", ["fastres", "timm"])
+def test_densenet_under_convert_sync_batchnorm_and_ddp_matches_one_process(request, tmp_path, tv, family):
+    """fastres's DenseNet under fastres's converter, or timm's converted under timm's: against one process."""
     pytest.importorskip("triton")
     if not fastres.functional.extension_available():
         pytest.skip("fastres._C is not built")
-    mp.spawn(_densenet_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    if family == "timm":
+        request.getfixturevalue("timm")
+    mp.spawn(_densenet_worker, args=(2, _free_port(), str(tmp_path), family), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
     x, grad = _densenet_data()
-    eager = _small_densenet(tv.models)
+    eager = _small_densenet(tv.models) if family == "fastres" else _small_timm_densenet()
     opt = torch.optim.SGD(eager.parameters(), lr=LR)
     outs = []
     for _ in range(MODEL_STEPS):

@@ -60,7 +60,13 @@ def _fused(norm: nn.Module, *convs: nn.Module) -> bool:
 
 
 def pre_activation(norm: nn.Module, x: Tensor) -> Tensor:
-    """``relu(norm(x))`` (``norm(x)`` for a norm-act module), stored: fused BN-ReLU for a plain batch norm."""
+    """``relu(norm(x))`` (``norm(x)`` for a norm-act module), stored: fused BN-ReLU for a plain batch norm.
+
+    timm's BN-ReLU norm-acts too: a synchronizing ``SyncBatchNormAct`` would
+    otherwise call torch's SyncBatchNorm, which refuses CPU tensors.
+    """
+    if is_timm_bn_relu(norm):
+        return bn_relu(norm, x)
     if is_norm_act(norm):
         return norm(x)
     if is_plain(norm, *PLAIN_BATCH_NORMS):
