@@ -1,13 +1,14 @@
 """timm's model API on fastres's ResNetV2s, against timm's own models on the same weights (float64)."""
 
 import copy
+import functools
 
 import pytest
 import torch
 
 import fastres
 from fastres.models import resnetv2 as fastres_resnetv2
-from helpers import assert_modules_normwise_close, assert_normwise_close
+from helpers import assert_modules_normwise_close, assert_normwise_close, train_steps
 
 NAMES = ["resnetv2_18", "resnetv2_50d"]  # basic blocks and plain stem; bottlenecks, deep stem, pooled projections
 
@@ -262,3 +263,34 @@ def test_timms_loader_optimizer_and_scheduler_train_a_registered_model(timm, tmp
     print(f"fastres_{base} losses: {fused_losses}; timm's {base}: {eager_losses}")
     torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(eager_losses), rtol=1e-9, atol=0)
     assert_modules_normwise_close(fused, eager)
+
+
+# --- timm's layer arguments --------------------------------------------------------------------
+
+LAYER_ARGS = {
+    "silu": lambda timm: {"act_layer": "silu"},  # timm's BatchNormAct2d with SiLU: runs as written
+    "relu_module": lambda timm: {"act_layer": torch.nn.ReLU},  # the default, fused
+    "groupnorm": lambda timm: {"norm_layer": functools.partial(timm.layers.GroupNormAct, num_groups=4)},
+    "std_conv": lambda timm: {"conv_layer": timm.layers.StdConv2d},  # weight standardisation: unfused convs
+}
+
+
+@pytest.mark.parametrize("case", LAYER_ARGS)
+def test_layer_arguments_are_timms(timm, case):
+    """act_layer/norm_layer/conv_layer as timm's ResNetV2 takes them: same keys, and one float64 step alike."""
+    kwargs = LAYER_ARGS[case](timm)
+    eager, fused = _pair(timm, "resnetv2_50d", **kwargs)
+    assert [(k, v.shape) for k, v in fused.state_dict().items()] == [(k, v.shape) for k, v in eager.state_dict().items()]
+    norms = {type(m).__name__ for m in fused.modules() if "norm" in type(m).__name__.lower()}
+    assert norms == ({"GroupNormAct"} if case == "groupnorm" else {"BatchNormAct2d"} if case == "silu"
+                     else {"BatchNorm2d"})
+    x = [_x()]
+    for got, want in zip(train_steps(fused, x), train_steps(eager, x)):
+        assert_normwise_close(got, want)
+    assert_modules_normwise_close(fused, eager)
+
+
+def test_other_activations_without_timm_say_what_to_pass(monkeypatch):
+    monkeypatch.setattr(fastres_resnetv2.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="act_layer='silu' needs timm's norm-act layers"):
+        fastres.models.resnetv2_18(act_layer="silu")

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_4d, check_float_tensor
 from .._torchvision import import_torchvision
-from ..nn.bn_relu_conv import bn_relu_conv, pre_activation
+from ..nn.bn_relu_conv import bn_relu_conv, is_norm_act, pre_activation
 from ..nn.module_state import NotScriptable, is_plain
 from ..nn.preact_blocks import (
     DownsampleAvg, DownsampleConv, PreActBasicBlock, PreActBottleneck, conv2d, make_divisible,
@@ -72,7 +72,7 @@ class ResNetStage(nn.Module):
     def __init__(
         self, in_chs: int, out_chs: int, stride: int, dilation: int, depth: int, bottle_ratio: float = 0.25,
         groups: int = 1, avg_down: bool = False, block_dpr: Sequence[float] | None = None,
-        block_fn: type = PreActBottleneck, device=None, dtype=None,
+        block_fn: type = PreActBottleneck, act_layer=None, conv_layer=None, norm_layer=None, device=None, dtype=None,
     ):
         super().__init__()
         first_dilation = 1 if dilation in (1, 2) else 2
@@ -83,7 +83,8 @@ class ResNetStage(nn.Module):
             self.blocks.add_module(str(block_idx), block_fn(
                 prev_chs, out_chs, stride=stride if block_idx == 0 else 1, dilation=dilation,
                 bottle_ratio=bottle_ratio, groups=groups, first_dilation=first_dilation, proj_layer=proj_layer,
-                drop_path_rate=block_dpr[block_idx] if block_dpr else 0.0, device=device, dtype=dtype,
+                drop_path_rate=block_dpr[block_idx] if block_dpr else 0.0, act_layer=act_layer, conv_layer=conv_layer,
+                norm_layer=norm_layer, device=device, dtype=dtype,
             ))
             prev_chs, first_dilation, proj_layer = out_chs, dilation, None
         self.grad_checkpointing = False
@@ -148,30 +149,53 @@ def _init_classifier(fc: nn.Module) -> None:
         nn.init.zeros_(fc.bias)
 
 
-def _stem(in_chans: int, out_chs: int, stem_type: str, small_inputs: bool, dd: dict) -> nn.Sequential:
+def _stem(
+    in_chans: int, out_chs: int, stem_type: str, small_inputs: bool, conv_layer, norm_layer, dd: dict
+) -> nn.Sequential:
     """timm's ``create_resnetv2_stem`` (pre-activation: no norm after the last convolution)."""
     stem = OrderedDict()
     if small_inputs:  # CIFAR: one 3x3 convolution at full resolution, no pooling
-        stem["conv"] = conv2d(in_chans, out_chs, 3, **dd)
+        stem["conv"] = conv_layer(in_chans, out_chs, 3, **dd)
         return nn.Sequential(stem)
     if stem_type in ("deep", "deep_fixed", "tiered"):
         chs = (3 * out_chs // 8, out_chs // 2) if stem_type == "tiered" else (out_chs // 2, out_chs // 2)
-        # timm's norm1/norm2 are norm-act modules; here the ReLUs are modules of their own (no state).
-        stem["conv1"] = conv2d(in_chans, chs[0], 3, stride=2, **dd)
-        stem["norm1"] = nn.BatchNorm2d(chs[0], **dd)
-        stem["act1"] = nn.ReLU(inplace=True)
-        stem["conv2"] = conv2d(chs[0], chs[1], 3, stride=1, **dd)
-        stem["norm2"] = nn.BatchNorm2d(chs[1], **dd)
-        stem["act2"] = nn.ReLU(inplace=True)
-        stem["conv3"] = conv2d(chs[1], out_chs, 3, stride=1, **dd)
+        # timm's norm1/norm2 are norm-act modules; a plain norm gets its ReLU as a module of its own (no state).
+        stem["conv1"] = conv_layer(in_chans, chs[0], 3, stride=2, **dd)
+        stem["norm1"] = norm_layer(chs[0], **dd)
+        if not is_norm_act(stem["norm1"]):
+            stem["act1"] = nn.ReLU(inplace=True)
+        stem["conv2"] = conv_layer(chs[0], chs[1], 3, stride=1, **dd)
+        stem["norm2"] = norm_layer(chs[1], **dd)
+        if not is_norm_act(stem["norm2"]):
+            stem["act2"] = nn.ReLU(inplace=True)
+        stem["conv3"] = conv_layer(chs[1], out_chs, 3, stride=1, **dd)
     else:
-        stem["conv"] = conv2d(in_chans, out_chs, 7, stride=2, **dd)
+        stem["conv"] = conv_layer(in_chans, out_chs, 7, stride=2, **dd)
     if "fixed" in stem_type:  # BiT's approximation of 'SAME' padding
         stem["pad"] = nn.ConstantPad2d(1, 0.0)
         stem["pool"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=0)
     else:
         stem["pool"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
     return nn.Sequential(stem)
+
+
+def _layers(act_layer, norm_layer, conv_layer) -> tuple:
+    """(norm_layer, conv_layer) from timm's three arguments, None meaning the BatchNorm ResNetV2's.
+
+    As in timm the activation lives in the norm layer: ``act_layer`` other
+    than ReLU turns ``norm_layer`` (default BatchNorm2d) into timm's norm-act
+    layer with that activation (``timm.layers.get_norm_act_layer``). A plain
+    norm layer is followed by a ReLU, a norm-act one applies its own.
+    """
+    if act_layer not in (None, nn.ReLU, "relu"):
+        if importlib.util.find_spec("timm") is None:
+            raise ValueError(f"act_layer={act_layer!r} needs timm's norm-act layers (pip install timm); "
+                             "without timm, pass a norm_layer that applies its own activation")
+        import_torchvision()  # timm imports torchvision
+        from timm.layers import get_norm_act_layer
+
+        norm_layer = get_norm_act_layer(norm_layer or nn.BatchNorm2d, act_layer=act_layer)
+    return norm_layer or nn.BatchNorm2d, conv_layer or conv2d
 
 
 def drop_path_rates(drop_path_rate: float, layers: Sequence[int]) -> list[list[float]]:
@@ -191,8 +215,11 @@ class ResNetV2(NotScriptable, nn.Module):
     variants' pooled projection), ``basic`` (``PreActBasicBlock``, else
     ``PreActBottleneck``), ``bottle_ratio``, ``drop_rate`` (before the
     classifier), ``drop_path_rate`` (stochastic depth, rising per block),
-    ``zero_init_last``. ``small_inputs=True`` makes the stem one 3x3
-    convolution without pooling, for 32x32 images (CIFAR).
+    ``zero_init_last``, ``act_layer``/``norm_layer``/``conv_layer`` (timm's:
+    the activation lives in the norm layer; with other layers than BatchNorm-
+    ReLU and a plain convolution those run as written, unfused).
+    ``small_inputs=True`` makes the stem one 3x3 convolution without pooling,
+    for 32x32 images (CIFAR).
     """
 
     def __init__(
@@ -200,9 +227,11 @@ class ResNetV2(NotScriptable, nn.Module):
         in_chans: int = 3, global_pool: str = "avg", output_stride: int = 32, width_factor: int = 1,
         stem_chs: int = 64, stem_type: str = "", avg_down: bool = False, preact: bool = True, basic: bool = False,
         bottle_ratio: float = 0.25, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-        zero_init_last: bool = False, small_inputs: bool = False, device=None, dtype=None,
+        zero_init_last: bool = False, small_inputs: bool = False, act_layer=None, norm_layer=None, conv_layer=None,
+        device=None, dtype=None,
     ):
         super().__init__()
+        norm_layer, conv_layer = _layers(act_layer, norm_layer, conv_layer)
         if not preact:
             raise ValueError("preact=False (timm's non-pre-activation ResNetV2 for ViT hybrids) is not supported")
         if stem_type not in _STEM_TYPES:
@@ -221,7 +250,7 @@ class ResNetV2(NotScriptable, nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
         stem_chs = make_divisible(stem_chs * width_factor)
-        self.stem = _stem(in_chans, stem_chs, stem_type, small_inputs, dd)
+        self.stem = _stem(in_chans, stem_chs, stem_type, small_inputs, conv_layer, norm_layer, dd)
         # timm's feature taps: the stem's last convolution (before pooling), then each stage.
         stem_feat = "conv3" if "conv3" in self.stem._modules else "conv"
         self.stem_feat_idx = list(self.stem._modules).index(stem_feat)
@@ -238,13 +267,13 @@ class ResNetV2(NotScriptable, nn.Module):
                 stride = 1
             self.stages.add_module(str(stage_idx), ResNetStage(
                 prev_chs, out_chs, stride=stride, dilation=dilation, depth=depth, bottle_ratio=bottle_ratio,
-                avg_down=avg_down, block_dpr=dpr, block_fn=block_fn, **dd,
+                avg_down=avg_down, block_dpr=dpr, block_fn=block_fn, conv_layer=conv_layer, norm_layer=norm_layer, **dd,
             ))
             prev_chs = out_chs
             curr_stride *= stride
             self.feature_info.append({"num_chs": prev_chs, "reduction": curr_stride, "module": f"stages.{stage_idx}"})
         self.num_features = prev_chs
-        self.norm = nn.BatchNorm2d(prev_chs, **dd)  # the final pre-activation: BN-ReLU in forward_features
+        self.norm = norm_layer(prev_chs, **dd)  # the final pre-activation: BN-ReLU in forward_features
         self.head = ClassifierHead(prev_chs, num_classes, global_pool, drop_rate, **dd)
         self.head_hidden_size = self.head.num_features
         self._timm_name, self._pretrained_cfg = None, None

@@ -167,7 +167,7 @@ class _PreActBlock(FromModule, nn.Module):
 
     def _stem(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(conv1(norm1(x)), shortcut)``."""
-        check_4d("x", x, type(self).__name__, self.norm1.num_features, "in_chs")
+        check_4d("x", x, type(self).__name__, self.conv1.in_channels, "in_chs")
         if self.downsample is None:
             return bn_relu_conv(self.norm1, self.conv1, x), x
         projection = _projection_conv(self.downsample)
