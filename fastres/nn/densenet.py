@@ -234,19 +234,20 @@ class Transition(_FromTorchvision, nn.Sequential):
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
-    def bn_relu(self) -> tuple[nn.Module, nn.Module | None]:
-        return self.norm, self.relu
+    def bn_relus(self) -> tuple[tuple[nn.Module, nn.Module | None], ...]:
+        """``((norm, relu),)``: the pre-activation of conv."""
+        return ((self.norm, self.relu),)
 
     def fusion(self) -> tuple[list[str], list[str]]:
         """(what runs fused, what runs as written and why), from the modules as they are now."""
-        norm, relu = self.bn_relu()
+        (norm, relu), = self.bn_relus()
         if has_hooks(self) or not _plain_bn_relu(norm, relu) or not _is_plain_conv(self.conv, 1, 0):
             return [], ["as written: its norm is not a batch norm with a plain ReLU, its conv not a plain Conv2d, "
                         "or a module has hooks"]
         return ["BN-ReLU-conv1x1 (the BN-ReLU output is not stored)"], []
 
     def forward(self, x: Tensor) -> Tensor:
-        norm, relu = self.bn_relu()
+        (norm, relu), = self.bn_relus()
         return _transition(norm, relu, self.conv, self.pool, x, has_hooks(self), type(self).__name__)
 
 

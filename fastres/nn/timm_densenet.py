@@ -80,8 +80,8 @@ class TimmTransition(_FromTimm, Transition):
     _timm_name = "DenseTransition"
     _children = ("norm", "conv", "pool")
 
-    def bn_relu(self) -> tuple[nn.Module, None]:
-        return self.norm, None
+    def bn_relus(self) -> tuple[tuple[nn.Module, None], ...]:
+        return ((self.norm, None),)
 
 
 class TimmDenseFeatures(FromModule, nn.Sequential):
