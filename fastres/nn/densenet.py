@@ -138,10 +138,18 @@ class DenseLayer(_FromTorchvision, nn.Module):
         return (self.norm1, self.relu1), (self.norm2, self.relu2)
 
     def shares_storage(self) -> bool:
-        """Whether this layer can run in a shared-storage block (else it runs as written)."""
-        return not self._unshared_reason()
+        """Whether this layer can run in a shared-storage block (else it runs as written). Every forward asks."""
+        (norm1, relu1), (norm2, relu2) = self.bn_relus()
+        return (
+            _plain_bn_relu(norm1, relu1) and _plain_bn_relu(norm2, relu2)
+            and _is_plain_conv(self.conv1, 1, 0) and _is_plain_conv(self.conv2, 3, 1)
+            and not any(has_hooks(m) for m in self.modules())
+        )
 
     def _unshared_reason(self) -> str:
+        """Why ``shares_storage()`` is False ("" when it is True), for convert()'s report."""
+        if self.shares_storage():
+            return ""
         (norm1, relu1), (norm2, relu2) = self.bn_relus()
         for norm, relu, conv, kernel in ((norm1, relu1, self.conv1, 1), (norm2, relu2, self.conv2, 3)):
             if not _plain_bn_relu(norm, relu):
@@ -150,9 +158,7 @@ class DenseLayer(_FromTorchvision, nn.Module):
                         "(or a module has hooks)")
             if not _is_plain_conv(conv, kernel, (kernel - 1) // 2):
                 return f"its {kernel}x{kernel} convolution has other settings than a DenseNet's"
-        if any(has_hooks(m) for m in self.modules()):
-            return "a module in it has forward hooks"
-        return ""
+        return "a module in it has forward hooks"
 
     def fusion(self) -> tuple[list[str], list[str]]:
         """(what runs fused, what runs as written and why), from the modules as they are now."""
