@@ -1,6 +1,8 @@
 """The ``fastres`` command: each subcommand on a tiny CPU configuration, its errors and exit statuses."""
 
+import argparse
 import json
+import math
 import subprocess
 import sys
 
@@ -57,6 +59,12 @@ def test_help(command, capsys):
         (["train", "--device", "cuda:0"] if not torch.cuda.is_available() else ["train", "--device", "tpu"],
          "argument --device:"),
         (["train", "--lr", "-1"], "argument --lr: must be positive, got -1"),
+        (["train", "--opt", "lamb"], "argument --opt: invalid choice: 'lamb'"),
+        (["train", "--sched", "poly"], "argument --sched: invalid choice: 'poly'"),
+        (["train", "--warmup-steps", "-1"], "argument --warmup-steps: must be at least 0, got -1"),
+        (["train", "--label-smoothing", "1"], "argument --label-smoothing: must be less than 1, got 1"),
+        (["train", "--weight-decay", "nan"], "argument --weight-decay: must be at least 0, got nan"),
+        (["train", "--grad-clip", "0"], "argument --grad-clip: must be positive, got 0"),
         (["train", "--batch-size", "5000"], "argument --batch-size: 5000 is more than the 1438 training images"),
         (["train", "--depth", "40"], "argument --depth/--growth-rate: only for --model densenet_bc, not resnet18"),
         (["train", "--compare", "eager", "--check-agreement", "--amp"], "--check-agreement: trains in float64"),
@@ -298,3 +306,45 @@ def test_train_names_an_unreadable_image(tmp_path):
             "--workers", "0", "--no-progress"]
     status = _exit_status(argv)
     assert isinstance(status, str) and status.startswith(f"--data {tmp_path}: cannot read an image")
+
+
+def test_train_help_gives_every_options_default():
+    from fastres.cli import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    missing = [a.option_strings[0] for a in parser._actions
+               if a.option_strings and a.nargs != 0 and "default" not in (a.help or "")]
+    assert not missing
+
+
+@pytest.mark.parametrize("sched, warmup, total, expected", [
+    ("none", 0, 4, [1, 1, 1, 1]),
+    ("step", 0, 8, [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01]),  # x0.1 at 50% and 75%
+    ("cosine", 2, 6, [1 / 3, 2 / 3, 1, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]),
+])
+def test_learning_rate_schedules(sched, warmup, total, expected):
+    from fastres.cli.optim import lr_factor
+
+    assert [lr_factor(i, total, sched, warmup) for i in range(total)] == pytest.approx(expected, rel=1e-12)
+
+
+def test_train_with_adamw_a_schedule_label_smoothing_and_clipping(tmp_path, capsys):
+    """Both models under the same options agree in float64; the steps' learning rates are the schedule's."""
+    from fastres.cli.optim import lr_factor
+
+    out_json = tmp_path / "train.json"
+    argv = ["train", "--model", "resnet18", "--compare", "eager", "--check-agreement", "--steps", "4",
+            "--batch-size", "8", "--opt", "adamw", "--lr", "0.01", "--weight-decay", "0.05", "--sched", "cosine",
+            "--warmup-steps", "1", "--label-smoothing", "0.1", "--grad-clip", "0.5", "--log-every", "2",
+            "--no-progress", "--json", str(out_json)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "OK: fastres and eager agree" in out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("step ")] == [
+        f"step 2/4 lr {0.01 * lr_factor(1, 4, 'cosine', 1):.4g}", f"step 4/4 lr {0.01 * lr_factor(3, 4, 'cosine', 1):.4g}"]
+    data = json.loads(out_json.read_text())
+    fused, eager = data["models"]
+    expected = [0.01 * lr_factor(i, 4, "cosine", 1) for i in range(4)]
+    assert fused["history"]["lr"] == pytest.approx(expected, rel=1e-12) and eager["history"]["lr"] == fused["history"]["lr"]
+    assert data["config"]["opt"] == "adamw" and data["config"]["label_smoothing"] == 0.1

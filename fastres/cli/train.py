@@ -6,7 +6,9 @@
 
 With ``--compare`` both models start from the same weights (fastres's loads
 the reference's state_dict) and see the same batches in the same order with
-the same optimizer (SGD, momentum 0.9, weight decay 5e-4). A progress bar shows
+the same optimizer and schedule (``--opt``: SGD with momentum 0.9 or AdamW;
+``--sched``, ``--warmup-steps``, ``--weight-decay``, ``--label-smoothing``,
+``--grad-clip``; see ``fastres.cli.optim``). A progress bar shows
 each model's loss, batch accuracy, step time and step memory; the summary
 table gives held-out accuracy, median step time and peak step memory, each as
 a ratio to the compared model.
@@ -42,8 +44,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import zoo
-from .argtypes import bc_depth, positive, positive_float
+from . import optim, zoo
+from .argtypes import bc_depth, non_negative, positive, positive_float
 from .measure import DOUBT_MARK, StepMemory, environment, step_spread, timed, timing_doubts, timing_note
 
 LOGIT_TOL = 1e-7  # float64: max |logit difference| / max(1, max |logit|) allowed at each step
@@ -53,12 +55,12 @@ TIMING_ADVICE = "Train more --steps on an otherwise idle machine (fewer threads:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=zoo.MODELS, default="resnet18", metavar="MODEL",
-                   help=f"a fastres.models builder (default resnet18): {', '.join(zoo.MODELS)}")
-    p.add_argument("--depth", type=bc_depth, help="densenet_bc: depth 6n+4 (default 100)")
-    p.add_argument("--growth-rate", type=positive, help="densenet_bc: growth rate k (default 12)")
+                   help=f"a fastres.models builder (default: resnet18): {', '.join(zoo.MODELS)}")
+    p.add_argument("--depth", type=bc_depth, help="densenet_bc: depth 6n+4 (default: 100)")
+    p.add_argument("--growth-rate", type=positive, help="densenet_bc: growth rate k (default: 12)")
     p.add_argument("--compare", choices=zoo.COMPARE,
                    help="also train the model that fastres's replaces: eager (torchvision's, timm's for resnetv2), "
-                        "naive or checkpoint (DenseNets: torchvision's with memory_efficient=False / True)")
+                        "naive or checkpoint (DenseNets: torchvision's with memory_efficient=False / True) (default: none)")
     p.add_argument("--check-agreement", action="store_true",
                    help="train both in float64 and fail unless they compute the same logits and BatchNorm "
                         "counters (needs --compare)")
@@ -66,18 +68,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="an image folder (torchvision ImageFolder layout; train/ and val/ if present); "
                         "default: scikit-learn's digits, upscaled")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=positive, help="passes over the training set (default 1)")
-    length.add_argument("--steps", type=positive, help="optimizer steps (instead of --epochs)")
-    p.add_argument("--batch-size", type=positive, default=64)
-    p.add_argument("--image-size", type=positive, help="default: 32 for digits, 224 for --data")
-    p.add_argument("--lr", type=positive_float, default=0.05, help="SGD learning rate (default 0.05)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    length.add_argument("--epochs", type=positive, help="passes over the training set (default: 1)")
+    length.add_argument("--steps", type=positive, help="optimizer steps, instead of --epochs (default: an epoch's)")
+    p.add_argument("--batch-size", type=positive, default=64, help="images per step (default: %(default)s)")
+    p.add_argument("--image-size", type=positive, help="image side in pixels (default: 32 for digits, 224 for --data)")
+    p.add_argument("--lr", type=positive_float, default=0.05, help="peak learning rate (default: %(default)s)")
+    optim.add_arguments(p)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="--data: DataLoader worker processes (default 2)")
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the configuration, every step and the summary")
-    p.add_argument("--plot", type=Path, metavar="PNG", help="loss, step time and memory per step (matplotlib)")
+    p.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation (default: %(default)s)")
+    p.add_argument("--log-every", type=non_negative, default=0, metavar="N",
+                   help="print each model's loss, accuracy and learning rate every N steps (default: 0, never)")
+    p.add_argument("--workers", type=int, default=2, help="--data: DataLoader worker processes (default: 2)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the configuration, every step and the summary (default: none)")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="loss, step time and memory per step, with matplotlib (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -110,13 +115,15 @@ def fastres_path(device: torch.device, model: str, amp: bool = False) -> str:
 class Trainee:
     """One model being trained: its optimizer and what each step measured."""
 
-    def __init__(self, label: str, model: torch.nn.Module, device, channels_last: bool, lr: float,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, label: str, model: torch.nn.Module, device, channels_last: bool, args: argparse.Namespace,
+                 total_steps: int, dtype: torch.dtype = torch.float32):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.label = label
         self.model = model.to(device, dtype, memory_format=fmt).train()
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-        self.history = {"loss": [], "accuracy": [], "step_ms": [], "memory_mb": []}
+        self.optimizer = optim.make_optimizer(model.parameters(), args)
+        self.scheduler = optim.make_scheduler(self.optimizer, args, total_steps)
+        self.label_smoothing, self.grad_clip = args.label_smoothing, args.grad_clip
+        self.history = {"loss": [], "accuracy": [], "lr": [], "step_ms": [], "memory_mb": []}
         self.test_accuracy: float | None = None
 
     def step(self, x, y, amp: bool, device) -> torch.Tensor:
@@ -124,16 +131,22 @@ class Trainee:
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = self.model(x)
-                loss = F.cross_entropy(logits, y)
+                loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
             loss.backward()
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.optimizer.step()
+            self.scheduler.step()
             return loss.detach(), logits.detach().float()
+
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's
 
         with StepMemory(device, trim=True) as mem:  # CPU: free heap handed back, so the step's growth shows
             (loss, logits), seconds = timed(run, device)
         h = self.history
         h["loss"].append(loss.item())
         h["accuracy"].append((logits.argmax(1) == y).float().mean().item())
+        h["lr"].append(lr)
         h["step_ms"].append(seconds * 1e3)
         h["memory_mb"].append(mem.peak_mb)
         return logits
@@ -302,9 +315,9 @@ def run(args, parser) -> int:
     fused, reference = zoo.build_pair(args.model, args.compare, data.num_classes, args.depth, args.growth_rate)
     name = f"densenet_bc-{args.depth}-k{args.growth_rate}" if args.model == "densenet_bc" else args.model
     dtype = torch.float64 if args.check_agreement else torch.float32
-    trainees = [Trainee("fastres", fused, device, args.channels_last, args.lr, dtype)]
+    trainees = [Trainee("fastres", fused, device, args.channels_last, args, steps, dtype)]
     if reference is not None:
-        trainees.append(Trainee(args.compare, reference, device, args.channels_last, args.lr, dtype))
+        trainees.append(Trainee(args.compare, reference, device, args.channels_last, args, steps, dtype))
 
     precision = "bf16 autocast" if args.amp else "float64 (agreement check)" if args.check_agreement else "float32"
     title = (f"fastres train: {name} on {data.name}, {data.train_size} train / {data.test_size} held out, "
@@ -332,6 +345,9 @@ def run(args, parser) -> int:
                 failures.append(f"step {i + 1}: max |logit difference| {dlogit:.3e} > {LOGIT_TOL:.0e}")
         bar.set_postfix_str(_postfix(trainees), refresh=False)
         bar.update()
+        if args.log_every and (i + 1) % args.log_every == 0:
+            bar.write(f"step {i + 1}/{steps} lr {trainees[0].history['lr'][-1]:.4g}: {_postfix(trainees)}",
+                      file=sys.stdout)
     bar.close()
 
     for t in trainees:
