@@ -69,6 +69,12 @@ def test_help(command, capsys):
         (["train", "--depth", "40"], "argument --depth/--growth-rate: only for --model densenet_bc, not resnet18"),
         (["train", "--compare", "eager", "--check-agreement", "--amp"], "--check-agreement: trains in float64"),
         (["memory", "report", "/nonexistent.json"], "argument json: cannot read /nonexistent.json"),
+        (["train", "--cuda-graphs"] if not torch.cuda.is_available() else ["train", "--cuda-graphs", "--device", "cpu"],
+         "argument --cuda-graphs: CUDA graphs need a CUDA device; this run is on cpu"),
+        (["train", "--save-every", "5"], "argument --save-every: needs --output DIR"),
+        (["train", "--resume", "auto"], "argument --resume auto: needs --output DIR"),
+        (["train", "--keep", "0"], "argument --keep: must be at least 1, got 0"),
+        (["train", "--dataset", "imagenet"], "argument --dataset: invalid choice: 'imagenet'"),
         (["train", "--data", "/nonexistent/dir", "--steps", "1"], None),  # SystemExit with a message, not argparse
         (["memory"], "the following arguments are required: MODE"),
         (["memory", "compare", "--variants", "eager"], "argument --variants: invalid choice: 'eager'"),

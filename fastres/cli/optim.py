@@ -15,15 +15,17 @@ from .argtypes import fraction, non_negative, non_negative_float, positive_float
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("none", "cosine", "step")
+DEFAULTS = {"opt": "sgd", "nesterov": False, "weight_decay": 5e-4, "sched": "none"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--opt", choices=OPTIMIZERS, default="sgd",
-                   help="SGD (momentum 0.9) or AdamW (default: %(default)s)")
-    p.add_argument("--weight-decay", type=non_negative_float, default=5e-4,
-                   help="weight decay of every parameter (default: %(default)s)")
-    p.add_argument("--sched", choices=SCHEDULES, default="none",
-                   help="learning-rate schedule over the run's steps (default: %(default)s)")
+    # Defaults left None here are DEFAULTS', filled in after a --recipe's (``resolve``).
+    p.add_argument("--opt", choices=OPTIMIZERS, help=f"SGD (momentum 0.9) or AdamW (default: {DEFAULTS['opt']})")
+    p.add_argument("--nesterov", action="store_true", default=None, help="SGD: Nesterov momentum (default: off)")
+    p.add_argument("--weight-decay", type=non_negative_float,
+                   help=f"weight decay of every parameter (default: {DEFAULTS['weight_decay']})")
+    p.add_argument("--sched", choices=SCHEDULES,
+                   help=f"learning-rate schedule over the run's steps (default: {DEFAULTS['sched']})")
     p.add_argument("--warmup-steps", type=non_negative, default=0,
                    help="steps of linear warm-up to --lr before the schedule (default: %(default)s)")
     p.add_argument("--label-smoothing", type=fraction, default=0.0,
@@ -32,10 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="clip the gradients' total norm to NORM (default: no clipping)")
 
 
-def make_optimizer(params, args: argparse.Namespace) -> torch.optim.Optimizer:
+def make_optimizer(params, args: argparse.Namespace, capturable: bool = False) -> torch.optim.Optimizer:
+    """``capturable``: for a step captured in a CUDA graph; the learning rate is then a tensor on the
+    parameters' device, which the graph reads and the scheduler fills in place."""
+    params = list(params)
+    lr = torch.tensor(args.lr, device=params[0].device) if capturable else args.lr
     if args.opt == "adamw":
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, capturable=capturable)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=args.nesterov, weight_decay=args.weight_decay)
 
 
 def lr_factor(step: int, total: int, sched: str, warmup: int) -> float:

@@ -3,6 +3,19 @@
     fastres train --model resnet18 --compare eager --steps 30
     fastres train --model densenet_bc --depth 40 --compare naive --steps 20 --plot train.png
     fastres train --model resnet50 --data ~/imagenette --epochs 2 --device cuda --amp --channels-last
+    fastres train --recipe densenet-bc-cifar --data ~/cifar --output runs/bc100 --resume auto
+    torchrun --nproc_per_node=8 -m fastres train --recipe densenet-bc-cifar --data ~/cifar --sync-bn --output runs/bc100
+
+``--output DIR`` keeps checkpoints (every epoch, every ``--save-every``
+steps, at the end; the last ``--keep`` plus ``best.pt``, the best held-out
+accuracy) and ``summary.csv``/``summary.json`` (a row per evaluation). A
+checkpoint holds the models, optimizers, schedules, step, every random
+generator's state and the configuration; ``--resume auto`` continues from the
+newest good one (``fastres.cli.checkpoint``), and a run resumed after a crash
+ends with the same weights, bit for bit, as one never interrupted: the data
+order and augmentation are functions of the seed and the step
+(``fastres.cli.stream``). Under torchrun ``--batch-size`` is the global batch,
+split over the processes; rank 0 alone prints and writes.
 
 With ``--compare`` both models start from the same weights (fastres's loads
 the reference's state_dict) and see the same batches in the same order with
@@ -37,24 +50,41 @@ the check fails or a loss is not finite.
 import argparse
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from . import optim, zoo
+from . import checkpoint, distributed, optim, stream, zoo
 from .argtypes import bc_depth, non_negative, positive, positive_float
-from .measure import DOUBT_MARK, StepMemory, environment, step_spread, timed, timing_doubts, timing_note
+from .data import DATASETS, load as load_data
+from .measure import environment
+from .train_report import judge_timings, plot, postfix, ratio, table
+from .trainee import GRAPH_WARMUP, SKIP, Trainee, compare_state
 
 LOGIT_TOL = 1e-7  # float64: max |logit difference| / max(1, max |logit|) allowed at each step
-SKIP = 1  # first steps left out of the median step time and the peak memory
-TIMING_ADVICE = "Train more --steps on an otherwise idle machine (fewer threads: OMP_NUM_THREADS=1)."
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+RECIPES = {
+    # Huang et al., "Densely Connected Convolutional Networks" (CVPR 2017), CIFAR with augmentation:
+    # DenseNet-BC L=100 k=12, 300 epochs, batch 64, SGD (Nesterov 0.9) at 0.1, x0.1 at 50% and 75%,
+    # weight decay 1e-4: 4.51% error on CIFAR-10+, 22.27% on CIFAR-100+.
+    "densenet-bc-cifar": {"model": "densenet_bc", "depth": 100, "growth_rate": 12, "dataset": "cifar10",
+                          "epochs": 300, "batch_size": 64, "lr": 0.1, "opt": "sgd", "nesterov": True,
+                          "sched": "step", "weight_decay": 1e-4},
+}
+DEFAULTS = {"model": "resnet18", "depth": 100, "growth_rate": 12, "batch_size": 64, "lr": 0.05, **optim.DEFAULTS}
+# What defines a run's arithmetic: a resumed run must be given the same.
+RUN_KEYS = ("model", "depth", "growth_rate", "compare", "check_agreement", "dataset", "image_size", "no_augment",
+            "batch_size", "lr", "opt", "nesterov", "weight_decay", "sched", "warmup_steps", "label_smoothing",
+            "grad_clip", "amp", "dtype", "channels_last", "seed", "sync_bn")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=zoo.MODELS, default="resnet18", metavar="MODEL",
+    p.add_argument("--recipe", choices=RECIPES,
+                   help="a published training recipe's settings, for the options not given "
+                        "(densenet-bc-cifar: DenseNet-BC-100 k=12 on CIFAR-10, 300 epochs; default: none)")
+    # Options a recipe sets default to None here; ``resolve_defaults`` fills in DEFAULTS after the recipe.
+    p.add_argument("--model", choices=zoo.MODELS, metavar="MODEL",
                    help=f"a fastres.models builder (default: resnet18): {', '.join(zoo.MODELS)}")
     p.add_argument("--depth", type=bc_depth, help="densenet_bc: depth 6n+4 (default: 100)")
     p.add_argument("--growth-rate", type=positive, help="densenet_bc: growth rate k (default: 12)")
@@ -64,31 +94,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-agreement", action="store_true",
                    help="train both in float64 and fail unless they compute the same logits and BatchNorm "
                         "counters (needs --compare)")
+    p.add_argument("--dataset", choices=DATASETS,
+                   help="digits (scikit-learn's, built in), cifar10/cifar100 (the python batches in --data DIR), "
+                        "folder (an image folder, --data DIR) (default: folder with --data, else digits)")
     p.add_argument("--data", type=Path, metavar="DIR",
-                   help="an image folder (torchvision ImageFolder layout; train/ and val/ if present); "
-                        "default: scikit-learn's digits, upscaled")
+                   help="CIFAR's folder, or an image folder (torchvision ImageFolder layout; train/ and val/ "
+                        "if present) (default: none)")
+    p.add_argument("--no-augment", action="store_true",
+                   help="CIFAR: no random crop (padding 4) and horizontal flip (default: augmented)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=positive, help="passes over the training set (default: 1)")
     length.add_argument("--steps", type=positive, help="optimizer steps, instead of --epochs (default: an epoch's)")
-    p.add_argument("--batch-size", type=positive, default=64, help="images per step (default: %(default)s)")
-    p.add_argument("--image-size", type=positive, help="image side in pixels (default: 32 for digits, 224 for --data)")
-    p.add_argument("--lr", type=positive_float, default=0.05, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive,
+                   help=f"images per step, over all processes under torchrun (default: {DEFAULTS['batch_size']})")
+    p.add_argument("--image-size", type=positive,
+                   help="image side in pixels (default: 32 for digits and CIFAR, 224 for a folder)")
+    p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default: {DEFAULTS['lr']})")
     optim.add_arguments(p)
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available), cpu, cuda, cuda:1, ...; under torchrun cuda:LOCAL_RANK (default: auto)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="parameters and activations (default: %(default)s; float64 with --check-agreement)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained models")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help=f"CUDA: capture the whole step in a CUDA graph after {GRAPH_WARMUP} warm-up steps and replay it (default: off)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: batch norms reduce their statistics over all processes (default: per process)")
     p.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation (default: %(default)s)")
+    p.add_argument("--output", type=Path, metavar="DIR",
+                   help="write checkpoints and summary.csv/json here (default: none)")
+    p.add_argument("--save-every", type=non_negative, default=0, metavar="N",
+                   help="--output: also checkpoint every N steps (default: 0, at epoch ends and the end only)")
+    p.add_argument("--keep", type=positive, default=3, metavar="K",
+                   help="--output: keep the last K step checkpoints, plus best.pt (default: %(default)s)")
+    p.add_argument("--resume", metavar="PATH|auto",
+                   help="continue from a checkpoint, or from the newest good one in --output (auto: a fresh "
+                        "start when there is none) (default: none)")
     p.add_argument("--log-every", type=non_negative, default=0, metavar="N",
                    help="print each model's loss, accuracy and learning rate every N steps (default: 0, never)")
-    p.add_argument("--workers", type=int, default=2, help="--data: DataLoader worker processes (default: 2)")
+    p.add_argument("--workers", type=non_negative,
+                   help="DataLoader worker processes (default: 0 for digits, 2 otherwise)")
     p.add_argument("--json", type=Path, metavar="PATH", help="write the configuration, every step and the summary (default: none)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="loss, step time and memory per step, with matplotlib (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _device(text: str, parser) -> torch.device:
+def _device(text: str, parser, procs: distributed.Processes) -> torch.device:
     if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cuda" and procs.world > 1:
+        text = f"cuda:{procs.local_rank}"
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -112,178 +169,19 @@ def fastres_path(device: torch.device, model: str, amp: bool = False) -> str:
     return f"eager PyTorch reference ops on {device.type.upper()}{dense} (the fused Triton kernels run on CUDA)"
 
 
-class Trainee:
-    """One model being trained: its optimizer and what each step measured."""
-
-    def __init__(self, label: str, model: torch.nn.Module, device, channels_last: bool, args: argparse.Namespace,
-                 total_steps: int, dtype: torch.dtype = torch.float32):
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.label = label
-        self.model = model.to(device, dtype, memory_format=fmt).train()
-        self.optimizer = optim.make_optimizer(model.parameters(), args)
-        self.scheduler = optim.make_scheduler(self.optimizer, args, total_steps)
-        self.label_smoothing, self.grad_clip = args.label_smoothing, args.grad_clip
-        self.history = {"loss": [], "accuracy": [], "lr": [], "step_ms": [], "memory_mb": []}
-        self.test_accuracy: float | None = None
-
-    def step(self, x, y, amp: bool, device) -> torch.Tensor:
-        def run():
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = self.model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-            loss.backward()
-            if self.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            return loss.detach(), logits.detach().float()
-
-        lr = self.optimizer.param_groups[0]["lr"]  # this step's
-
-        with StepMemory(device, trim=True) as mem:  # CPU: free heap handed back, so the step's growth shows
-            (loss, logits), seconds = timed(run, device)
-        h = self.history
-        h["loss"].append(loss.item())
-        h["accuracy"].append((logits.argmax(1) == y).float().mean().item())
-        h["lr"].append(lr)
-        h["step_ms"].append(seconds * 1e3)
-        h["memory_mb"].append(mem.peak_mb)
-        return logits
-
-    def summary(self) -> dict:
-        h = self.history
-        kept = slice(min(SKIP, len(h["step_ms"]) - 1), None)
-        memory = [m for m in h["memory_mb"][kept] if m is not None]
-        return {
-            "label": self.label, "test_accuracy": self.test_accuracy,
-            "median_step_ms": statistics.median(h["step_ms"][kept]),
-            "step_spread": step_spread([ms / 1e3 for ms in h["step_ms"][kept]]),
-            "peak_memory_mb": max(memory) if memory else None,
-            "final_loss": h["loss"][-1],
-        }
-
-    @torch.no_grad()
-    def evaluate(self, data, amp: bool, device, channels_last: bool, dtype: torch.dtype) -> None:
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.model.eval()
-        correct = total = 0
-        for x, y in data.test_batches(256):
-            x, y = x.to(device, dtype).contiguous(memory_format=fmt), y.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                correct += (self.model(x).argmax(1) == y).sum().item()
-            total += len(y)
-        self.model.train()
-        self.test_accuracy = correct / total if total else None
-
-
-def compare_state(reference: torch.nn.Module, fused: torch.nn.Module) -> dict:
-    """Largest |difference| of parameters and BN running statistics; whether the BN counters agree."""
-    fs = fused.state_dict()
-    params = {n for n, _ in reference.named_parameters()}
-    out = {"parameters": 0.0, "running_stats": 0.0, "num_batches_tracked_agree": True}
-    for name, r in reference.state_dict().items():
-        f = fs[name]
-        if name.endswith("num_batches_tracked"):
-            out["num_batches_tracked_agree"] &= bool(torch.equal(r, f))
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Every option not given: ``--recipe``'s setting if it has one, else DEFAULTS'."""
+    recipe = RECIPES.get(args.recipe, {})
+    if args.recipe and args.model not in (None, recipe["model"]):
+        recipe = {k: v for k, v in recipe.items() if k not in ("depth", "growth_rate")}
+    for key, value in {**DEFAULTS, **recipe}.items():
+        if key == "epochs" and args.steps is not None:
             continue
-        diff = (r.double() - f.double()).abs().max().item() if r.numel() else 0.0
-        key = "parameters" if name in params else "running_stats" if name.endswith(("running_mean", "running_var")) else None
-        if key:
-            out[key] = max(out[key], diff)
-    return out
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
-def _postfix(trainees) -> str:
-    parts = []
-    for t in trainees:
-        h = t.history
-        mem = h["memory_mb"][-1]
-        parts.append(f"{t.label}: loss {h['loss'][-1]:.3f} acc {h['accuracy'][-1]:.2f} "
-                     f"{h['step_ms'][-1]:.0f} ms" + (f" {mem:.0f} MB" if mem is not None else ""))
-    return " | ".join(parts)
-
-
-def _ratio(a, b) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def judge_timings(summaries: list[dict]) -> str | None:
-    """Add timing_doubts and timing_trusted to each summary (``measure.timing_doubts``); the table's note, if any."""
-    reference = summaries[1]["label"] if len(summaries) > 1 else None
-    doubts = timing_doubts({s["label"]: {**s["step_spread"], "median_s": s["median_step_ms"] / 1e3} for s in summaries},
-                           reference=reference)
-    for s in summaries:
-        s["timing_doubts"] = doubts[s["label"]]
-        s["timing_trusted"] = not s["timing_doubts"]
-    return timing_note(doubts, TIMING_ADVICE)
-
-
-def _doubt(summary: dict) -> str:
-    return " " + DOUBT_MARK if summary.get("timing_trusted") is False else ""
-
-
-def _table(summaries: list[dict]) -> str:
-    ref = summaries[1] if len(summaries) > 1 else None
-
-    def cell(value, spec, key, mark="", ratio_mark=""):
-        text = ("-" if value is None else format(value, spec)) + mark
-        if ref is not None:
-            r = _ratio(value, ref[key])
-            text += f" | {r:.2f}x{ratio_mark}" if r is not None else " | -"
-        return text
-
-    vs = f" vs {ref['label']}" if ref else ""
-    head = ["model", "test accuracy"] + ([vs.strip()] if ref else []) + ["median step ms"] + ([vs.strip()] if ref else []) \
-        + ["peak step memory MB"] + ([vs.strip()] if ref else [])
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for s in summaries:
-        step = cell(s["median_step_ms"], ".1f", key="median_step_ms", mark=_doubt(s),
-                    ratio_mark=_doubt(s) if s is not ref else "")  # the reference's 1.00x is no measurement
-        lines.append(
-            f"| {s['label']} | {cell(s['test_accuracy'], '.4f', key='test_accuracy')} "
-            f"| {step} "
-            f"| {cell(s['peak_memory_mb'], '.1f', key='peak_memory_mb')} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(path: Path, trainees, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot draws with matplotlib: pip install matplotlib") from None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for t in trainees:
-        h = t.history
-        steps = range(1, len(h["loss"]) + 1)
-        axes[0].plot(steps, h["loss"], label=t.label)
-        axes[1].plot(steps, h["step_ms"], label=t.label)
-        axes[2].plot(steps, [m if m is not None else float("nan") for m in h["memory_mb"]], label=t.label)
-    from matplotlib.ticker import MaxNLocator
-
-    for ax, ylabel in zip(axes, ("training loss", "step time (ms)", "step memory (MB)")):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def run(args, parser) -> int:
-    from tqdm import tqdm
-
-    from .data import digits, image_folder
-
-    device = _device(args.device, parser)
+def _check_arguments(args, parser, procs: distributed.Processes, device: torch.device) -> None:
     choices = zoo.compare_choices(args.model)
     if args.compare and args.compare not in choices:
         parser.error(f"argument --compare: {args.model} can be compared with {', '.join(choices) or 'nothing'}, "
@@ -292,77 +190,198 @@ def run(args, parser) -> int:
         parser.error("argument --check-agreement: needs --compare (the model to agree with)")
     if args.check_agreement and args.amp:
         parser.error("argument --check-agreement: trains in float64; not with --amp")
-    if args.model != "densenet_bc" and (args.depth is not None or args.growth_rate is not None):
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error(f"argument --cuda-graphs: CUDA graphs need a CUDA device; this run is on {device}")
+    if args.cuda_graphs and args.compile:
+        parser.error("argument --cuda-graphs: not with --compile (torch.compile(mode='reduce-overhead') captures its own)")
+    if procs.world > 1 and args.compare:
+        parser.error("argument --compare: compares on one process; not under torchrun")
+    if procs.world > 1 and args.batch_size % procs.world:
+        parser.error(f"argument --batch-size: {args.batch_size} does not split over the {procs.world} processes")
+    if (args.save_every or args.resume == "auto") and not args.output:
+        parser.error(f"argument {'--save-every' if args.save_every else '--resume auto'}: needs --output DIR")
+
+
+def _config(args) -> dict:
+    """The arguments as plain data (checkpoints and --json)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if not k.startswith("_") and not callable(v)}
+
+
+def _resume(args, parser, folder, say):
+    """``(state, path)`` of the checkpoint to continue from, or None for a fresh start."""
+    try:
+        if args.resume == "auto":
+            found = folder.latest_good(say)
+            if found is None:
+                say(f"--resume auto: no checkpoint in {folder.path}: starting from step 0")
+            return found
+        return checkpoint.load(Path(args.resume)), Path(args.resume)
+    except checkpoint.CheckpointError as err:
+        raise SystemExit(f"--resume: {err}") from None
+
+
+def _check_same_run(state: dict, path: Path, args, total: int) -> None:
+    saved = state["config"]
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {getattr(args, k)!r} here"
+              for k in RUN_KEYS if saved.get(k) != getattr(args, k)]
+    if state["total_steps"] != total:
+        differ.append(f"{state['total_steps']} steps there, {total} here")
+    if differ:
+        raise SystemExit(f"--resume: {path} is from a different run ({'; '.join(differ)}); "
+                         "resume with the command that started it")
+
+
+def run(args, parser) -> int:
+    procs = distributed.from_environment()
+    device = _device(args.device, parser, procs)
+    distributed.start(procs, device)
+    try:
+        return _train(args, parser, procs, device)
+    finally:
+        distributed.stop(procs)
+
+
+def _train(args, parser, procs: distributed.Processes, device: torch.device) -> int:
+    from tqdm import tqdm
+
+    say = print if procs.main else (lambda *a, **k: None)
+    shaped = args.depth is not None or args.growth_rate is not None
+    resolve_defaults(args)
+    if shaped and args.model != "densenet_bc":
         parser.error(f"argument --depth/--growth-rate: only for --model densenet_bc, not {args.model}")
-    args.depth, args.growth_rate = args.depth or 100, args.growth_rate or 12
+    _check_arguments(args, parser, procs, device)
     if zoo.is_densenet(args.model) and args.compare == "eager":
         args.compare = "naive"  # torchvision's eager DenseNet is the naive one
-    if args.workers < 0:
-        parser.error("argument --workers: must be at least 0")
     if args.check_agreement:
+        args.dtype = "float64"
         # TF32 rounding and cuDNN's atomics-based backward convolutions would make two
         # eager runs drift apart on their own: the check compares fastres alone.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.deterministic = True
+    dtype = DTYPES[args.dtype]
 
-    image_size = args.image_size or (224 if args.data else 32)
-    data = image_folder(args.data, image_size, args.seed, args.workers) if args.data else digits(image_size, args.seed)
+    data = load_data(args.dataset, args.data, args.image_size, args.seed, augment=not args.no_augment)
     if args.batch_size > data.train_size:
         parser.error(f"argument --batch-size: {args.batch_size} is more than the {data.train_size} training images")
-    steps = args.steps or (args.epochs or 1) * math.ceil(data.train_size / args.batch_size)
+    per_epoch = stream.steps_per_epoch(data.train_size, args.batch_size)
+    total = args.steps or (args.epochs or 1) * per_epoch
+    workers = args.workers if args.workers is not None else 0 if data.name.startswith("digits") else 2
+
     torch.manual_seed(args.seed)
     fused, reference = zoo.build_pair(args.model, args.compare, data.num_classes, args.depth, args.growth_rate)
-    name = f"densenet_bc-{args.depth}-k{args.growth_rate}" if args.model == "densenet_bc" else args.model
-    dtype = torch.float64 if args.check_agreement else torch.float32
-    trainees = [Trainee("fastres", fused, device, args.channels_last, args, steps, dtype)]
-    if reference is not None:
-        trainees.append(Trainee(args.compare, reference, device, args.channels_last, args, steps, dtype))
+    if args.sync_bn:
+        import fastres
 
-    precision = "bf16 autocast" if args.amp else "float64 (agreement check)" if args.check_agreement else "float32"
-    title = (f"fastres train: {name} on {data.name}, {data.train_size} train / {data.test_size} held out, "
-             f"batch {args.batch_size}, {steps} step{'s' * (steps != 1)}, {device}, {precision}"
-             + (", channels_last" if args.channels_last else ""))
-    print(title)
-    print(f"fastres path: {fastres_path(device, args.model, args.amp)}")
+        fused = fastres.nn.convert_sync_batchnorm(fused)
+    name = f"densenet_bc-{args.depth}-k{args.growth_rate}" if args.model == "densenet_bc" else args.model
+    wrap = distributed.data_parallel(procs, device)
+    trainees = [Trainee("fastres", fused, device, args, total, dtype, wrap)]
     if reference is not None:
-        print(f"compared with: {zoo.reference_name(args.model, args.compare)}, same weights and batches")
+        trainees.append(Trainee(args.compare, reference, device, args, total, dtype))
+
+    folder = checkpoint.Folder(args.output, args.keep) if args.output else None
+    if folder and procs.main:
+        folder.prepare()
+    distributed.barrier(procs)
+    start, rows, best, failures, worst_dlogit = 0, [], None, [], 0.0
+    resumed = _resume(args, parser, folder, say) if args.resume else None
+    if resumed:
+        state, path = resumed
+        _check_same_run(state, path, args, total)
+        for t in trainees:
+            t.load_state_dict(state["trainees"][t.label])
+        checkpoint.set_rng_state(state["rng"])
+        start, rows, best = state["step"], list(state["epochs"]), state["best"]
+        failures, worst_dlogit = list(state["agreement"]["failures"]), state["agreement"]["worst_dlogit"]
+
+    precision = "bf16 autocast" if args.amp else "float64 (agreement check)" if args.check_agreement else args.dtype
+    title = (f"fastres train: {name} on {data.name}, {data.train_size} train / {data.test_size} held out, "
+             f"batch {args.batch_size}, {total} step{'s' * (total != 1)}, {device}, {precision}"
+             + (", channels_last" if args.channels_last else "")
+             + (f", {procs.world} processes" if procs.world > 1 else ""))
+    say(title)
+    say(f"fastres path: {fastres_path(device, args.model, args.amp)}")
+    if reference is not None:
+        say(f"compared with: {zoo.reference_name(args.model, args.compare)}, same weights and batches")
+    if resumed:
+        say(f"resumed from {resumed[1]} at step {start}/{total}")
+
+    def evaluate(done: int) -> None:
+        """Every model's held-out accuracy and loss; a summary row."""
+        row = {"epoch": round(done / per_epoch, 4), "step": done,
+               "lr": trainees[0].history["lr"][-1] if trainees[0].history["lr"] else args.lr}
+        since = rows[-1]["step"] if rows else 0
+        for t in trainees:
+            t.evaluate(stream.test_batches(data, 256, workers))
+            losses = t.history["loss"][since:done]
+            row |= {f"{t.label}_train_loss": sum(losses) / len(losses) if losses else None,
+                    f"{t.label}_test_accuracy": t.test_accuracy, f"{t.label}_test_loss": t.test_loss}
+        rows.append(row)
+
+    def save(done: int) -> None:
+        nonlocal best
+        accuracy = rows[-1]["fastres_test_accuracy"] if rows and rows[-1]["step"] == done else None
+        is_best = accuracy is not None and (best is None or accuracy > best["test_accuracy"])
+        if is_best:
+            best = {"step": done, "test_accuracy": accuracy}
+        state = {"config": _config(args), "num_classes": data.num_classes, "step": done, "total_steps": total,
+                 "steps_per_epoch": per_epoch, "world_size": procs.world, "epochs": rows, "best": best,
+                 "trainees": {t.label: t.state_dict() for t in trainees},
+                 "agreement": {"failures": failures, "worst_dlogit": worst_dlogit},
+                 "rng": checkpoint.rng_state()}
+        folder.save(state, done, is_best)
+        folder.write_summary(rows)
 
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    failures, worst_dlogit = [], 0.0
-    bar = tqdm(total=steps, desc=name, unit="step", file=sys.stderr, disable=args.no_progress,
-               mininterval=0.5, dynamic_ncols=True)
-    for i, (x, y) in enumerate(data.batches(args.batch_size, steps, args.seed)):
+    reduce = distributed.mean(procs)
+    bar = tqdm(total=total, initial=start, desc=name, unit="step", file=sys.stderr,
+               disable=args.no_progress or not procs.main, mininterval=0.5, dynamic_ncols=True)
+    batches = stream.train_batches(data, args.batch_size, args.seed, start, total, workers, procs.rank, procs.world)
+    for i, (x, y) in enumerate(batches, start):
         x, y = x.to(device, dtype).contiguous(memory_format=fmt), y.to(device)
         # Alternate which model goes first: neither always finds the caches warm.
         order = trainees if i % 2 == 0 else trainees[::-1]
-        logits = {t.label: t.step(x, y, args.amp, device) for t in order}
+        logits = {t.label: t.step(x, y, reduce) for t in order}
         if args.check_agreement:
             ref_logits = logits[trainees[1].label]
             dlogit = ((logits["fastres"] - ref_logits).abs().max() / ref_logits.abs().max().clamp(min=1)).item()
             worst_dlogit = max(worst_dlogit, dlogit) if not math.isnan(dlogit) else math.nan
             if not dlogit <= LOGIT_TOL:  # `not <=` also catches NaN
                 failures.append(f"step {i + 1}: max |logit difference| {dlogit:.3e} > {LOGIT_TOL:.0e}")
-        bar.set_postfix_str(_postfix(trainees), refresh=False)
+        bar.set_postfix_str(postfix(trainees), refresh=False)
         bar.update()
-        if args.log_every and (i + 1) % args.log_every == 0:
-            bar.write(f"step {i + 1}/{steps} lr {trainees[0].history['lr'][-1]:.4g}: {_postfix(trainees)}",
-                      file=sys.stdout)
+        done = i + 1
+        if args.log_every and done % args.log_every == 0:
+            msg = f"step {done}/{total} lr {trainees[0].history['lr'][-1]:.4g}: {postfix(trainees)}"
+            bar.write(msg, file=sys.stdout) if procs.main else None
+        evaluating = done % per_epoch == 0 or done == total
+        if evaluating and procs.main:
+            evaluate(done)
+        if folder and procs.main and (evaluating or (args.save_every and done % args.save_every == 0)):
+            save(done)
     bar.close()
+    if not procs.main:
+        return 0
 
     for t in trainees:
-        t.evaluate(data, args.amp, device, args.channels_last, dtype)
+        if t.test_accuracy is None:  # no step ran here: the run was complete already
+            t.evaluate(stream.test_batches(data, 256, workers))
         if not all(math.isfinite(v) for v in t.history["loss"]):
             failures.append(f"{t.label}: a training loss is not finite")
     summaries = [t.summary() for t in trainees]
     note = judge_timings(summaries)
     print()
-    print(_table(summaries))
+    print(table(summaries))
     if note:
         print(note)
-    measured = "step 1 (the only one)" if steps == 1 else f"step {steps}" if steps == SKIP + 1 else f"steps {SKIP + 1}-{steps}"
+    measured = "step 1 (the only one)" if total == 1 else f"step {total}" if total == SKIP + 1 else f"steps {SKIP + 1}-{total}"
     print(f"median time and peak memory of {measured}; step memory: peak during a step minus memory in use before it "
           f"({'CUDA allocator' if device.type == 'cuda' else 'process resident set'}).")
+    if folder:
+        print(f"checkpoints in {folder.path}" + (f"; best: step {best['step']}, held-out accuracy "
+                                                 f"{best['test_accuracy']:.4f}" if best else ""))
 
     agreement = None
     if args.check_agreement:
@@ -379,13 +398,14 @@ def run(args, parser) -> int:
 
     if args.json:
         out = {
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")},
-            "steps": steps, "data": data.name, "machine_info": environment(device), "fastres_path": fastres_path(device, args.model, args.amp),
+            "config": _config(args), "steps": total, "data": data.name, "machine_info": environment(device),
+            "fastres_path": fastres_path(device, args.model, args.amp), "world_size": procs.world,
+            "resumed_from": {"path": str(resumed[1]), "step": start} if resumed else None,
             "models": [{**s, "history": t.history} for s, t in zip(summaries, trainees)],
             "ratios": None if len(summaries) < 2 else {
-                k: _ratio(summaries[0][k], summaries[1][k]) for k in ("test_accuracy", "median_step_ms", "peak_memory_mb")
+                k: ratio(summaries[0][k], summaries[1][k]) for k in ("test_accuracy", "median_step_ms", "peak_memory_mb")
             },
-            "agreement": agreement, "failures": failures, "ok": not failures,
+            "epochs": rows, "best": best, "agreement": agreement, "failures": failures, "ok": not failures,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1) + "\n")

@@ -1,0 +1,221 @@
+"""``fastres train`` as a long-running job: checkpoints, exact resume after SIGKILL, fallbacks, recipes.
+
+The kill tests run ``fastres train`` in subprocesses that SIGKILL themselves:
+at a random training step, or halfway through writing a checkpoint (the
+serialized bytes half written to the temporary file). Resumed with
+``--resume auto``, each must end with the model, optimizer and schedule
+bitwise equal to an uninterrupted run's.
+"""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fastres.cli import checkpoint, main
+
+# DenseNet-BC-10 (k=4) on digits at 16x16: 11 steps per epoch at batch 128, so a 14-step run
+# evaluates (and may write best.pt) at step 11, checkpoints every 4 steps and at the end.
+RUN = ["train", "--model", "densenet_bc", "--depth", "10", "--growth-rate", "4", "--image-size", "16",
+       "--batch-size", "128", "--steps", "14", "--save-every", "4", "--keep", "2", "--sched", "cosine",
+       "--warmup-steps", "2", "--no-progress"]
+TOTAL = 14
+
+CHILD = textwrap.dedent("""
+    import io, os, signal, sys
+
+    import torch
+
+    from fastres.cli import main, trainee
+
+    mode, at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    calls = [0]
+    if mode == "step":  # killed as the at-th training step starts
+        step = trainee.Trainee.step
+
+        def killing_step(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(self, *args, **kwargs)
+
+        trainee.Trainee.step = killing_step
+    elif mode == "write":  # killed halfway through writing the at-th checkpoint file
+        save = torch.save
+
+        def killing_save(obj, f, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] != at:
+                return save(obj, f, *args, **kwargs)
+            buffer = io.BytesIO()
+            save(obj, buffer, *args, **kwargs)
+            f.write(buffer.getvalue()[: buffer.tell() // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = killing_save
+    sys.exit(main(argv))
+""")
+
+
+def _run(tmp_path, argv, mode="none", at=0):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(script), mode, str(at), *argv], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def _state(path):
+    return checkpoint.load(path)
+
+
+def _assert_bitwise_equal(a: dict, b: dict) -> None:
+    ta, tb = a["trainees"]["fastres"], b["trainees"]["fastres"]
+    for key in ("model",):
+        assert ta[key].keys() == tb[key].keys()
+        bad = [k for k in ta[key] if not torch.equal(ta[key][k], tb[key][k])]
+        assert not bad, f"{key} differs at {bad[:5]}"
+    oa, ob = ta["optimizer"], tb["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"]
+    for i in oa["state"]:
+        for k, v in oa["state"][i].items():
+            assert torch.equal(v, ob["state"][i][k]), (i, k)
+    assert ta["scheduler"] == tb["scheduler"]
+    assert ta["history"]["loss"] == tb["history"]["loss"] and ta["history"]["lr"] == tb["history"]["lr"]
+    assert a["epochs"] == b["epochs"] and a["best"] == b["best"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    done = _run(out, RUN + ["--output", str(out / "run"), "--workers", "2"])
+    assert done.returncode == 0, done.stderr
+    return out / "run"
+
+
+def _kill_and_resume(tmp_path, uninterrupted, mode, at):
+    run = tmp_path / "run"
+    argv = RUN + ["--output", str(run), "--resume", "auto", "--workers", "2"]
+    killed = _run(tmp_path, argv, mode, at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (run / f"step-{TOTAL:08d}.pt").exists()
+    for _, path in checkpoint.Folder(run, 2).steps():  # every completed checkpoint is intact
+        _state(path)
+    resumed = _run(tmp_path, argv)
+    assert resumed.returncode == 0, resumed.stderr
+    final = _state(run / f"step-{TOTAL:08d}.pt")
+    _assert_bitwise_equal(final, _state(uninterrupted / f"step-{TOTAL:08d}.pt"))
+    assert (run / "summary.csv").read_text() == (uninterrupted / "summary.csv").read_text()
+    assert not list(run.glob(".*.tmp"))
+    return resumed.stdout
+
+
+def test_killed_at_a_random_step_and_resumed_ends_bitwise_equal(tmp_path, uninterrupted):
+    at = random.Random().randint(2, TOTAL)
+    print(f"killed as step {at} started")
+    out = _kill_and_resume(tmp_path, uninterrupted, "step", at)
+    saved = max((s for s in (4, 8, 11, 12) if s < at), default=0)  # the last checkpoint before the kill
+    assert (f"resumed from {tmp_path / 'run' / f'step-{saved:08d}.pt'} at step {saved}/{TOTAL}" in out) == (saved > 0)
+
+
+def test_killed_while_writing_a_checkpoint_and_resumed_ends_bitwise_equal(tmp_path, uninterrupted):
+    # Files written: step 4, step 8, step 11 then best.pt (the first evaluation), ...: the 3rd is
+    # step 11's, so step 8 is the newest complete checkpoint and nothing from step 11 may exist.
+    run = tmp_path / "run"
+    out = _kill_and_resume(tmp_path, uninterrupted, "write", 3)
+    assert f"resumed from {run / 'step-00000008.pt'} at step 8/{TOTAL}" in out
+
+
+def test_checkpoints_kept_pruned_and_readable_without_code(uninterrupted):
+    names = sorted(p.name for p in uninterrupted.iterdir())
+    assert names == ["best.pt", "step-00000012.pt", "step-00000014.pt", "summary.csv", "summary.json"]
+    state = torch.load(uninterrupted / "step-00000014.pt", weights_only=True)
+    assert state["step"] == TOTAL and state["config"]["model"] == "densenet_bc" and state["num_classes"] == 10
+    assert set(state["rng"]) >= {"torch", "python", "numpy"}
+    rows = state["epochs"]
+    assert [r["step"] for r in rows] == [11, 14]
+    best = torch.load(uninterrupted / "best.pt", weights_only=True)
+    assert best["step"] == state["best"]["step"] in (11, 14)
+    assert state["best"]["test_accuracy"] == max(r["fastres_test_accuracy"] for r in rows)
+
+
+def test_resume_reports_a_corrupt_checkpoint_and_auto_falls_back(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--model", "densenet_bc", "--depth", "10", "--growth-rate", "4", "--image-size", "16",
+            "--batch-size", "128", "--steps", "8", "--save-every", "4", "--workers", "0", "--no-progress",
+            "--output", str(run)]
+    assert main(argv) == 0
+    good = _state(run / "step-00000008.pt")
+    shutil.copy(run / "step-00000008.pt", tmp_path / "copy.pt")
+    data = (run / "step-00000008.pt").read_bytes()
+    (run / "step-00000008.pt").write_bytes(data[: len(data) // 3])  # truncated
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit, match=f"--resume: {run / 'step-00000008.pt'}: not a readable checkpoint"):
+        main(argv + ["--resume", str(run / "step-00000008.pt")])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=f"--resume: {tmp_path / 'junk.pt'}: not a readable checkpoint"):
+        main(argv + ["--resume", str(tmp_path / "junk.pt")])
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="other.pt: not a fastres train checkpoint"):
+        main(argv + ["--resume", str(tmp_path / "other.pt")])
+    with pytest.raises(SystemExit, match=r"step-00000004.pt is from a different run \(--lr 0.05 there, 0.1 here\)"):
+        main(argv + ["--resume", str(run / "step-00000004.pt"), "--lr", "0.1"])
+
+    assert main(argv + ["--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert (f"--resume auto: {run / 'step-00000008.pt'}: not a readable checkpoint (truncated or corrupt?)" in out
+            and "falling back to step-00000004.pt" in out)
+    assert f"resumed from {run / 'step-00000004.pt'} at step 4/8" in out
+    _assert_bitwise_equal(_state(run / "step-00000008.pt"), good)
+
+    assert main(argv + ["--resume", "auto"]) == 0  # complete already: evaluates, changes nothing
+    assert "resumed from" in capsys.readouterr().out
+    _assert_bitwise_equal(_state(run / "step-00000008.pt"), good)
+
+
+def test_resume_auto_starts_fresh_in_an_empty_folder(tmp_path, capsys):
+    argv = ["train", "--model", "densenet_bc", "--depth", "10", "--growth-rate", "4", "--image-size", "8",
+            "--batch-size", "256", "--steps", "1", "--no-progress", "--output", str(tmp_path / "new"), "--resume", "auto"]
+    assert main(argv) == 0
+    assert "no checkpoint in" in capsys.readouterr().out
+    assert (tmp_path / "new" / "step-00000001.pt").is_file()
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "f.pt"
+    checkpoint.atomic_write(target, lambda f: f.write(b"old"))
+
+    def failing(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_write(target, failing)
+    assert target.read_bytes() == b"old" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_recipe_fills_what_is_not_given():
+    import argparse
+
+    from fastres.cli import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--recipe", "densenet-bc-cifar", "--lr", "0.05", "--epochs", "2"])
+    train.resolve_defaults(args)
+    assert (args.model, args.depth, args.growth_rate, args.dataset) == ("densenet_bc", 100, 12, "cifar10")
+    assert (args.lr, args.epochs, args.batch_size, args.sched, args.weight_decay, args.nesterov) == (
+        0.05, 2, 64, "step", 1e-4, True)  # --lr and --epochs as given, even --lr at the plain default
+    args = parser.parse_args([])
+    train.resolve_defaults(args)
+    assert (args.model, args.lr, args.opt, args.sched, args.nesterov, args.dataset) == (
+        "resnet18", 0.05, "sgd", "none", False, None)
