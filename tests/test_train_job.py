@@ -219,3 +219,98 @@ def test_recipe_fills_what_is_not_given():
     train.resolve_defaults(args)
     assert (args.model, args.lr, args.opt, args.sched, args.nesterov, args.dataset) == (
         "resnet18", 0.05, "sgd", "none", False, None)
+
+
+# --- CIFAR from its python batches -------------------------------------------------------------
+
+
+def _write_cifar(root, name: str, per_file: int = 8, seed: int = 0):
+    """A tiny folder in CIFAR's python format: the real files' names, keys and array layout."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    if name == "cifar10":
+        folder, train_files, test_file, meta = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], \
+            "test_batch", ("batches.meta", "label_names", "labels", 10)
+    else:
+        folder, train_files, test_file, meta = "cifar-100-python", ["train"], "test", \
+            ("meta", "fine_label_names", "fine_labels", 100)
+    d = root / folder
+    d.mkdir(parents=True)
+    meta_file, names_key, labels_key, classes = meta
+    for f in train_files + [test_file]:
+        n = per_file if f != "train" else 5 * per_file
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 labels_key: rng.integers(0, classes, n).tolist()}
+        (d / f).write_bytes(pickle.dumps(batch))
+    (d / meta_file).write_bytes(pickle.dumps({names_key: [f"class{i}" for i in range(classes)]}))
+    return d
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_train_on_a_cifar_format_folder(tmp_path, capsys, name):
+    _write_cifar(tmp_path, name)
+    argv = ["train", "--dataset", name, "--data", str(tmp_path), "--model", "densenet_bc", "--depth", "10",
+            "--growth-rate", "4", "--batch-size", "8", "--epochs", "2", "--workers", "2", "--no-progress",
+            "--output", str(tmp_path / "run")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    assert f"on {name.upper()} ({tmp_path / folder}, 32x32, augmented), 40 train / 8 held out, batch 8, 10 steps" in out
+    state = _state(tmp_path / "run" / "step-00000010.pt")
+    assert state["num_classes"] == (10 if name == "cifar10" else 100)
+    assert [r["step"] for r in state["epochs"]] == [5, 10]
+
+
+def test_cifar_images_are_torchvisions_with_the_standard_augmentation(tmp_path):
+    """Each image is torchvision's ToTensor + Normalize of the stored pixels; augmented, torchvision's
+    pad(4) + crop + hflip at the offsets drawn from (seed, epoch, index)."""
+    import pickle
+
+    import numpy as np
+
+    from fastres.cli.data import CIFAR_MEAN, CIFAR_STD, _sample_seed, load
+    from fastres.testing import import_torchvision
+
+    T = import_torchvision().transforms
+    TF = T.functional
+    _write_cifar(tmp_path, "cifar10")
+    plain = load("cifar10", tmp_path, None, seed=3, augment=False)
+    augmented = load("cifar10", tmp_path / "cifar-10-batches-py", None, seed=3, augment=True)
+    normalize = T.Compose([T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    batches = [pickle.loads((tmp_path / "cifar-10-batches-py" / f"data_batch_{i}").read_bytes()) for i in range(1, 6)]
+    raw = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)  # CIFAR's documented layout
+    flips = set()
+    for index in (0, 7, 39):
+        pil = TF.to_pil_image(torch.from_numpy(raw[index]))
+        image, label = plain.train[(0, index)]
+        torch.testing.assert_close(image, normalize(pil), rtol=0, atol=1e-6)
+        for epoch in (0, 1):
+            rng = random.Random(_sample_seed(3, epoch, index))
+            dy, dx = rng.randrange(9), rng.randrange(9)
+            flip = rng.random() < 0.5
+            flips.add(flip)
+            expected = TF.crop(TF.pad(pil, 4), dy, dx, 32, 32)  # RandomCrop(32, padding=4)'s crop at (dy, dx)
+            expected = normalize(TF.hflip(expected) if flip else expected)
+            got, _ = augmented.train[(epoch, index)]
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+            again, _ = augmented.train[(epoch, index)]
+            assert torch.equal(got, again)  # a function of (seed, epoch, index)
+    assert flips == {True, False}
+    assert plain.num_classes == 10
+
+
+def test_cifar_errors_name_the_missing_files(tmp_path):
+    from fastres.cli.data import load
+
+    with pytest.raises(SystemExit, match="--dataset cifar10 reads the python version of CIFAR10 from --data DIR"):
+        load("cifar10", None, None, 0, True)
+    d = _write_cifar(tmp_path, "cifar10")
+    (d / "data_batch_3").unlink()
+    (d / "test_batch").unlink()
+    with pytest.raises(SystemExit, match=f"--data {tmp_path}: CIFAR10 needs data_batch_3, test_batch in {d}/"):
+        load("cifar10", tmp_path, None, 0, True)
+    with pytest.raises(SystemExit, match="--image-size 64: cifar10 images are 32x32"):
+        load("cifar10", tmp_path, 64, 0, True)
