@@ -314,3 +314,54 @@ def test_cifar_errors_name_the_missing_files(tmp_path):
         load("cifar10", tmp_path, None, 0, True)
     with pytest.raises(SystemExit, match="--image-size 64: cifar10 images are 32x32"):
         load("cifar10", tmp_path, 64, 0, True)
+
+
+# --- torchrun: two gloo processes against one ----------------------------------------------------
+
+DDP_RUN = ["train", "--model", "densenet_bc", "--depth", "10", "--growth-rate", "4", "--image-size", "16",
+           "--batch-size", "64", "--steps", "6", "--dtype", "float64", "--sync-bn", "--save-every", "3",
+           "--workers", "0", "--no-progress"]
+
+
+def _torchrun(tmp_path, argv, mode="none", at=0, nproc=2):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(script), mode, str(at), *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _close(a: dict, b: dict, tol: float = 1e-12) -> None:
+    """Float64 states equal up to the order of the cross-process sums."""
+    ma, mb = a["trainees"]["fastres"]["model"], b["trainees"]["fastres"]["model"]
+    for k in ma:
+        if ma[k].is_floating_point():
+            torch.testing.assert_close(ma[k], mb[k], rtol=tol, atol=tol, msg=k)
+        else:
+            assert torch.equal(ma[k], mb[k]), k  # num_batches_tracked
+
+
+def test_torchrun_with_sync_bn_matches_one_process_and_resumes_at_another_world_size(tmp_path):
+    one = _run(tmp_path, DDP_RUN + ["--output", str(tmp_path / "one"), "--json", str(tmp_path / "one.json")])
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(tmp_path, DDP_RUN + ["--output", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")])
+    assert two.returncode == 0, two.stderr + two.stdout
+    assert two.stdout.count("fastres train: densenet_bc-10-k4") == 1  # rank 0 alone prints
+    assert ", 2 processes" in two.stdout
+    import json
+
+    h1, h2 = (json.loads((tmp_path / f"{n}.json").read_text())["models"][0]["history"] for n in ("one", "two"))
+    assert h2["loss"] == pytest.approx(h1["loss"], rel=1e-12, abs=0)  # the whole batch's loss, averaged over ranks
+    assert h2["accuracy"] == h1["accuracy"]
+    final = f"step-{6:08d}.pt"
+    _close(_state(tmp_path / "two" / final), _state(tmp_path / "one" / final))
+
+    # Killed (both ranks) as step 5 starts, then resumed on one process from step 3's checkpoint.
+    killed = _torchrun(tmp_path, DDP_RUN + ["--output", str(tmp_path / "killed")], "step", 5)
+    assert killed.returncode != 0 and not (tmp_path / "killed" / final).exists()
+    resumed = _run(tmp_path, DDP_RUN + ["--output", str(tmp_path / "killed"), "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {tmp_path / 'killed' / 'step-00000003.pt'} at step 3/6" in resumed.stdout
+    assert _state(tmp_path / "killed" / "step-00000003.pt")["world_size"] == 2
+    _close(_state(tmp_path / "killed" / final), _state(tmp_path / "one" / final))

@@ -92,7 +92,7 @@ class Trainee:
 
         with StepMemory(self.device, trim=True) as mem:  # CPU: free heap handed back, so the step's growth shows
             (loss, logits), seconds = timed(run, self.device)
-        stats = torch.stack([loss.float(), (logits.argmax(1) == y).float().mean()])
+        stats = torch.stack([loss.double(), (logits.argmax(1) == y).double().mean()])
         if reduce is not None:
             stats = reduce(stats)
         h = self.history
