@@ -365,3 +365,93 @@ def test_torchrun_with_sync_bn_matches_one_process_and_resumes_at_another_world_
     assert f"resumed from {tmp_path / 'killed' / 'step-00000003.pt'} at step 3/6" in resumed.stdout
     assert _state(tmp_path / "killed" / "step-00000003.pt")["world_size"] == 2
     _close(_state(tmp_path / "killed" / final), _state(tmp_path / "one" / final))
+
+
+# --- fastres eval and fastres export ---------------------------------------------------------------
+
+EXPORTS = {  # a run's model -> the formats its weights are exported to
+    ("resnet18",): ("torchvision", "timm", "torch-export"),
+    ("densenet_bc", "--depth", "10", "--growth-rate", "4"): ("torchvision", "torch-export"),
+    ("densenet121",): ("torchvision", "timm"),
+    ("resnetv2_18",): ("timm", "torch-export"),
+}
+
+NO_FASTRES = textwrap.dedent("""
+    import sys, types
+    sys.modules["fastres"] = None  # importing it raises
+    # torchvision's CUDA wheel against a CPU-only torch: skip its compiled operators' registration
+    # (fastres.testing.import_torchvision does this; fastres cannot be imported here).
+    try:
+        import torchvision
+    except RuntimeError:
+        for name in [m for m in sys.modules if m.startswith("torchvision")]:
+            del sys.modules[name]
+        for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+            sys.modules[name] = types.ModuleType(name)
+    import torch
+""")
+
+
+def _loader_code(stdout: str) -> str:
+    lines = stdout.split("load it with:\n", 1)[1].splitlines()
+    return "\n".join(line[4:] for line in lines if line.startswith("    "))
+
+
+def test_eval_and_export_to_torchvision_timm_and_torch_export_without_fastres(tmp_path, capsys, timm):
+    from fastres.cli import saved_run
+
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    checks = []
+    for i, (model, formats) in enumerate(EXPORTS.items()):
+        run = tmp_path / f"run{i}"
+        assert main(["train", "--model", *model, "--steps", "1", "--batch-size", "16", "--no-progress",
+                     "--output", str(run)]) == 0
+        ckpt = run / "step-00000001.pt"
+        trained_accuracy = _state(ckpt)["epochs"][-1]["fastres_test_accuracy"]
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(ckpt), "--json", str(tmp_path / "eval.json")]) == 0
+        assert f"accuracy {trained_accuracy:.4f}" in capsys.readouterr().out
+        import json
+
+        assert json.loads((tmp_path / "eval.json").read_text())["test_accuracy"] == trained_accuracy
+
+        with torch.no_grad():
+            torch.save(saved_run.fastres_model(_state(ckpt))(x), tmp_path / f"expected{i}.pt")
+        for fmt in formats:
+            out = tmp_path / f"export{i}-{fmt}.{'pt2' if fmt == 'torch-export' else 'pt'}"
+            assert main(["export", "--checkpoint", str(ckpt), "--format", fmt, str(out)]) == 0
+            stdout = capsys.readouterr().out
+            if fmt == "torch-export":
+                code = f"model = torch.export.load({str(out)!r}).module()"
+            else:
+                code = _loader_code(stdout) + "\nmodel.eval()"
+                assert "fastres" not in code.replace(str(tmp_path), "")
+            checks.append(f"# {model[0]} -> {fmt}\n{code}\n"
+                          f"with torch.no_grad():\n"
+                          f"    got = model(torch.load({str(tmp_path / 'x.pt')!r}))\n"
+                          f"torch.testing.assert_close(got, torch.load({str(tmp_path / f'expected{i}.pt')!r}), "
+                          f"rtol=1e-4, atol=1e-4)\nprint('ok', {model[0]!r}, {fmt!r})\n")
+    script = NO_FASTRES + "\n".join(checks)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("ok ") == sum(len(f) for f in EXPORTS.values())
+
+
+@pytest.mark.parametrize("model, fmt, message", [
+    ("densenet_bc", "timm", "--format timm: timm has no densenet_bc-10-k4 with these keys; use --format torchvision"),
+    ("resnetv2_18", "torchvision", "--format torchvision: resnetv2_18 is timm's architecture; use --format timm"),
+])
+def test_export_refuses_a_format_without_the_architecture(model, fmt, message):
+    from fastres.cli import saved_run
+
+    with pytest.raises(SystemExit, match=message):
+        saved_run.builder_code({"model": model, "depth": 10, "growth_rate": 4}, 10, fmt)
+
+
+def test_eval_names_an_unreadable_checkpoint(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"\x00" * 10)
+    with pytest.raises(SystemExit, match=f"--checkpoint: {tmp_path / 'bad.pt'}: not a readable checkpoint"):
+        main(["eval", "--checkpoint", str(tmp_path / "bad.pt")])
+    with pytest.raises(SystemExit, match=f"--checkpoint: {tmp_path / 'none.pt'}: no such checkpoint"):
+        main(["export", "--checkpoint", str(tmp_path / "none.pt"), "--format", "timm", str(tmp_path / "o.pt")])

@@ -2,6 +2,9 @@
 
 - ``fastres train``: train a fastres model on built-in data or an image folder,
   optionally next to the model it replaces on the same batches.
+- ``fastres eval`` / ``fastres export``: a checkpoint of ``fastres train``
+  evaluated, or its weights for torchvision's or timm's own model (or a
+  ``torch.export`` program) that run without fastres.
 - ``fastres memory``: DenseNet memory jobs (variants compared, memory against
   depth, the deepest model or largest batch within a budget).
 - ``fastres bench``: the pytest-benchmark suites, their JSON, table and plots.
@@ -20,6 +23,8 @@ import sys
 
 COMMANDS = {
     "train": ("train", "train a fastres model, optionally next to the model it replaces"),
+    "eval": ("evaluate", "held-out accuracy and loss of a checkpoint of fastres train"),
+    "export": ("export", "a trained model for torchvision, timm or torch.export, without fastres"),
     "memory": ("memory", "DenseNet memory: compare variants, memory vs depth, what fits a budget"),
     "bench": ("bench", "run the benchmark suites: fused vs eager vs torch.compile; JSON, table, plots"),
     "check": ("check", "versions, devices, the C++ extension, and a self-test of every op against eager"),

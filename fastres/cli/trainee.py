@@ -105,21 +105,9 @@ class Trainee:
 
     # ------------------------------------------------------------------ evaluation and summary
 
-    @torch.no_grad()
     def evaluate(self, batches) -> tuple[float | None, float | None]:
         """Held-out accuracy and mean loss over ``batches``; kept as ``test_accuracy`` / ``test_loss``."""
-        self.model.eval()
-        correct = total = 0
-        loss = 0.0
-        for x, y in batches:
-            x, y = x.to(self.device, self.dtype).contiguous(memory_format=self.fmt), y.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                logits = self.model(x).float()
-            correct += (logits.argmax(1) == y).sum().item()
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            total += len(y)
-        self.model.train()
-        self.test_accuracy, self.test_loss = (correct / total, loss / total) if total else (None, None)
+        self.test_accuracy, self.test_loss = evaluate(self.model, batches, self.device, self.dtype, self.fmt, self.amp)
         return self.test_accuracy, self.test_loss
 
     def summary(self) -> dict:
@@ -145,6 +133,24 @@ class Trainee:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = {k: list(v) for k, v in state["history"].items()}
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, dtype, fmt=torch.contiguous_format, amp=False) -> tuple[float | None, float | None]:
+    """``model``'s accuracy and mean cross-entropy over ``batches`` in eval mode (train mode restored after)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    loss = 0.0
+    for x, y in batches:
+        x, y = x.to(device, dtype).contiguous(memory_format=fmt), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x).to(dtype)  # bf16 under autocast: the loss in the parameters' precision
+        correct += (logits.argmax(1) == y).sum().item()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        total += len(y)
+    model.train(was_training)
+    return (correct / total, loss / total) if total else (None, None)
 
 
 def compare_state(reference: torch.nn.Module, fused: torch.nn.Module) -> dict:
