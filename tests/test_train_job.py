@@ -455,3 +455,15 @@ def test_eval_names_an_unreadable_checkpoint(tmp_path):
         main(["eval", "--checkpoint", str(tmp_path / "bad.pt")])
     with pytest.raises(SystemExit, match=f"--checkpoint: {tmp_path / 'none.pt'}: no such checkpoint"):
         main(["export", "--checkpoint", str(tmp_path / "none.pt"), "--format", "timm", str(tmp_path / "o.pt")])
+
+
+def test_compile_trains_both_models_alike_and_checkpoints_the_builders_keys(tmp_path, capsys):
+    argv = ["train", "--model", "densenet_bc", "--depth", "10", "--growth-rate", "4", "--image-size", "16",
+            "--batch-size", "32", "--steps", "2", "--compile", "--compare", "naive", "--check-agreement",
+            "--no-progress", "--output", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert "OK: fastres and naive agree" in capsys.readouterr().out
+    keys = _state(tmp_path / "run" / "step-00000002.pt")["trainees"]["fastres"]["model"].keys()
+    import fastres
+
+    assert list(keys) == list(fastres.models.densenet_bc(10, 4).state_dict().keys())  # no torch.compile prefix
