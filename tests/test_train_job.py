@@ -467,3 +467,19 @@ def test_compile_trains_both_models_alike_and_checkpoints_the_builders_keys(tmp_
     import fastres
 
     assert list(keys) == list(fastres.models.densenet_bc(10, 4).state_dict().keys())  # no torch.compile prefix
+
+
+def test_a_run_on_a_constant_learning_rate_is_extended_by_more_epochs(tmp_path, capsys):
+    base = ["train", "--model", "densenet_bc", "--depth", "10", "--growth-rate", "4", "--image-size", "8",
+            "--batch-size", "256", "--no-progress"]
+    assert main(base + ["--epochs", "2", "--output", str(tmp_path / "whole")]) == 0
+    assert main(base + ["--epochs", "1", "--output", str(tmp_path / "part")]) == 0
+    capsys.readouterr()
+    assert main(base + ["--epochs", "2", "--output", str(tmp_path / "part"), "--resume", "auto"]) == 0
+    assert f"resumed from {tmp_path / 'part' / 'step-00000005.pt'} at step 5/10, the run extended from 5 steps" \
+        in capsys.readouterr().out
+    whole, part = _state(tmp_path / "whole" / "step-00000010.pt"), _state(tmp_path / "part" / "step-00000010.pt")
+    for k, v in whole["trainees"]["fastres"]["model"].items():
+        assert torch.equal(v, part["trainees"]["fastres"]["model"][k]), k
+    with pytest.raises(SystemExit, match=r"10 steps there, 15 here \(--sched cosine spans the run's steps\)"):
+        main(base + ["--epochs", "3", "--sched", "cosine", "--output", str(tmp_path / "part"), "--resume", "auto"])

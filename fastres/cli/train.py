@@ -194,6 +194,8 @@ def _check_arguments(args, parser, procs: distributed.Processes, device: torch.d
         parser.error(f"argument --cuda-graphs: CUDA graphs need a CUDA device; this run is on {device}")
     if args.cuda_graphs and args.compile:
         parser.error("argument --cuda-graphs: not with --compile (torch.compile(mode='reduce-overhead') captures its own)")
+    if procs.world > 1 and args.cuda_graphs:
+        parser.error("argument --cuda-graphs: one process only (DistributedDataParallel's communication is not captured)")
     if procs.world > 1 and args.compare:
         parser.error("argument --compare: compares on one process; not under torchrun")
     if procs.world > 1 and args.batch_size % procs.world:
@@ -225,8 +227,10 @@ def _check_same_run(state: dict, path: Path, args, total: int) -> None:
     saved = state["config"]
     differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {getattr(args, k)!r} here"
               for k in RUN_KEYS if saved.get(k) != getattr(args, k)]
-    if state["total_steps"] != total:
-        differ.append(f"{state['total_steps']} steps there, {total} here")
+    if state["total_steps"] != total and (args.sched != "none" or state["step"] > total):
+        # A run on a constant learning rate can be extended (more --epochs); a schedule spans the run's steps.
+        differ.append(f"{state['total_steps']} steps there, {total} here" + (
+            f" (--sched {args.sched} spans the run's steps)" if args.sched != "none" else ""))
     if differ:
         raise SystemExit(f"--resume: {path} is from a different run ({'; '.join(differ)}); "
                          "resume with the command that started it")
@@ -306,7 +310,8 @@ def _train(args, parser, procs: distributed.Processes, device: torch.device) -> 
     if reference is not None:
         say(f"compared with: {zoo.reference_name(args.model, args.compare)}, same weights and batches")
     if resumed:
-        say(f"resumed from {resumed[1]} at step {start}/{total}")
+        extended = f", the run extended from {state['total_steps']} steps" if state["total_steps"] != total else ""
+        say(f"resumed from {resumed[1]} at step {start}/{total}{extended}")
 
     def evaluate(done: int) -> None:
         """Every model's held-out accuracy and loss; a summary row."""

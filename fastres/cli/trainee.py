@@ -131,6 +131,9 @@ class Trainee:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.cuda_graphs:  # the captured step reads the learning rate from a tensor on the device
+            for group in self.optimizer.param_groups:
+                group["lr"] = torch.as_tensor(group["lr"], device=self.device)
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = {k: list(v) for k, v in state["history"].items()}
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_4d, kept_in_fx_graphs
+from ..nn.atomic import atomic
 from ..nn.module_state import NotScriptable
 from ..nn.batch_norm import norm_relu
 from ..nn.densenet import DenseBlock, Transition, stem_bn_relu_pool
@@ -117,6 +118,7 @@ class DenseNet(NotScriptable, nn.Module):
                 x = module(x)
         return _final_bn_relu(modules["norm5"], x)
 
+    @atomic
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x, self.features.conv0.in_channels)
         out = F.adaptive_avg_pool2d(self._features(x), (1, 1))

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_4d, kept_in_fx_graphs
+from ..nn.atomic import atomic
 from ..nn.batch_norm import norm_relu
 from ..nn.module_state import NotScriptable
 from ..nn.resnet_blocks import BasicBlock, Bottleneck, conv1x1
@@ -124,6 +125,7 @@ class ResNet(NotScriptable, nn.Module):
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
 
+    @atomic
     def forward(self, x: Tensor) -> Tensor:
         # Here, not in the stem's BN: its error would name the convolution's output, not x.
         _check_input(x, getattr(self.conv1, "in_channels", None))

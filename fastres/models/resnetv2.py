@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_4d, check_float_tensor
 from .._torchvision import import_torchvision
+from ..nn.atomic import atomic
 from ..nn.bn_relu_conv import bn_relu_conv, is_norm_act, pre_activation
 from ..nn.module_state import NotScriptable, is_plain
 from ..nn.preact_blocks import (
@@ -412,6 +413,7 @@ class ResNetV2(NotScriptable, nn.Module):
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         return self.head(x, pre_logits=pre_logits)
 
+    @atomic
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 

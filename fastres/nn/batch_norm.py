@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..functional import add_relu, batch_norm_relu, sync_batch_norm, sync_batch_norm_relu
 from .._checks import check_4d
+from .atomic import atomic
 from .module_state import PLAIN_BATCH_NORMS, FromModule, is_plain, running_stats_args, sync_world
 
 
@@ -137,6 +138,7 @@ class BatchNormReLU2d(_FromBatchNorm, nn.BatchNorm2d):
 
     _base = nn.BatchNorm2d
 
+    @atomic
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         return bn_relu(self, x, residual)
 
@@ -154,6 +156,7 @@ class SyncBatchNormReLU2d(_FromBatchNorm, nn.SyncBatchNorm):
 
     _base = nn.SyncBatchNorm
 
+    @atomic
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         return bn_relu(self, x, residual)
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .._checks import check_4d
 from ..functional import bn_relu_conv2d
+from .atomic import atomic
 from .batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d, batch_norm, bn_relu
 from .module_state import PLAIN_BATCH_NORMS, NotScriptable, is_plain, running_stats_args, sync_world
 
@@ -136,6 +137,7 @@ class BNReLUConv2d(NotScriptable, nn.Module):
         self.norm = nn.BatchNorm2d(in_channels, eps, momentum, affine, track_running_stats, **factory)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, **factory)
 
+    @atomic
     def forward(self, x: Tensor) -> Tensor:
         return bn_relu_conv(self.norm, self.conv, x)
 

@@ -18,6 +18,7 @@ from ..functional import (
     BatchNormArgs, DenseLayerArgs, bn_relu_conv1x1, bn_relu_max_pool2d, dense_block, fused_conv_applies,
     recompute_bn_relu_applies, shared_storage_applies,
 )
+from .atomic import atomic
 from .batch_norm import BatchNormReLU2d, SyncBatchNormReLU2d, bn_relu, norm_relu
 from .bn_relu_conv import bn_relu_conv, is_timm_bn_relu
 from .._checks import check_4d
@@ -176,6 +177,7 @@ class DenseLayer(_FromTorchvision, nn.Module):
             self.drop_rate, self.training,
         )
 
+    @atomic
     def forward(self, input: Tensor | list[Tensor]) -> Tensor:
         return _dense_layer(self, input)
 
@@ -220,6 +222,7 @@ class DenseBlock(_FromTorchvision, nn.ModuleDict):
                 return [], [f"as written, its layers one by one: {name}: {why}"]
         return [f"{len(self)} layers on one shared feature buffer (activation memory linear in depth)"], []
 
+    @atomic
     def forward(self, init_features: Tensor) -> Tensor:
         return _dense_block(
             list(self.values()), init_features, self.num_input_features,
@@ -252,6 +255,7 @@ class Transition(_FromTorchvision, nn.Sequential):
                         "or a module has hooks"]
         return ["BN-ReLU-conv1x1 (the BN-ReLU output is not stored)"], []
 
+    @atomic
     def forward(self, x: Tensor) -> Tensor:
         (norm, relu), = self.bn_relus()
         return _transition(norm, relu, self.conv, self.pool, x, has_hooks(self), type(self).__name__)

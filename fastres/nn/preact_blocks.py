@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_4d
+from .atomic import atomic
 from .bn_relu_conv import bn_relu_conv, bn_relu_conv_pair, fusable, pre_activation
 from .module_state import FromModule, is_plain
 
@@ -253,6 +254,7 @@ class PreActBasicBlock(_PreActBlock):
         self.conv2 = conv_layer(mid_chs, out_chs, 3, dilation=dilation, groups=groups, **dd)
         self.drop_path = drop
 
+    @atomic
     def forward(self, x: Tensor) -> Tensor:
         out, shortcut = self._stem(x)
         return _merge(self.drop_path, bn_relu_conv(self.norm2, self.conv2, out), shortcut, type(self).__name__)
@@ -292,6 +294,7 @@ class PreActBottleneck(_PreActBlock):
         self.conv3 = conv_layer(mid_chs, out_chs, 1, **dd)
         self.drop_path = drop
 
+    @atomic
     def forward(self, x: Tensor) -> Tensor:
         out, shortcut = self._stem(x)
         out = bn_relu_conv(self.norm3, self.conv3, bn_relu_conv(self.norm2, self.conv2, out))

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .atomic import atomic
 from .batch_norm import norm_relu, run_sequential
 from .._checks import check_4d
 from .module_state import FromModule
@@ -95,6 +96,7 @@ class BasicBlock(_FusedBlock):
         self.downsample = downsample
         self.stride = stride
 
+    @atomic
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         out = norm_relu(self.bn1, self.relu, self.conv1(x))
@@ -133,6 +135,7 @@ class Bottleneck(_FusedBlock):
         self.downsample = downsample
         self.stride = stride
 
+    @atomic
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         out = norm_relu(self.bn1, self.relu, self.conv1(x))

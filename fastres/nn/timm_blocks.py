@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .._checks import check_4d
 from ..functional import add_relu
+from .atomic import atomic
 from .batch_norm import batch_norm, norm_relu, run_sequential
 from .bn_relu_conv import bn_relu_conv, fusable
 from .module_state import PLAIN_BATCH_NORMS, FromModule, is_plain
@@ -131,6 +132,7 @@ class TimmBasicBlock(_TimmBlock):
     _stages = (("bn1", "drop_block", "act1", "aa", "conv2"),)
     _last = ("bn2", "act2")
 
+    @atomic
     def forward(self, x: Tensor) -> Tensor:
         check_4d("x", x, "BasicBlock", self.conv1.in_channels, "inplanes")
         out = self._pre_activation_conv(self._stages[0], self.conv1(x))
@@ -144,6 +146,7 @@ class TimmBottleneck(_TimmBlock):
     _stages = (("bn1", None, "act1", None, "conv2"), ("bn2", "drop_block", "act2", "aa", "conv3"))
     _last = ("bn3", "act3")
 
+    @atomic
     def forward(self, x: Tensor) -> Tensor:
         check_4d("x", x, "Bottleneck", self.conv1.in_channels, "inplanes")
         out = self._pre_activation_conv(self._stages[0], self.conv1(x))

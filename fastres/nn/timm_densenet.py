@@ -17,6 +17,7 @@ timm's model (``timm.create_model("densenet121")``) and convert it.
 import torch
 from torch import Tensor, nn
 
+from .atomic import atomic
 from .batch_norm import bn_relu
 from .bn_relu_conv import bn_relu_conv, is_timm_bn_relu
 from .densenet import DenseBlock, DenseLayer, Transition, stem_bn_relu_pool
@@ -135,6 +136,7 @@ class TimmDenseFeatures(FromModule, nn.Sequential):
                             "norm with a plain ReLU, or it has hooks")
         return fused, left
 
+    @atomic
     def forward(self, x: Tensor) -> Tensor:
         if has_hooks(self):
             return super().forward(x)
