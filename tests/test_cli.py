@@ -73,6 +73,7 @@ def test_help(command, capsys):
          "argument --cuda-graphs: CUDA graphs need a CUDA device; this run is on cpu"),
         (["train", "--save-every", "5"], "argument --save-every: needs --output DIR"),
         (["train", "--resume", "auto"], "argument --resume auto: needs --output DIR"),
+        (["train", "--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
         (["train", "--keep", "0"], "argument --keep: must be at least 1, got 0"),
         (["train", "--dataset", "imagenet"], "argument --dataset: invalid choice: 'imagenet'"),
         (["train", "--data", "/nonexistent/dir", "--steps", "1"], None),  # SystemExit with a message, not argparse

@@ -483,3 +483,18 @@ def test_a_run_on_a_constant_learning_rate_is_extended_by_more_epochs(tmp_path, 
         assert torch.equal(v, part["trainees"]["fastres"]["model"][k]), k
     with pytest.raises(SystemExit, match=r"10 steps there, 15 here \(--sched cosine spans the run's steps\)"):
         main(base + ["--epochs", "3", "--sched", "cosine", "--output", str(tmp_path / "part"), "--resume", "auto"])
+
+
+def test_fp16_autocast_keeps_its_gradient_scaler_across_a_resume(tmp_path, capsys):
+    argv = ["train", "--model", "densenet_bc", "--depth", "10", "--growth-rate", "4", "--image-size", "16",
+            "--batch-size", "128", "--steps", "4", "--save-every", "2", "--amp", "fp16", "--no-progress"]
+    assert main(argv + ["--output", str(tmp_path / "whole")]) == 0
+    whole = _state(tmp_path / "whole" / "step-00000004.pt")
+    scaler = whole["trainees"]["fastres"]["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] + (scaler["scale"] != 65536.0) >= 1  # it ran 4 steps
+    (tmp_path / "part").mkdir()
+    shutil.copy(tmp_path / "whole" / "step-00000002.pt", tmp_path / "part")
+    assert main(argv + ["--output", str(tmp_path / "part"), "--resume", "auto"]) == 0
+    assert "fp16 autocast" in capsys.readouterr().out
+    _assert_bitwise_equal(_state(tmp_path / "part" / "step-00000004.pt"), whole)
+    assert _state(tmp_path / "part" / "step-00000004.pt")["trainees"]["fastres"]["scaler"] == scaler

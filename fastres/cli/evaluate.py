@@ -42,10 +42,10 @@ def run(args, parser) -> int:
         raise SystemExit(f"--data {root}: {data.num_classes} classes, the model was trained on {state['num_classes']}")
     model = saved_run.fastres_model(state, device)
     fmt = torch.channels_last if c["channels_last"] else torch.contiguous_format
-    from .trainee import evaluate
+    from .trainee import autocast_dtype, evaluate
 
     accuracy, loss = evaluate(model, stream.test_batches(data, args.batch_size, args.workers), device,
-                              saved_run.DTYPES[c["dtype"]], fmt, c["amp"])
+                              saved_run.DTYPES[c["dtype"]], fmt, autocast_dtype(c["amp"]))
     if accuracy is None:
         raise SystemExit(f"{data.name}: no held-out images to evaluate on")
     print(f"{saved_run.name(c)} after {state['step']} of {state['total_steps']} steps ({args.checkpoint}) "

@@ -60,7 +60,7 @@ from .argtypes import bc_depth, non_negative, positive, positive_float
 from .data import DATASETS, load as load_data
 from .measure import environment
 from .train_report import judge_timings, plot, postfix, ratio, table
-from .trainee import GRAPH_WARMUP, SKIP, Trainee, compare_state
+from .trainee import AMP_DTYPES, GRAPH_WARMUP, SKIP, Trainee, compare_state
 
 LOGIT_TOL = 1e-7  # float64: max |logit difference| / max(1, max |logit|) allowed at each step
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -115,7 +115,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (cuda when available), cpu, cuda, cuda:1, ...; under torchrun cuda:LOCAL_RANK (default: auto)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="parameters and activations (default: %(default)s; float64 with --check-agreement)")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--amp", nargs="?", const="bf16", choices=tuple(AMP_DTYPES),
+                   help="mixed precision: bf16 autocast (--amp alone), or fp16 autocast with a gradient scaler "
+                        "(--amp fp16) (default: off)")
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
     p.add_argument("--compile", action="store_true", help="torch.compile the trained models")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -192,6 +194,8 @@ def _check_arguments(args, parser, procs: distributed.Processes, device: torch.d
         parser.error("argument --check-agreement: trains in float64; not with --amp")
     if args.cuda_graphs and device.type != "cuda":
         parser.error(f"argument --cuda-graphs: CUDA graphs need a CUDA device; this run is on {device}")
+    if args.cuda_graphs and args.amp == "fp16":
+        parser.error("argument --cuda-graphs: not with --amp fp16 (the gradient scaler reads the device each step)")
     if args.cuda_graphs and args.compile:
         parser.error("argument --cuda-graphs: not with --compile (torch.compile(mode='reduce-overhead') captures its own)")
     if procs.world > 1 and args.cuda_graphs:
@@ -300,7 +304,7 @@ def _train(args, parser, procs: distributed.Processes, device: torch.device) -> 
         start, rows, best = state["step"], list(state["epochs"]), state["best"]
         failures, worst_dlogit = list(state["agreement"]["failures"]), state["agreement"]["worst_dlogit"]
 
-    precision = "bf16 autocast" if args.amp else "float64 (agreement check)" if args.check_agreement else args.dtype
+    precision = f"{args.amp} autocast" if args.amp else "float64 (agreement check)" if args.check_agreement else args.dtype
     title = (f"fastres train: {name} on {data.name}, {data.train_size} train / {data.test_size} held out, "
              f"batch {args.batch_size}, {total} step{'s' * (total != 1)}, {device}, {precision}"
              + (", channels_last" if args.channels_last else "")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from . import optim
 from .measure import StepMemory, step_spread, timed
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SKIP = 1  # first steps left out of the median step time and the peak memory
 GRAPH_WARMUP = 3  # eager steps (on a side stream) before the step is captured
 
@@ -25,7 +26,10 @@ class Trainee:
     def __init__(self, label: str, model: torch.nn.Module, device, args: argparse.Namespace, total_steps: int,
                  dtype: torch.dtype = torch.float32, wrap=None):
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-        self.label, self.device, self.amp, self.fmt, self.dtype = label, device, args.amp, fmt, dtype
+        self.label, self.device, self.fmt, self.dtype = label, device, fmt, dtype
+        self.amp = autocast_dtype(args.amp)
+        # fp16's narrow range needs the loss scaled (bf16 has float32's)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
         self.model = model.to(device, dtype, memory_format=fmt).train()
         self.net = wrap(self.model) if wrap else self.model
         if args.compile:
@@ -43,13 +47,21 @@ class Trainee:
     # ------------------------------------------------------------------ the step
 
     def _compute(self, x, y):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
             logits = self.net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        loss.backward()
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)  # skipped when a gradient is not finite; the scale then shrinks
+            self.scaler.update()
         return loss.detach(), logits.detach()
 
     def _eager(self, x, y):
@@ -126,7 +138,8 @@ class Trainee:
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "history": self.history}
+                "scheduler": self.scheduler.state_dict(), "history": self.history,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -136,10 +149,17 @@ class Trainee:
                 group["lr"] = torch.as_tensor(group["lr"], device=self.device)
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = {k: list(v) for k, v in state["history"].items()}
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, dtype, fmt=torch.contiguous_format, amp=False) -> tuple[float | None, float | None]:
+def autocast_dtype(amp) -> torch.dtype | None:
+    """``--amp``'s autocast dtype (None: off); True is an older checkpoint's bf16."""
+    return AMP_DTYPES["bf16" if amp is True else amp] if amp else None
+
+
+def evaluate(model, batches, device, dtype, fmt=torch.contiguous_format, amp=None) -> tuple[float | None, float | None]:
     """``model``'s accuracy and mean cross-entropy over ``batches`` in eval mode (train mode restored after)."""
     was_training = model.training
     model.eval()
@@ -147,7 +167,7 @@ def evaluate(model, batches, device, dtype, fmt=torch.contiguous_format, amp=Fal
     loss = 0.0
     for x, y in batches:
         x, y = x.to(device, dtype).contiguous(memory_format=fmt), y.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             logits = model(x).to(dtype)  # bf16 under autocast: the loss in the parameters' precision
         correct += (logits.argmax(1) == y).sum().item()
         loss += F.cross_entropy(logits, y, reduction="sum").item()
