@@ -386,6 +386,8 @@ def _train(args, parser, procs: distributed.Processes, device: torch.device) -> 
     if note:
         print(note)
     measured = "step 1 (the only one)" if total == 1 else f"step {total}" if total == SKIP + 1 else f"steps {SKIP + 1}-{total}"
+    if resumed:
+        measured += f" (and not step {start + 1}, the first after resuming)"
     print(f"median time and peak memory of {measured}; step memory: peak during a step minus memory in use before it "
           f"({'CUDA allocator' if device.type == 'cuda' else 'process resident set'}).")
     if folder:

@@ -39,6 +39,7 @@ class Trainee:
         self.scheduler = optim.make_scheduler(self.optimizer, args, total_steps)
         self.label_smoothing, self.grad_clip = args.label_smoothing, args.grad_clip
         self.history = {"loss": [], "accuracy": [], "lr": [], "step_ms": [], "memory_mb": []}
+        self.starts = [0]  # where each process's steps begin in the history (a resumed run has several)
         self.test_accuracy: float | None = None
         self.test_loss: float | None = None
         self._graph = None
@@ -124,12 +125,14 @@ class Trainee:
 
     def summary(self) -> dict:
         h = self.history
-        kept = slice(min(SKIP, len(h["step_ms"]) - 1), None)
-        memory = [m for m in h["memory_mb"][kept] if m is not None]
+        # A process's first steps (one-time allocations, autotuning) are left out: the run's, and a resumed one's.
+        cold = {start + i for start in self.starts for i in range(SKIP)}
+        kept = [i for i in range(len(h["step_ms"])) if i not in cold] or [len(h["step_ms"]) - 1]
+        memory = [h["memory_mb"][i] for i in kept if h["memory_mb"][i] is not None]
         return {
             "label": self.label, "test_accuracy": self.test_accuracy, "test_loss": self.test_loss,
-            "median_step_ms": statistics.median(h["step_ms"][kept]),
-            "step_spread": step_spread([ms / 1e3 for ms in h["step_ms"][kept]]),
+            "median_step_ms": statistics.median(h["step_ms"][i] for i in kept),
+            "step_spread": step_spread([h["step_ms"][i] / 1e3 for i in kept]), "measured_steps": len(kept),
             "peak_memory_mb": max(memory) if memory else None,
             "final_loss": h["loss"][-1],
         }
@@ -138,7 +141,7 @@ class Trainee:
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "history": self.history,
+                "scheduler": self.scheduler.state_dict(), "history": self.history, "starts": self.starts,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
@@ -149,6 +152,7 @@ class Trainee:
                 group["lr"] = torch.as_tensor(group["lr"], device=self.device)
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = {k: list(v) for k, v in state["history"].items()}
+        self.starts = [*state["starts"], len(self.history["loss"])]
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
 
