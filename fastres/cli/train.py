@@ -82,7 +82,8 @@ RUN_KEYS = ("model", "depth", "growth_rate", "compare", "check_agreement", "data
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=RECIPES,
                    help="a published training recipe's settings, for the options not given "
-                        "(densenet-bc-cifar: DenseNet-BC-100 k=12 on CIFAR-10, 300 epochs; default: none)")
+                        "(densenet-bc-cifar: DenseNet-BC-100 k=12 on CIFAR-10, 300 epochs, which the paper reports at 4.51%% "
+                        "test error; default: none)")
     # Options a recipe sets default to None here; ``resolve_defaults`` fills in DEFAULTS after the recipe.
     p.add_argument("--model", choices=zoo.MODELS, metavar="MODEL",
                    help=f"a fastres.models builder (default: resnet18): {', '.join(zoo.MODELS)}")
