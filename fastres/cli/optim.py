@@ -36,12 +36,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def make_optimizer(params, args: argparse.Namespace, capturable: bool = False) -> torch.optim.Optimizer:
     """``capturable``: for a step captured in a CUDA graph; the learning rate is then a tensor on the
-    parameters' device, which the graph reads and the scheduler fills in place."""
+    parameters' device, which the graph reads and the scheduler fills in place (AdamW with
+    ``capturable=True``, SGD fused)."""
     params = list(params)
     lr = torch.tensor(args.lr, device=params[0].device) if capturable else args.lr
     if args.opt == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, capturable=capturable)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=args.nesterov, weight_decay=args.weight_decay)
+    # SGD's foreach step reads a tensor learning rate on the host (alpha=-lr); its fused step takes the tensor.
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=args.nesterov, weight_decay=args.weight_decay,
+                           fused=True if capturable else None)
 
 
 def lr_factor(step: int, total: int, sched: str, warmup: int) -> float:
