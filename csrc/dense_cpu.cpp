@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "dense_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FASTRES_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -107,34 +108,10 @@ Layout layout_of(std::initializer_list<const at::Tensor*> ts, bool channels_inne
   return rows ? Layout::kRows : Layout::kStrided;
 }
 
-template <typename T>
-FASTRES_INLINE T relu(T y) {  // NaN stays NaN, like torch.relu
-  return y <= T(0) ? T(0) : y;
-}
-
-// threshold_backward(g, y, 0): the gradient passes where not (y <= 0), NaN y
-// included. Without a branch (so that loops vectorize): g's bits, masked.
-template <typename T>
-struct BitsOf;
-template <>
-struct BitsOf<float> {
-  using type = uint32_t;
-};
-template <>
-struct BitsOf<double> {
-  using type = uint64_t;
-};
-
-template <typename T>
-FASTRES_INLINE T relu_grad(T y, T g) {
-  using U = typename BitsOf<T>::type;
-  U bits;
-  std::memcpy(&bits, &g, sizeof bits);
-  bits &= y <= T(0) ? U(0) : ~U(0);
-  T dy;
-  std::memcpy(&dy, &bits, sizeof dy);
-  return dy;
-}
+// The per-element and per-channel arithmetic is dense_math.h's, shared with CUDA kernels.
+using math::Moments;
+using math::relu;
+using math::relu_grad;
 
 // ---- chunks of the reductions (functions of the shape only) ----
 
@@ -558,7 +535,7 @@ FASTRES_INLINE void forward_rows_impl(const ElementArgs<T>& a) {
     const T* x = a.x + n * a.xs.n + c * a.xs.c;
     T* out = a.out + n * a.os.n + c * a.os.c;
     const T mean = a.mean[c], scale = a.scale[c], shift = a.shift[c];
-    for (int64_t p = 0; p < a.d.hw; ++p) out[p] = relu((x[p] - mean) * scale + shift);
+    for (int64_t p = 0; p < a.d.hw; ++p) out[p] = math::bn_relu(x[p], mean, scale, shift);
   }
 }
 
@@ -568,18 +545,11 @@ FASTRES_INLINE void forward_channels_impl(const ElementArgs<T>& a) {
   for (int64_t pos = a.begin; pos < a.end; ++pos, w.next()) {
     const T* x = a.x + w.offset(a.xs);
     T* out = a.out + w.offset(a.os);
-    for (int64_t c = 0; c < a.d.c; ++c) out[c] = relu((x[c] - a.mean[c]) * a.scale[c] + a.shift[c]);
+    for (int64_t c = 0; c < a.d.c; ++c) out[c] = math::bn_relu(x[c], a.mean[c], a.scale[c], a.shift[c]);
   }
 }
 
-// grad_in += dx. Eval takes dx = dy * scale alone: 0 * (x - mean) would turn an
-// infinite x into NaN.
-template <typename T, bool kTraining>
-FASTRES_INLINE T grad_input(T xv, T gv, T mean, T scale, T shift, T mean_g, T proj) {
-  const T xmu = xv - mean;
-  const T dy = relu_grad(xmu * scale + shift, gv);
-  return kTraining ? (dy - mean_g - xmu * proj) * scale : dy * scale;
-}
+using math::grad_input;
 
 template <typename T, bool kTraining>
 FASTRES_INLINE void backward_input_rows(const ElementArgs<T>& a) {
@@ -654,8 +624,8 @@ ChannelConsts<T> channel_consts(const at::Tensor& mean, const at::Tensor& rstd,
   k.scale.resize(channels);
   k.shift.resize(channels);
   for (int64_t c = 0; c < channels; ++c) {
-    k.scale[c] = weight_p ? rstd_p[c] * weight_p[c] : rstd_p[c];
-    k.shift[c] = bias_p ? bias_p[c] : T(0);
+    k.scale[c] = math::channel_scale(rstd_p[c], weight_p, c);
+    k.shift[c] = math::channel_shift(bias_p, c);
   }
   return k;
 }
@@ -788,12 +758,6 @@ struct GradSumsOp {
 
 // ---- batch statistics: moments, Chan's merge, finalize ----
 
-// Moments of one channel's elements: their count, sum and M2 (the sum of
-// their squared deviations from their mean).
-struct Moments {
-  double count, sum, m2;
-};
-
 // Chan et al.'s merge of parts k = 0 .. parts - 1 (part(k) gives their
 // Moments), summed in part order: M2 = sum_k M2_k + n_k * (mean_k - mean)^2.
 // Empty parts add nothing (an empty batch's mean is NaN).
@@ -806,16 +770,11 @@ Moments merge_moments(int64_t parts, const Part& part) {
     total.sum += p.sum;
   }
   const double mean = total.sum / total.count;
-  for (int64_t k = 0; k < parts; ++k) {
-    const Moments p = part(k);
-    if (p.count == 0) continue;
-    const double shift = p.sum / p.count - mean;
-    total.m2 += p.m2 + p.count * shift * shift;
-  }
+  for (int64_t k = 0; k < parts; ++k) total.m2 += math::chan_term(part(k), mean);
   return total;
 }
 
-double rstd_of(double var, double eps) { return 1.0 / std::sqrt(var + eps); }
+using math::rstd_of;
 
 // Per-channel moments of x (the chunks merged in chunk order).
 template <typename T>
@@ -870,18 +829,14 @@ void finalize(const std::vector<Moments>& moments, const at::Tensor& running_mea
   T* running_mean_p = running_mean.defined() ? running_mean.data_ptr<T>() : nullptr;
   T* running_var_p = running_var.defined() ? running_var.data_ptr<T>() : nullptr;
   for (size_t c = 0; c < moments.size(); ++c) {
-    const double m = moments[c].count;  // 0 gives NaN, like an empty mean
-    const double m2 = moments[c].m2 < 0 ? 0.0 : moments[c].m2;  // not std::max: NaN must stay NaN
-    const double mu = moments[c].sum / m, var = m2 / m;
-    mean_out[c] = static_cast<T>(mu);
-    rstd_out[c] = static_cast<T>(rstd_of(var, eps));
+    const double rm = running_mean_p != nullptr ? static_cast<double>(running_mean_p[c]) : 0.0;
+    const double rv = running_var_p != nullptr ? static_cast<double>(running_var_p[c]) : 0.0;
+    const math::Finished f = math::finish(moments[c], eps, momentum, rm, rv);
+    mean_out[c] = static_cast<T>(f.mean);
+    rstd_out[c] = static_cast<T>(f.rstd);
     if (running_mean_p != nullptr) {
-      // No elements: the unbiased variance is NaN (0 / 0).
-      const double unbiased = m > 0 ? m2 / (m - 1) : std::numeric_limits<double>::quiet_NaN();
-      running_mean_p[c] =
-          static_cast<T>(momentum * mu + (1 - momentum) * static_cast<double>(running_mean_p[c]));
-      running_var_p[c] = static_cast<T>(momentum * unbiased +
-                                        (1 - momentum) * static_cast<double>(running_var_p[c]));
+      running_mean_p[c] = static_cast<T>(f.running_mean);
+      running_var_p[c] = static_cast<T>(f.running_var);
     }
   }
 }
@@ -942,7 +897,7 @@ void bn_relu_forward_impl(const at::Tensor& x, const at::Tensor& mean, const at:
     const View<const T> xv = view_of<const T>(x);
     const View<T> ov = view_of<T>(out);
     for_each_element(d, channels_inner, [&](int64_t n, int64_t c, int64_t p) {
-      ov(n, c, p) = relu((xv(n, c, p) - k.mean[c]) * k.scale[c] + k.shift[c]);
+      ov(n, c, p) = math::bn_relu(xv(n, c, p), k.mean[c], k.scale[c], k.shift[c]);
     });
     return;
   }
@@ -1012,10 +967,8 @@ void bn_relu_backward_input_impl(const at::Tensor& grad_out, const at::Tensor& x
   const T* sum_gx_p = sum_gx.data_ptr<T>();
   k.mean_g.resize(d.c);
   k.proj.resize(d.c);
-  for (int64_t c = 0; c < d.c; ++c) {  // sum_g / m and rstd^2 * sum_gx / m
-    k.mean_g[c] = sum_g_p[c] * inv_m;
-    k.proj[c] = rstd_p[c] * rstd_p[c] * sum_gx_p[c] * inv_m;
-  }
+  for (int64_t c = 0; c < d.c; ++c)
+    math::backward_consts(rstd_p[c], sum_g_p[c], sum_gx_p[c], inv_m, k.mean_g[c], k.proj[c]);
 
   const bool channels_inner = channels_innermost(grad_in);
   const Layout layout = layout_of({&x, &grad_out, &grad_in}, channels_inner);
