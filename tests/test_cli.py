@@ -74,7 +74,10 @@ def test_help(command, capsys):
         (["train", "--save-every", "5"], "argument --save-every: needs --output DIR"),
         (["train", "--resume", "auto"], "argument --resume auto: needs --output DIR"),
         (["train", "--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
-        (["train", "--keep", "0"], "argument --keep: must be at least 1, got 0"),
+        (["train", "--amp", "--dtype", "float64"], "argument --amp: autocast runs float32 models in bf16"),
+        (["train", "--opt", "adamw", "--nesterov"], "argument --nesterov: SGD's momentum; not with --opt adamw"),
+        (["train", "--keep", "2"], "argument --keep: needs --output DIR"),
+        (["train", "--keep", "0", "--output", "o"], "argument --keep: must be at least 1, got 0"),
         (["train", "--dataset", "imagenet"], "argument --dataset: invalid choice: 'imagenet'"),
         (["train", "--data", "/nonexistent/dir", "--steps", "1"], None),  # SystemExit with a message, not argparse
         (["memory"], "the following arguments are required: MODE"),

@@ -46,6 +46,16 @@ CHILD = textwrap.dedent("""
             return step(self, *args, **kwargs)
 
         trainee.Trainee.step = killing_step
+    elif mode in ("SIGTERM", "SIGINT"):  # the signal arrives during the at-th training step
+        step = trainee.Trainee.step
+
+        def signalled_step(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == at:
+                os.kill(os.getpid(), getattr(signal, mode))
+            return step(self, *args, **kwargs)
+
+        trainee.Trainee.step = signalled_step
     elif mode == "write":  # killed halfway through writing the at-th checkpoint file
         save = torch.save
 
@@ -132,6 +142,53 @@ def test_killed_while_writing_a_checkpoint_and_resumed_ends_bitwise_equal(tmp_pa
     run = tmp_path / "run"
     out = _kill_and_resume(tmp_path, uninterrupted, "write", 3)
     assert f"resumed from {run / 'step-00000008.pt'} at step 8/{TOTAL}" in out
+
+
+@pytest.mark.parametrize("signame, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_that_resumes_bitwise(tmp_path, uninterrupted, signame, status):
+    run = tmp_path / "run"
+    argv = RUN + ["--output", str(run), "--workers", "2"]
+    stopped = _run(tmp_path, argv, signame, 6)  # during step 6: it completes, is saved, and the run ends
+    assert stopped.returncode == status, stopped.stderr
+    assert f"{signame}: stopping after this step, with a checkpoint" in stopped.stderr
+    assert (f"stopped by {signame} after step 6/{TOTAL}: checkpoint {run / 'step-00000006.pt'}; continue with the "
+            "same command and --resume auto") in stopped.stdout
+    resumed = _run(tmp_path, argv + ["--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {run / 'step-00000006.pt'} at step 6/{TOTAL}" in resumed.stdout
+    _assert_bitwise_equal(_state(run / f"step-{TOTAL:08d}.pt"), _state(uninterrupted / f"step-{TOTAL:08d}.pt"))
+
+
+def test_an_output_folder_holding_checkpoints_needs_resume(tmp_path, capsys):
+    base = ["train", "--model", "densenet_bc", "--depth", "10", "--growth-rate", "4", "--image-size", "8",
+            "--batch-size", "256", "--no-progress"]
+    assert main(base + ["--steps", "1", "--output", str(tmp_path / "run")]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(SystemExit, match=r"already holds checkpoints \(step-00000001.pt, ...\): continue that run "
+                                         r"with --resume auto, or give another --output \(nothing there was changed\)"):
+        main(base + ["--steps", "2", "--output", str(tmp_path / "run")])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=f"--output {tmp_path / 'file'}: not a directory"):
+        main(base + ["--steps", "1", "--output", str(tmp_path / "file")])
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_checkpoints_written(tmp_path, monkeypatch):
+    argv = ["train", "--model", "densenet_bc", "--depth", "10", "--growth-rate", "4", "--image-size", "8",
+            "--batch-size", "256", "--steps", "3", "--save-every", "1", "--no-progress", "--output", str(tmp_path)]
+    save = checkpoint.save
+
+    def full_after_two(state, path):
+        if state["step"] >= 2:
+            raise OSError(28, "No space left on device")
+        save(state, path)
+
+    monkeypatch.setattr(checkpoint, "save", full_after_two)
+    with pytest.raises(SystemExit, match=f"cannot write checkpoint {tmp_path / 'step-00000002.pt'}: No space left on "
+                                         "device; the checkpoints already in .* are intact"):
+        main(argv)
+    assert [p.name for p in sorted(tmp_path.glob("step-*.pt"))] == ["step-00000001.pt"]
+    _state(tmp_path / "step-00000001.pt")
 
 
 def test_checkpoints_kept_pruned_and_readable_without_code(uninterrupted):
@@ -262,6 +319,8 @@ def test_train_on_a_cifar_format_folder(tmp_path, capsys, name):
     state = _state(tmp_path / "run" / "step-00000010.pt")
     assert state["num_classes"] == (10 if name == "cifar10" else 100)
     assert [r["step"] for r in state["epochs"]] == [5, 10]
+    accuracy = state["epochs"][0]["fastres_test_accuracy"]
+    assert f"held-out after step 5/10 (epoch 1): fastres: accuracy {accuracy:.4f}" in out  # each evaluation, as it happens
 
 
 def test_cifar_images_are_torchvisions_with_the_standard_augmentation(tmp_path):
@@ -498,3 +557,20 @@ def test_fp16_autocast_keeps_its_gradient_scaler_across_a_resume(tmp_path, capsy
     assert "fp16 autocast" in capsys.readouterr().out
     _assert_bitwise_equal(_state(tmp_path / "part" / "step-00000004.pt"), whole)
     assert _state(tmp_path / "part" / "step-00000004.pt")["trainees"]["fastres"]["scaler"] == scaler
+
+
+def test_export_of_a_float64_run_builds_a_float64_model(tmp_path, capsys):
+    argv = ["train", "--model", "densenet_bc", "--depth", "10", "--growth-rate", "4", "--image-size", "8",
+            "--batch-size", "256", "--steps", "1", "--dtype", "float64", "--no-progress", "--output", str(tmp_path)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(tmp_path / "step-00000001.pt"), "--format", "torchvision",
+                 str(tmp_path / "w.pt")]) == 0
+    code = _loader_code(capsys.readouterr().out)
+    assert "model = model.double()" in code
+    scope = {}
+    from fastres.testing import import_torchvision
+
+    import_torchvision()
+    exec(code, scope)  # the printed code, as printed
+    assert next(scope["model"].parameters()).dtype == torch.float64

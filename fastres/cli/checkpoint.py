@@ -66,12 +66,16 @@ def save(state: dict, path: Path) -> None:
 def load(path: Path) -> dict:
     """A checkpoint's contents on the CPU; ``CheckpointError`` naming ``path`` when it cannot be used."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file (for its newest checkpoint: "
+                              f"--output {path} --resume auto)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, bad pickle, unsafe content
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {err}") from None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fastres train checkpoint")
     if state.get("version") != VERSION:
@@ -117,8 +121,18 @@ class Folder:
     def __init__(self, path: Path, keep: int):
         self.path, self.keep = Path(path), keep
 
-    def prepare(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+    def prepare(self, resuming: bool) -> None:
+        """Create the folder; refuse one holding another run's checkpoints unless the run resumes."""
+        if self.path.exists() and not self.path.is_dir():
+            raise SystemExit(f"--output {self.path}: not a directory")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SystemExit(f"--output {self.path}: cannot create it: {err.strerror or err}") from None
+        found = self.steps()
+        if found and not resuming:
+            raise SystemExit(f"--output {self.path} already holds checkpoints ({found[0][1].name}, ...): continue that "
+                             "run with --resume auto, or give another --output (nothing there was changed)")
         for stale in self.path.glob(".*.tmp"):  # a write that never completed (the process was killed)
             stale.unlink(missing_ok=True)
 
@@ -132,9 +146,13 @@ class Folder:
 
     def save(self, state: dict, step: int, best: bool) -> Path:
         path = self.step_path(step)
-        save(state, path)
-        if best:
-            save(state, self.path / BEST)
+        for target in (path, self.path / BEST) if best else (path,):
+            try:
+                save(state, target)
+            except (OSError, RuntimeError) as err:  # disk full, quota, permissions (torch's writer: RuntimeError)
+                reason = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise SystemExit(f"cannot write checkpoint {target}: {reason}; the checkpoints already "
+                                 f"in {self.path} are intact (resume from them with --resume auto)") from None
         for _, old in self.steps()[self.keep:]:  # only now that the new one is complete
             old.unlink(missing_ok=True)
         return path

@@ -177,6 +177,9 @@ def image_folder(root: Path, image_size: int, seed: int) -> Data:
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"--data {root}: not a directory")
+    for name, (_, folder, _) in CIFAR.items():
+        if (root / folder).is_dir() or root.name == folder:
+            raise SystemExit(f"--data {root}: holds {name.upper()}'s python batches; train on them with --dataset {name}")
     transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(),
                            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     try:

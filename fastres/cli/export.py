@@ -41,10 +41,12 @@ def run(args, parser) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write(args.out, lambda f: torch.export.save(program, f))
         print(f"wrote {args.out}: torch.export program of {saved_run.name(c)} (eval mode, input N x 3 x {side} x {side}, "
-              f"{c['dtype']})\nrun it with:\n    program = torch.export.load({str(args.out)!r})\n"
+              f"{c['dtype']})\nrun it with:\n    import torch\n    program = torch.export.load({str(args.out)!r})\n"
               "    logits = program.module()(images)")
         return 0
     code = saved_run.builder_code(c, state["num_classes"], args.format)
+    if c["dtype"] == "float64":  # load_state_dict would round the weights into a float32 model
+        code += "model = model.double()  # the run trained in float64\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write(args.out, lambda f: torch.save({k: v.clone() for k, v in weights.items()}, f))
     print(f"wrote {args.out}: {saved_run.name(c)}'s state_dict for {args.format}'s model, after {state['step']} steps\n"

@@ -50,12 +50,13 @@ the check fails or a loss is not finite.
 import argparse
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, distributed, optim, stream, zoo
+from . import checkpoint, distributed, interrupt, optim, stream, zoo
 from .argtypes import bc_depth, non_negative, positive, positive_float
 from .data import DATASETS, load as load_data
 from .measure import environment
@@ -64,6 +65,7 @@ from .trainee import AMP_DTYPES, GRAPH_WARMUP, SKIP, Trainee, compare_state
 
 LOGIT_TOL = 1e-7  # float64: max |logit difference| / max(1, max |logit|) allowed at each step
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+KEEP = 3  # step checkpoints kept by default
 RECIPES = {
     # Huang et al., "Densely Connected Convolutional Networks" (CVPR 2017), CIFAR with augmentation:
     # DenseNet-BC L=100 k=12, 300 epochs, batch 64, SGD (Nesterov 0.9) at 0.1, x0.1 at 50% and 75%,
@@ -124,14 +126,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help=f"CUDA: capture the whole step in a CUDA graph after {GRAPH_WARMUP} warm-up steps and replay it (default: off)")
     p.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun: batch norms reduce their statistics over all processes (default: per process)")
+                   help="under torchrun: batch norms reduce their statistics over all processes; on one process it changes "
+                        "nothing, so one command serves any number (default: per process)")
     p.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation (default: %(default)s)")
     p.add_argument("--output", type=Path, metavar="DIR",
                    help="write checkpoints and summary.csv/json here (default: none)")
     p.add_argument("--save-every", type=non_negative, default=0, metavar="N",
                    help="--output: also checkpoint every N steps (default: 0, at epoch ends and the end only)")
-    p.add_argument("--keep", type=positive, default=3, metavar="K",
-                   help="--output: keep the last K step checkpoints, plus best.pt (default: %(default)s)")
+    p.add_argument("--keep", type=positive, metavar="K",
+                   help=f"--output: keep the last K step checkpoints, plus best.pt (default: {KEEP})")
     p.add_argument("--resume", metavar="PATH|auto",
                    help="continue from a checkpoint, or from the newest good one in --output (auto: a fresh "
                         "start when there is none) (default: none)")
@@ -193,6 +196,12 @@ def _check_arguments(args, parser, procs: distributed.Processes, device: torch.d
         parser.error("argument --check-agreement: needs --compare (the model to agree with)")
     if args.check_agreement and args.amp:
         parser.error("argument --check-agreement: trains in float64; not with --amp")
+    if args.amp and args.dtype == "float64":
+        parser.error(f"argument --amp: autocast runs float32 models in {args.amp}; not with --dtype float64")
+    if args.nesterov and args.opt != "sgd":
+        parser.error(f"argument --nesterov: SGD's momentum; not with --opt {args.opt}")
+    if args.keep is not None and not args.output:
+        parser.error("argument --keep: needs --output DIR")
     if args.cuda_graphs and device.type != "cuda":
         parser.error(f"argument --cuda-graphs: CUDA graphs need a CUDA device; this run is on {device}")
     if args.cuda_graphs and args.amp == "fp16":
@@ -290,9 +299,9 @@ def _train(args, parser, procs: distributed.Processes, device: torch.device) -> 
     if reference is not None:
         trainees.append(Trainee(args.compare, reference, device, args, total, dtype))
 
-    folder = checkpoint.Folder(args.output, args.keep) if args.output else None
+    folder = checkpoint.Folder(args.output, args.keep or KEEP) if args.output else None
     if folder and procs.main:
-        folder.prepare()
+        folder.prepare(resuming=bool(args.resume))
     distributed.barrier(procs)
     start, rows, best, failures, worst_dlogit = 0, [], None, [], 0.0
     resumed = _resume(args, parser, folder, say) if args.resume else None
@@ -316,7 +325,8 @@ def _train(args, parser, procs: distributed.Processes, device: torch.device) -> 
         say(f"compared with: {zoo.reference_name(args.model, args.compare)}, same weights and batches")
     if resumed:
         extended = f", the run extended from {state['total_steps']} steps" if state["total_steps"] != total else ""
-        say(f"resumed from {resumed[1]} at step {start}/{total}{extended}")
+        done_already = ": the run is complete, nothing to train" if start >= total else ""
+        say(f"resumed from {resumed[1]} at step {start}/{total}{extended}{done_already}")
 
     def evaluate(done: int) -> None:
         """Every model's held-out accuracy and loss; a summary row."""
@@ -329,6 +339,8 @@ def _train(args, parser, procs: distributed.Processes, device: torch.device) -> 
             row |= {f"{t.label}_train_loss": sum(losses) / len(losses) if losses else None,
                     f"{t.label}_test_accuracy": t.test_accuracy, f"{t.label}_test_loss": t.test_loss}
         rows.append(row)
+        bar.write(f"held-out after step {done}/{total} (epoch {row['epoch']:g}): " + " | ".join(
+            f"{t.label}: accuracy {t.test_accuracy:.4f} loss {t.test_loss:.4f}" for t in trainees), file=sys.stdout)
 
     def save(done: int) -> None:
         nonlocal best
@@ -349,29 +361,42 @@ def _train(args, parser, procs: distributed.Processes, device: torch.device) -> 
     bar = tqdm(total=total, initial=start, desc=name, unit="step", file=sys.stderr,
                disable=args.no_progress or not procs.main, mininterval=0.5, dynamic_ncols=True)
     batches = stream.train_batches(data, args.batch_size, args.seed, start, total, workers, procs.rank, procs.world)
-    for i, (x, y) in enumerate(batches, start):
-        x, y = x.to(device, dtype).contiguous(memory_format=fmt), y.to(device)
-        # Alternate which model goes first: neither always finds the caches warm.
-        order = trainees if i % 2 == 0 else trainees[::-1]
-        logits = {t.label: t.step(x, y, reduce) for t in order}
-        if args.check_agreement:
-            ref_logits = logits[trainees[1].label]
-            dlogit = ((logits["fastres"] - ref_logits).abs().max() / ref_logits.abs().max().clamp(min=1)).item()
-            worst_dlogit = max(worst_dlogit, dlogit) if not math.isnan(dlogit) else math.nan
-            if not dlogit <= LOGIT_TOL:  # `not <=` also catches NaN
-                failures.append(f"step {i + 1}: max |logit difference| {dlogit:.3e} > {LOGIT_TOL:.0e}")
-        bar.set_postfix_str(postfix(trainees), refresh=False)
-        bar.update()
-        done = i + 1
-        if args.log_every and done % args.log_every == 0:
-            msg = f"step {done}/{total} lr {trainees[0].history['lr'][-1]:.4g}: {postfix(trainees)}"
-            bar.write(msg, file=sys.stdout) if procs.main else None
-        evaluating = done % per_epoch == 0 or done == total
-        if evaluating and procs.main:
-            evaluate(done)
-        if folder and procs.main and (evaluating or (args.save_every and done % args.save_every == 0)):
-            save(done)
+    saved_at = stopped_at = None
+    with interrupt.Stop() as stop:  # SIGINT/SIGTERM: stop after the step in progress, with a checkpoint
+        for i, (x, y) in enumerate(batches, start):
+            x, y = x.to(device, dtype).contiguous(memory_format=fmt), y.to(device)
+            # Alternate which model goes first: neither always finds the caches warm.
+            order = trainees if i % 2 == 0 else trainees[::-1]
+            logits = {t.label: t.step(x, y, reduce) for t in order}
+            if args.check_agreement:
+                ref_logits = logits[trainees[1].label]
+                dlogit = ((logits["fastres"] - ref_logits).abs().max() / ref_logits.abs().max().clamp(min=1)).item()
+                worst_dlogit = max(worst_dlogit, dlogit) if not math.isnan(dlogit) else math.nan
+                if not dlogit <= LOGIT_TOL:  # `not <=` also catches NaN
+                    failures.append(f"step {i + 1}: max |logit difference| {dlogit:.3e} > {LOGIT_TOL:.0e}")
+            bar.set_postfix_str(postfix(trainees), refresh=False)
+            bar.update()
+            done = i + 1
+            if args.log_every and done % args.log_every == 0:
+                msg = f"step {done}/{total} lr {trainees[0].history['lr'][-1]:.4g}: {postfix(trainees)}"
+                bar.write(msg, file=sys.stdout) if procs.main else None
+            evaluating = done % per_epoch == 0 or done == total
+            if evaluating and procs.main:
+                evaluate(done)
+            if folder and procs.main and (evaluating or (args.save_every and done % args.save_every == 0)):
+                save(done)
+                saved_at = done
+            if stop.requested(procs.world, device):
+                stopped_at = done
+                break
     bar.close()
+    if stopped_at is not None:
+        if folder and procs.main and saved_at != stopped_at:
+            save(stopped_at)
+        where = (f"checkpoint {folder.step_path(stopped_at)}; continue with the same command and --resume auto"
+                 if folder else "no --output, so nothing was saved")
+        say(f"stopped by {signal.Signals(stop.signal).name} after step {stopped_at}/{total}: {where}")
+        return stop.exit_status
     if not procs.main:
         return 0
 
@@ -387,7 +412,7 @@ def _train(args, parser, procs: distributed.Processes, device: torch.device) -> 
     if note:
         print(note)
     measured = "step 1 (the only one)" if total == 1 else f"step {total}" if total == SKIP + 1 else f"steps {SKIP + 1}-{total}"
-    if resumed:
+    if resumed and start < total:
         measured += f" (and not step {start + 1}, the first after resuming)"
     print(f"median time and peak memory of {measured}; step memory: peak during a step minus memory in use before it "
           f"({'CUDA allocator' if device.type == 'cuda' else 'process resident set'}).")
