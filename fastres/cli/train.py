@@ -60,11 +60,11 @@ from . import checkpoint, distributed, interrupt, optim, stream, zoo
 from .argtypes import bc_depth, non_negative, positive, positive_float
 from .data import DATASETS, load as load_data
 from .measure import environment
+from .saved_run import DTYPES
 from .train_report import judge_timings, plot, postfix, ratio, table
 from .trainee import AMP_DTYPES, GRAPH_WARMUP, SKIP, Trainee, compare_state
 
 LOGIT_TOL = 1e-7  # float64: max |logit difference| / max(1, max |logit|) allowed at each step
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 KEEP = 3  # step checkpoints kept by default
 RECIPES = {
     # Huang et al., "Densely Connected Convolutional Networks" (CVPR 2017), CIFAR with augmentation:
@@ -224,7 +224,7 @@ def _config(args) -> dict:
             if not k.startswith("_") and not callable(v)}
 
 
-def _resume(args, parser, folder, say):
+def _resume(args, folder, say):
     """``(state, path)`` of the checkpoint to continue from, or None for a fresh start."""
     try:
         if args.resume == "auto":
@@ -304,7 +304,7 @@ def _train(args, parser, procs: distributed.Processes, device: torch.device) -> 
         folder.prepare(resuming=bool(args.resume))
     distributed.barrier(procs)
     start, rows, best, failures, worst_dlogit = 0, [], None, [], 0.0
-    resumed = _resume(args, parser, folder, say) if args.resume else None
+    resumed = _resume(args, folder, say) if args.resume else None
     if resumed:
         state, path = resumed
         _check_same_run(state, path, args, total)

@@ -95,8 +95,7 @@ class Trainee:
         ``reduce(tensor)`` averages a statistic over processes (DDP), so the recorded
         loss and accuracy are the whole global batch's.
         """
-        lr = self.optimizer.param_groups[0]["lr"]  # this step's
-        lr = float(lr)
+        lr = float(self.optimizer.param_groups[0]["lr"])  # this step's (a tensor under --cuda-graphs)
 
         def run():
             loss, logits = (self._graphed if self.cuda_graphs else self._eager)(x, y)
