@@ -12,7 +12,8 @@
 # shapes, batch 64, bf16 channels_last; BN-ReLU-Conv2d (fastres vs cuDNN) at DenseNet-121's
 # 1x1 and 3x3 convolutions and pre-activation ResNet-50's two strided ones, batch 64, bf16
 # channels_last; ResNet-50 (against torchvision) and ResNetV2-50 (against timm) bf16
-# channels_last training steps at batch 64; DenseNet-121 at batch 64, 224x224, bf16. Left out (run the suites for them): torch.compile in the op
+# channels_last training steps at batch 64; DenseNet-121 at batch 64, 224x224, bf16, on each dense path
+# (fused Triton, fastres._C's CUDA kernels, naive, checkpointed). Left out (run the suites for them): torch.compile in the op
 # suites and the training steps (its cold compile alone is minutes), batch 256, float32
 # and NCHW batch norm and BN-ReLU-Conv2d, BN-ReLU-Conv2d's other ResNet-50 shapes, ResNet-50
 # batch 128, DenseNet-BC, the blocks suite, torch.compile's DenseNet and every CPU case.
@@ -56,7 +57,7 @@ stage check 35 $PY -m fastres check --json "$OUT/check.json"
 # (test_every_launch_config_matches_eager runs every config); the benchmarks autotune.
 stage tests 110 env FASTRES_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider \
     --junitxml="$OUT/tests.xml" \
-    tests/test_ext.py tests/test_add_relu.py tests/test_batch_norm.py tests/test_op_tooling.py \
+    tests/test_ext.py tests/test_ext_cuda.py tests/test_add_relu.py tests/test_batch_norm.py tests/test_op_tooling.py \
     tests/test_bn_relu_conv.py tests/test_densenet.py tests/test_resnet.py \
     tests/test_convert.py tests/test_bad_input.py tests/test_resnetv2.py tests/test_convert_timm.py
 
@@ -75,9 +76,10 @@ stage bench_bn_relu_conv 60 $PY -m pytest benchmarks/test_bn_relu_conv.py "${BEN
 stage measured_vs_estimated 10 $PY -m benchmarks.measured_vs_estimated "$OUT/bn_relu_conv.json" \
     --json "$OUT/measured_vs_estimated.json"
 # ResNet-50 against torchvision and the pre-activation ResNetV2-50 against timm, one process.
-stage bench_resnet50 70 $PY -m pytest benchmarks/test_training_step.py "${BENCH[@]}" \
+stage bench_resnet50 55 $PY -m pytest benchmarks/test_training_step.py "${BENCH[@]}" \
     -k "(resnet50-N64 or resnetv2_50-N64) and not compile" --benchmark-json "$OUT/resnet50_step.json"
-stage bench_densenet121 25 $PY -m pytest benchmarks/test_densenet.py "${BENCH[@]}" \
+# DenseNet-121's three CUDA paths (fused Triton, fastres._C's kernels + cuDNN, naive) and checkpointing.
+stage bench_densenet121 40 $PY -m pytest benchmarks/test_densenet.py "${BENCH[@]}" \
     -k "densenet121 and bfloat16" --benchmark-json "$OUT/densenet121_step.json"
 for f in "$OUT"/add_relu.json "$OUT"/batch_norm.json "$OUT"/bn_relu_conv.json "$OUT"/resnet50_step.json \
         "$OUT"/densenet121_step.json; do

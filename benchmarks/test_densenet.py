@@ -1,7 +1,10 @@
 """A DenseNet training step: fastres's shared-storage blocks vs naive concatenation vs checkpointing.
 
-Providers (``make_model`` in ``fastres/cli/memory.py``, same weights in all three):
-``fastres`` is ``fastres.models`` with ``memory_efficient=True``; ``naive`` and
+Providers (``make_model`` in ``fastres/cli/memory.py``, same weights in all):
+``fastres`` is ``fastres.models`` with ``memory_efficient=True`` on its
+default dense path; on CUDA ``fastres_triton`` and ``fastres_c`` force one of
+its two CUDA paths (``fastres.dense_path``): the fused Triton convolutions,
+and ``fastres._C``'s CUDA kernels with cuDNN's convolutions. ``naive`` and
 ``checkpoint`` are torchvision's DenseNet with ``memory_efficient=False`` and
 ``True`` (``torch.utils.checkpoint`` around each layer's cat-BN-ReLU-conv1).
 DenseNet-BC is torchvision's DenseNet with fastres's CIFAR stem.
@@ -18,6 +21,7 @@ process, use ``fastres memory``.
 import pytest
 import torch
 
+import fastres
 from fastres.cli.memory import make_model, make_optimizer, model_label, saved_bytes
 
 from .common import memory_format
@@ -42,13 +46,24 @@ SIZES = [
 ]
 
 
-@pytest.mark.parametrize("provider", ["fastres", "naive", "checkpoint"])
+DENSE_PATHS = {"fastres": "auto", "fastres_triton": "triton", "fastres_c": "extension"}
+
+
+@pytest.mark.parametrize("provider", ["fastres", "fastres_triton", "fastres_c", "naive", "checkpoint"])
 @pytest.mark.parametrize("model_name, depth, batch, hw, dtype, layout", SIZES)
 def test_densenet_step(bench, benchmark, device, model_name, depth, batch, hw, dtype, layout, provider):
+    if provider in ("fastres_triton", "fastres_c") and device.type != "cuda":
+        pytest.skip("the two CUDA dense paths: on CPU fastres has one engine (the fastres case)")
+    with fastres.dense_path(DENSE_PATHS.get(provider, "auto")):
+        _step(bench, benchmark, device, model_name, depth, batch, hw, dtype, layout, provider)
+
+
+def _step(bench, benchmark, device, model_name, depth, batch, hw, dtype, layout, provider):
     shape = (batch, 3, hw, hw)
     fmt = memory_format(layout)
     torch_dtype = getattr(torch, dtype)
-    model, num_classes = make_model(provider, model_name, depth=depth or 100, growth_rate=12)
+    model, num_classes = make_model("fastres" if provider in DENSE_PATHS else provider, model_name,
+                                    depth=depth or 100, growth_rate=12)
     model = model.to(device=device, memory_format=fmt).train()
     optimizer = make_optimizer(model)
     images = torch.randn(shape, device=device).contiguous(memory_format=fmt)

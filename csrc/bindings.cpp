@@ -1,24 +1,26 @@
-// fastres._C: BatchNorm+ReLU ops for DenseNet's shared feature buffers, on CPU.
+// fastres._C: BatchNorm+ReLU ops for DenseNet's shared feature buffers, on
+// CPU (dense_cpu.cpp) and on CUDA (dense_cuda_host.cpp -> dense_cuda.cu).
 //
-// Checks every argument, then runs the CPU implementation (dense_cpu.cpp).
-// The ops take CPU tensors only: any other device raises a ValueError naming
-// the op. On CUDA, fastres's dense blocks, transitions and stem run on its
-// Triton kernels (fastres/ops/dense_gpu.py, fastres/ops/bn_relu_conv.py)
-// and never call this module.
+// Checks every argument, then runs the implementation for x's device. Both
+// share their arithmetic (dense_math.h). A CUDA tensor given to a build
+// without the CUDA kernels raises a RuntimeError that says so.
 //
 // Supported dtypes:
 //
 //   tensor                                 dtype
 //   -------------------------------------  ----------------------------------------------------
-//   x, grad_out, out, grad_in              float32, float64
-//   mean, rstd, weight, bias,              float64 for float64 x, float32 otherwise
-//   sum_g, sum_gx ([C])
+//   x, grad_out, out, grad_in              float32, float64; on CUDA also float16, bfloat16
+//   mean, rstd, sum_g, sum_gx ([C])        float64 for float64 x, float32 otherwise
+//   weight, bias ([C])                     as mean; for float16/bfloat16 x also x's dtype
+//                                          (converted: a [C] copy)
 //   running_mean, running_var ([C])        any floating dtype (updated through a copy in the
 //                                          parameter dtype when theirs differs, or when strided)
 //   moments ([3, C] or gathered [W, 3, C])  float64
 //
-// Math runs in double for float64 x and in float otherwise; reductions are
-// summed in double for float32 too, as eager CPU batch norm does.
+// Math runs in double for float64 x and in float otherwise. On CPU the
+// reductions are summed in double for float32 too, as eager CPU batch norm
+// does; on CUDA they accumulate in the math type per thread and in double
+// across blocks.
 //
 // x and the tensors shaped like it are [N, C, H, W] with any strides under
 // which H and W merge into one axis: channel slices buf[:, a:b] of NCHW and of
@@ -26,11 +28,15 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
+#include <vector>
 #include <tuple>
 
 #include "checks.h"
 #include "dense_cpu.h"
+#include "dense_cuda_host.h"
+#include "dense_math.h"
 
 namespace {
 
@@ -39,16 +45,29 @@ at::ScalarType param_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+bool half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
 // x first: its device, then its shape and dtype. Every other tensor must be on
 // x's device, so the device check covers them all.
 void check_x(const char* op, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.is_cpu(), op, ": fastres._C runs on CPU tensors, got x on ", x.device(),
-                    " (CUDA tensors run fastres's Triton kernels)");
+  TORCH_CHECK_VALUE(x.is_cpu() || x.is_cuda(), op,
+                    ": fastres._C runs on CPU and CUDA tensors, got x on ", x.device());
   FASTRES_CHECK_DIM(op, "x", x, 4);
   const at::ScalarType dtype = x.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
-                   ": x must have dtype float32 or float64, got ", fastres::dtype_name(dtype));
+  if (x.is_cpu()) {
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
+                     ": x must have dtype float32 or float64 on CPU, got ",
+                     fastres::dtype_name(dtype));
+  } else {
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || half_type(dtype), op,
+                     ": x must have dtype float32, float64, float16 or bfloat16, got ",
+                     fastres::dtype_name(dtype));
+  }
   FASTRES_CHECK_MERGEABLE(op, "x", x);
+  TORCH_CHECK(x.is_cpu() || fastres::cuda::built(), op,
+              ": x is on ", x.device(), " but this fastres._C was built without its CUDA kernels "
+              "(no CUDA toolkit at install time, or FASTRES_CUDA=0); reinstall with nvcc on PATH "
+              "or CUDA_HOME set, or let CUDA tensors take fastres's Triton kernels");
 }
 
 // grad_out, out, grad_in: x's shape, dtype and device, mergeable strides.
@@ -71,9 +90,14 @@ at::Tensor channel_vector(const char* op, const char* name, const at::Tensor& t,
   return t.contiguous();
 }
 
+// weight or bias: in the parameter dtype, or in x's for float16/bfloat16 x
+// (a model converted with .half()), then converted.
 at::Tensor optional_channel_vector(const char* op, const char* name,
                                    const std::optional<at::Tensor>& t, const at::Tensor& x) {
-  return t.has_value() ? channel_vector(op, name, *t, x) : at::Tensor();
+  if (!t.has_value()) return at::Tensor();
+  if (half_type(x.scalar_type()) && t->scalar_type() == x.scalar_type())
+    return channel_vector(op, name, t->to(param_dtype(x)), x);
+  return channel_vector(op, name, *t, x);
 }
 
 struct BnParams {
@@ -146,7 +170,10 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x,
   check_x(op, x);
   const RunningPair running = running_pair(op, running_mean, running_var, x);
   auto [mean, rstd] =
-      fastres::cpu::batch_stats(x, running.mean.work(), running.var.work(), momentum, eps);
+      x.is_cuda() ? fastres::cuda::batch_stats(x, running.mean.work(), running.var.work(),
+                                                momentum, eps, param_dtype(x))
+                  : fastres::cpu::batch_stats(x, running.mean.work(), running.var.work(), momentum,
+                                              eps);
   running.finish();
   return {mean, rstd};
 }
@@ -154,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x,
 at::Tensor batch_moments(const at::Tensor& x) {
   constexpr const char* op = "batch_moments";
   check_x(op, x);
-  return fastres::cpu::batch_moments(x);
+  return x.is_cuda() ? fastres::cuda::batch_moments(x) : fastres::cpu::batch_moments(x);
 }
 
 // x: this process's batch, which sets the channels, the device and the dtype
@@ -173,8 +200,11 @@ std::tuple<at::Tensor, at::Tensor> merge_batch_stats(const at::Tensor& x, const 
                     x.size(1), ", got ", moments.sizes());
   const RunningPair running = running_pair(op, running_mean, running_var, x);
   auto [mean, rstd] =
-      fastres::cpu::merge_batch_stats(moments.contiguous(), running.mean.work(),
-                                      running.var.work(), momentum, eps, param_dtype(x));
+      x.is_cuda()
+          ? fastres::cuda::merge_batch_stats(x, moments.contiguous(), running.mean.work(),
+                                             running.var.work(), momentum, eps, param_dtype(x))
+          : fastres::cpu::merge_batch_stats(moments.contiguous(), running.mean.work(),
+                                            running.var.work(), momentum, eps, param_dtype(x));
   running.finish();
   return {mean, rstd};
 }
@@ -186,7 +216,8 @@ std::tuple<at::Tensor, at::Tensor> running_stats(const at::Tensor& x,
   check_x(op, x);
   const RunningBuffer rm(op, "running_mean", running_mean, x);
   const RunningBuffer rv(op, "running_var", running_var, x);
-  return fastres::cpu::running_stats(rm.work(), rv.work(), eps);
+  return x.is_cuda() ? fastres::cuda::running_stats(x, rm.work(), rv.work(), eps)
+                     : fastres::cpu::running_stats(rm.work(), rv.work(), eps);
 }
 
 void bn_relu_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
@@ -196,7 +227,10 @@ void bn_relu_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tens
   check_x(op, x);
   const BnParams bn = bn_params(op, x, mean, rstd, weight, bias);
   check_like_x(op, "out", out, x, /*written=*/true);
-  fastres::cpu::bn_relu_forward(x, bn.mean, bn.rstd, bn.weight, bn.bias, out);
+  if (x.is_cuda())
+    fastres::cuda::bn_relu_forward(x, bn.mean, bn.rstd, bn.weight, bn.bias, out);
+  else
+    fastres::cpu::bn_relu_forward(x, bn.mean, bn.rstd, bn.weight, bn.bias, out);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce(
@@ -207,6 +241,9 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce(
   check_x(op, x);
   check_like_x(op, "grad_out", grad_out, x, /*written=*/false);
   const BnParams bn = bn_params(op, x, mean, rstd, weight, bias);
+  if (x.is_cuda())
+    return fastres::cuda::bn_relu_backward_reduce(grad_out, x, bn.mean, bn.rstd, bn.weight,
+                                                  bn.bias);
   return fastres::cpu::bn_relu_backward_reduce(grad_out, x, bn.mean, bn.rstd, bn.weight,
                                                bn.bias);
 }
@@ -224,15 +261,71 @@ void bn_relu_backward_input(const at::Tensor& grad_out, const at::Tensor& x,
   const at::Tensor g_sums = channel_vector(op, "sum_g", sum_g, x);
   const at::Tensor gx_sums = channel_vector(op, "sum_gx", sum_gx, x);
   check_like_x(op, "grad_in", grad_in, x, /*written=*/true);
-  fastres::cpu::bn_relu_backward_input(grad_out, x, bn.mean, bn.rstd, bn.weight, bn.bias, g_sums,
-                                       gx_sums, grad_in, training);
+  if (x.is_cuda())
+    fastres::cuda::bn_relu_backward_input(grad_out, x, bn.mean, bn.rstd, bn.weight, bn.bias,
+                                          g_sums, gx_sums, grad_in, training);
+  else
+    fastres::cpu::bn_relu_backward_input(grad_out, x, bn.mean, bn.rstd, bn.weight, bn.bias,
+                                         g_sums, gx_sums, grad_in, training);
+}
+
+// ---- the CUDA reductions' folding, run on the host (tests) ----
+
+// x's moments as the CUDA statistics kernels fold them: x less its first
+// element, `threads` threads, thread t taking every threads-th chunk of kChunk values into a Welford
+// state (chunk_moments, welford_merge in the math type), then the threads
+// merged pairwise as a warp's shuffles merge them. Returns (count, sum, M2).
+template <typename T, int kChunk>
+std::tuple<double, double, double> fold_moments_impl(const at::Tensor& x, int64_t threads) {
+  using A = T;
+  const T* p = x.const_data_ptr<T>();
+  const int64_t n = x.numel();
+  const A shift = n > 0 ? static_cast<A>(p[0]) : A(0);  // the kernels fold x - (its first element)
+  std::vector<fastres::math::Welford<A>> state(threads, fastres::math::Welford<A>{0, 0, 0});
+  for (int64_t start = 0, chunk = 0; start < n; start += kChunk, ++chunk) {
+    A values[kChunk] = {};
+    const int valid = static_cast<int>(std::min<int64_t>(kChunk, n - start));
+    for (int i = 0; i < valid; ++i) values[i] = static_cast<A>(p[start + i]) - shift;
+    auto& w = state[chunk % threads];
+    w = fastres::math::welford_merge(w, fastres::math::chunk_moments<A, kChunk>(values, valid));
+  }
+  for (int64_t offset = 1; offset < threads; offset *= 2)  // a shuffle tree: lane i takes lane i + offset
+    for (int64_t i = 0; i + offset < threads; i += 2 * offset)
+      state[i] = fastres::math::welford_merge(state[i], state[i + offset]);
+  const fastres::math::Moments m = fastres::math::to_moments(state[0], static_cast<double>(shift));
+  return {m.count, m.sum, m.m2};
+}
+
+std::tuple<double, double, double> fold_moments(const at::Tensor& x, int64_t chunk,
+                                                int64_t threads) {
+  constexpr const char* op = "_fold_moments";
+  TORCH_CHECK_VALUE(x.is_cpu() && x.dim() == 1 && x.is_contiguous(), op,
+                    ": x must be a contiguous 1-D CPU tensor");
+  TORCH_CHECK_VALUE(threads > 0 && (threads & (threads - 1)) == 0, op,
+                    ": threads must be a power of two");
+  TORCH_CHECK_VALUE(chunk == 4 || chunk == 16, op, ": chunk must be 4 or 16");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                   ": x must be float32 or float64");
+  if (x.scalar_type() == at::kFloat)
+    return chunk == 4 ? fold_moments_impl<float, 4>(x, threads)
+                      : fold_moments_impl<float, 16>(x, threads);
+  return chunk == 4 ? fold_moments_impl<double, 4>(x, threads)
+                    : fold_moments_impl<double, 16>(x, threads);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  m.doc() = "fastres C++ CPU ops for DenseNet's shared feature buffers (see fastres.ops.extension)";
+  m.doc() = "fastres C++/CUDA ops for DenseNet's shared feature buffers (see fastres.ops.extension)";
+  m.def("cuda_built", &fastres::cuda::built,
+        "Whether this build holds the CUDA kernels (compiled with nvcc at install time).");
+  m.def("_fold_moments", &fold_moments,
+        "Test hook: (count, sum, M2) of a 1-D tensor folded as the CUDA statistics kernels fold "
+        "(chunks of `chunk` values per Welford step, `threads` threads merged pairwise).",
+        py::arg("x"), py::arg("chunk"), py::arg("threads"));
+  m.def("cuda_devices", &fastres::cuda::devices,
+        "(CUDA devices the kernels' runtime sees, '' or the CUDA runtime's reason for none).");
   // The ops release the GIL: CPU work runs on ATen's thread pool.
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("batch_stats", &batch_stats, no_gil,

@@ -24,6 +24,12 @@
 #define FASTRES_HD inline
 #endif
 
+#if defined(__CUDACC__)
+#define FASTRES_UNROLL _Pragma("unroll")
+#else
+#define FASTRES_UNROLL _Pragma("GCC unroll 16")
+#endif
+
 namespace fastres::math {
 
 // ---- per element ----
@@ -110,6 +116,50 @@ FASTRES_HD double chan_term(const Moments& p, double mean) {
   if (p.count == 0) return 0.0;
   const double shift = p.sum / p.count - mean;
   return p.m2 + p.count * shift * shift;
+}
+
+// A stream's moments in the math type A (float for half types: fp32
+// accumulation, as eager CUDA batch norm): count, mean and M2. A CUDA thread
+// folds in a chunk of elements at a time (the chunk's own moments, from
+// registers) and threads fold into each other, both by Chan et al.'s pairwise
+// update: one reciprocal per merge, no division per element.
+template <typename A>
+struct Welford {
+  A count, mean, m2;
+};
+
+template <typename A>
+FASTRES_HD Welford<A> welford_merge(const Welford<A>& a, const Welford<A>& b) {
+  if (b.count == A(0)) return a;
+  if (a.count == A(0)) return b;
+  const A count = a.count + b.count;
+  const A wb = b.count * (A(1) / count);
+  const A delta = b.mean - a.mean;
+  return {count, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.count * wb};
+}
+
+// The Welford state of the first n (1 <= n <= kMax) of a chunk's values,
+// from registers: their mean, then their squared deviations from it.
+template <typename A, int kMax>
+FASTRES_HD Welford<A> chunk_moments(const A (&x)[kMax], int n) {
+  A sum = A(0);
+FASTRES_UNROLL
+  for (int i = 0; i < kMax; ++i) sum += i < n ? x[i] : A(0);
+  const A mean = sum * (n == kMax ? A(1) / A(kMax) : A(1) / A(n));  // a constant unless a tail
+  A m2 = A(0);
+FASTRES_UNROLL
+  for (int i = 0; i < kMax; ++i) {
+    const A d = x[i] - mean;
+    m2 += i < n ? d * d : A(0);
+  }
+  return {A(n), mean, m2};
+}
+
+// A part's Moments (double) from its Welford state over values x - shift.
+template <typename A>
+FASTRES_HD Moments to_moments(const Welford<A>& w, double shift) {
+  const double count = static_cast<double>(w.count);
+  return {count, count * (static_cast<double>(w.mean) + shift), static_cast<double>(w.m2)};
 }
 
 FASTRES_HD double quiet_nan() {

@@ -2,7 +2,8 @@
 
 from . import functional, models, nn, testing
 from .convert import convert
+from .ops import dense_path
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "functional", "models", "nn", "__version__"]
+__all__ = ["convert", "dense_path", "functional", "models", "nn", "__version__"]

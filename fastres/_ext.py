@@ -36,3 +36,21 @@ def available() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+@torch.compiler.assume_constant_result
+def cuda_kernels() -> bool:
+    """Whether ``fastres._C`` is built with its CUDA kernels (nvcc found at install time)."""
+    return available() and load().cuda_built()
+
+
+def cuda_status() -> str:
+    """One line for reports: whether ``_C`` has CUDA kernels and whether a device can run them."""
+    if not available():
+        return "not built (fastres._C did not import)"
+    if not load().cuda_built():
+        return "not built: no CUDA toolkit when fastres was installed (or FASTRES_CUDA=0)"
+    count, why = load().cuda_devices()
+    if count == 0:
+        return f"built; no device can run them ({why or 'no CUDA device'})"
+    return f"built; {count} device(s) can run them"

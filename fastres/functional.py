@@ -14,9 +14,10 @@ from .ops import batch_norm as _batch_norm
 from .ops import bn_relu_conv as _bn_relu_conv
 from . import _ext
 from . import ops as _ops
-from .ops import dense_cpu as _dense_cpu
+from .ops import dense_ext as _dense_ext
 from .ops import dense_gpu as _dense_gpu
-from .ops.dense_cpu import BatchNormArgs, DenseLayerArgs
+from .ops import dense_tuning as _dense_tuning
+from .ops.dense_ext import BatchNormArgs, DenseLayerArgs
 from .ops import sync_batch_norm as _sync_batch_norm
 from .ops.layout import has_internal_overlap
 
@@ -339,7 +340,7 @@ def bn_relu_conv1x1(x: Tensor, norm: BatchNormArgs, weight: Tensor) -> Tensor:
     _check_norm_args("norm", norm, x.shape[1], x)
     _check_conv_dtype("weight", weight, x)
     _check_engine_dtype(x)
-    return _dense_cpu.bn_relu_conv1x1(x, norm, weight)
+    return _dense_ext.bn_relu_conv1x1(x, norm, weight)
 
 
 def bn_relu_max_pool2d(x: Tensor, norm: BatchNormArgs, kernel_size: int = 3, stride: int = 2, padding: int = 1) -> Tensor:
@@ -353,7 +354,7 @@ def bn_relu_max_pool2d(x: Tensor, norm: BatchNormArgs, kernel_size: int = 3, str
     check_4d("x", x)
     _check_norm_args("norm", norm, x.shape[1], x)
     _check_engine_dtype(x)
-    return _dense_cpu.bn_relu_max_pool2d(x, norm, kernel_size, stride, padding)
+    return _dense_ext.bn_relu_max_pool2d(x, norm, kernel_size, stride, padding)
 
 
 def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
@@ -375,7 +376,11 @@ def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
 
     On CUDA the convolutions are the fused BN-ReLU-Conv kernels, which read
     the buffer in place and write the new channels into it, with no BN-ReLU
-    output at all; on CPU ``fastres._C``'s C++ code runs.
+    output at all, or ``fastres._C``'s CUDA kernels with cuDNN's
+    convolutions (on GPUs without Triton's tensor-core paths, where the
+    tuner times it faster for the block's shape, or when
+    ``fastres.dense_path("extension")`` selects it); on CPU ``fastres._C``'s
+    C++ code runs.
     """
     check_float_tensor("x", x)
     check_4d("x", x)
@@ -404,7 +409,22 @@ def dense_block(x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
             if t.device != x.device:
                 raise ValueError(f"layers[{i}].{name} is on {t.device} but x is on {x.device}")
             _check_conv_dtype(f"layers[{i}].{name}", t, x)
-    if _ops.route("dense", x) == _ops.TRITON:
+    path = _ops.route("dense", x)
+    if path == _ops.TRITON and _both_dense_paths_run(x, layers):
+        path = _dense_tuning.choose_path(x, layers, _run_dense_block)
+    return _run_dense_block(path, x, layers)
+
+
+def _both_dense_paths_run(x: Tensor, layers: Sequence[DenseLayerArgs]) -> bool:
+    """Whether the tuner may pick the engine: "auto" on CUDA with _C's kernels built, eager mode, no process group
+    (each process timing on its own could pick differently, and the paths' collectives would not pair up)."""
+    return (x.device.type == "cuda" and _ops.dense_choice() == _ops.AUTO and _ext.cuda_kernels()
+            and not torch.compiler.is_compiling()
+            and all(layer.norm1.process_group is None and layer.norm2.process_group is None for layer in layers))
+
+
+def _run_dense_block(path: str, x: Tensor, layers: Sequence[DenseLayerArgs]) -> Tensor:
+    if path == _ops.TRITON:
         return _dense_gpu.dense_block(x, layers)
     _check_engine_dtype(x)
-    return _dense_cpu.dense_block(x, layers)
+    return _dense_ext.dense_block(x, layers)

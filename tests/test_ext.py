@@ -1,8 +1,9 @@
-"""fastres._C, the dense-block ops on CPU, against a float64 eager reference.
+"""fastres._C, the dense-block ops, against a float64 eager reference: on CPU, and on CUDA (its CUDA kernels) where there is a GPU.
 
 x is a channel slice of a shared feature buffer (NCHW or channels_last), as a
-memory-efficient DenseNet layer reads it. fastres._C takes CPU tensors only
-(on CUDA, dense blocks run on the Triton kernels).
+memory-efficient DenseNet layer reads it. On CUDA the same tests run the CUDA
+kernels, float16 and bfloat16 included (skipped without a GPU: they launch
+kernels; tests/test_ext_cuda.py covers what runs without one).
 """
 
 import os
@@ -20,7 +21,8 @@ if os.environ.get("FASTRES_NO_EXT") == "1":
 
 from fastres.ops import extension as ops  # noqa: E402
 
-DEVICES = ["cpu"]
+CUDA = torch.cuda.is_available() and os.environ.get("FASTRES_NO_EXT") != "1" and _ext.cuda_kernels()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 LAYOUTS = ["nchw", "channels_last"]
 # Odd channel counts, 7x7, N=1, 1x1, H=1 or W=1 (merged H*W strides), and more
 # than 16 channels (the CPU's channel tiles when channels are innermost).
@@ -29,6 +31,8 @@ SHAPES = [(2, 3, 7, 7), (1, 3, 7, 7), (3, 5, 1, 1), (1, 1, 1, 1), (2, 4, 1, 6), 
 TOL = {
     torch.float64: (1e-10, 1e-10),
     torch.float32: (1e-6, 1e-6),
+    torch.float16: (2e-3, 2e-3),  # outputs rounded once to float16 (2^-11), math in float32
+    torch.bfloat16: (1.6e-2, 1.6e-2),
 }
 EPS = 1e-5
 BUFFER_EXTRA = 5  # channels of the shared buffer outside x
@@ -36,11 +40,11 @@ OFFSET = 2  # x = buf[:, OFFSET:OFFSET + C]
 
 
 def cases():
-    """(device, dtype): the dtypes fastres._C takes, float32 and float64."""
+    """(device, dtype): the dtypes fastres._C takes: float32 and float64, on CUDA also float16 and bfloat16."""
     return [
         pytest.param(device, dtype, id=f"{device}-{str(dtype)[6:]}")
         for device in DEVICES
-        for dtype in (torch.float32, torch.float64)
+        for dtype in (torch.float32, torch.float64) + ((torch.float16, torch.bfloat16) if device == "cuda" else ())
     ]
 
 
@@ -588,7 +592,7 @@ def unmergeable():
 BAD_ARGS = [  # (op, argument, bad value, error, message after "op: ")
     ("batch_stats", "x", lambda: torch.randn(3, 4, 4), ValueError, "x must be 4-D, got 3-D"),
     ("batch_stats", "x", lambda: torch.ones(2, 3, 4, 4, dtype=torch.int64), TypeError,
-     "x must have dtype float32 or float64, got int64"),
+     "x must have dtype float32 or float64 on CPU, got int64"),
     ("batch_stats", "x", lambda: torch.randn(2, 3, 4, 4).half(), TypeError, "x must have dtype float32 or float64"),
     ("batch_stats", "x", unmergeable, ValueError, "x must have H and W mergeable"),
     ("batch_stats", "running_mean", lambda: torch.zeros(4), ValueError,
@@ -650,20 +654,22 @@ def test_bad_input_raises_naming_the_argument(op, arg, make_bad, error, message)
         getattr(ops, op)(**args)
 
 
-# fastres._C checks x's device before anything else: any non-CPU tensor (CUDA
-# included; a meta tensor stands in for one on machines without a GPU) raises
-# naming the op, with every other argument on x's device.
-NON_CPU = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.mark.parametrize("device", NON_CPU)
+# fastres._C checks x's device before anything else: a tensor on neither the
+# CPU nor a CUDA device (a meta tensor) raises naming the op.
 @pytest.mark.parametrize("op", OPS)
-def test_non_cpu_tensors_raise_naming_the_op(op, device):
-    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in good_args(op).items()}
-    expected = rf"^{op}: fastres\._C runs on CPU tensors, got x on {device}.* \(CUDA tensors run fastres's Triton kernels\)$"
+def test_tensors_on_other_devices_raise_naming_the_op(op):
+    args = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in good_args(op).items()}
+    expected = rf"^{op}: fastres\._C runs on CPU and CUDA tensors, got x on meta$"
     with pytest.raises(ValueError, match=expected):
         getattr(ops, op)(**args)
     with pytest.raises(ValueError, match=expected):  # the extension itself, as the wrappers call it
+        getattr(_ext.load(), op)(*args.values())
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_half_types_on_cpu_raise_naming_x(op):
+    args = {k: v.half() if isinstance(v, torch.Tensor) and v.dim() == 4 else v for k, v in good_args(op).items()}
+    with pytest.raises(TypeError, match=rf"^{op}: x must have dtype float32 or float64 on CPU, got float16$"):
         getattr(_ext.load(), op)(*args.values())
 
 

@@ -364,9 +364,9 @@ def _densenet_worker(rank, world, port, out_dir, family):
         import_torchvision()  # timm imports torchvision
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        from fastres.ops import dense_cpu, dense_gpu, sync_batch_norm as ops
+        from fastres.ops import dense_ext, dense_gpu, sync_batch_norm as ops
 
-        calls = _spy({"shared": (dense_cpu, "_synchronized_statistics"), "fused": (ops, "sync_batch_norm_relu"),
+        calls = _spy({"shared": (dense_ext, "_synchronized_statistics"), "fused": (ops, "sync_batch_norm_relu"),
                       "fused_conv": (dense_gpu, "_synchronized")})
         x, grad = _densenet_data()
         start = sum(MODEL_BATCHES[:rank])

@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def environment() -> dict:
     import fastres
-    from fastres import ops
+    from fastres import _ext, ops
 
     from .measure import triton_version
 
@@ -54,12 +54,25 @@ def environment() -> dict:
                     f"{p.multi_processor_count} SMs")
     info["GPUs"] = gpus
     ext = fastres.functional.extension_available()
-    info["fastres._C"] = "built (C++ shared-storage DenseNet engine for CPU)" if ext else \
+    info["fastres._C"] = "built (the shared-storage DenseNet engine)" if ext else \
         "not built: CPU shared-storage DenseNets raise; reinstall with pip install --no-build-isolation -e ."
-    info["fastres._C CUDA kernels"] = "none: CUDA tensors run the Triton kernels, which need no compiled code"
+    info["fastres._C CUDA kernels"] = _ext.cuda_status()
     info["CUDA path"] = ("Triton kernels" if ops.triton_available() else "eager PyTorch (triton not installed)") \
         if torch.cuda.is_available() else "no CUDA device"
+    info["dense blocks on CUDA"] = _dense_route() if torch.cuda.is_available() else "no CUDA device"
     return info
+
+
+def _dense_route() -> str:
+    """Which path dense blocks take on cuda:0 (``fastres.dense_path`` / FASTRES_DENSE_PATH decide), or why none."""
+    from fastres import ops
+
+    names = {ops.TRITON: "fused Triton convolutions", ops.EXTENSION: "fastres._C CUDA kernels + cuDNN",
+             ops.EAGER: "eager PyTorch (the layers as written)"}
+    try:
+        return names[ops.route("dense", torch.empty(1, device="cuda"))]
+    except (RuntimeError, ValueError) as err:
+        return f"error: {err}"
 
 
 def _devices() -> list[str]:

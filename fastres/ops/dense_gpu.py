@@ -1,6 +1,6 @@
 """The GPU path of a dense block: shared storage on the fused BN-ReLU-Conv kernels.
 
-The same contract as ``dense_cpu.DenseBlockFunction`` (one feature buffer,
+The same contract as ``dense_ext.DenseBlockFunction`` (one feature buffer,
 per layer only the bottleneck output kept, running statistics updated once),
 with no BN-ReLU output anywhere, not even as scratch:
 
@@ -30,7 +30,7 @@ from torch import Tensor
 from . import kernels
 from .layout import acc_dtype, conv_dtype, out_strides, shape3, view3
 from .bn_relu_conv import empty_weight_grad, statistics
-from .dense_cpu import (
+from .dense_ext import (
     BatchNormArgs, DenseLayerArgs, _apply, _drops, _memory_format, _params, _scratch_view, _PARAMS_PER_LAYER,
     backward_state,
 )

@@ -1,25 +1,29 @@
-"""``fastres._C``'s ops, the CPU engine of dense blocks: BatchNorm + ReLU on shared feature buffers.
+"""``fastres._C``'s ops, the shared-storage engine of dense blocks: BatchNorm + ReLU on shared feature buffers.
 
 A dense block keeps every layer's features in one buffer [N, C_total, H, W]
 (NCHW or channels_last); a layer reads the channel slice ``buf[:, :C]`` as
-``x``, a strided view, never a copy. These wrappers run the C++ CPU
-implementation (CPU tensors only: on CUDA dense blocks run the fused Triton
-kernels of ``dense_gpu``).
+``x``, a strided view, never a copy. These wrappers run the C++ code on CPU
+tensors and the CUDA kernels (``csrc/dense_cuda.cu``, when ``fastres._C``
+was built with them) on CUDA tensors, on the current stream; both share
+their arithmetic (``csrc/dense_math.h``).
 
 Each is also a ``torch.library`` custom op (``fastres::dense_*``) with a fake
 implementation: under ``torch.compile`` and ``torch.export`` the graph holds
 those ops; in eager mode the extension is called directly (the dispatcher's
 custom-op handling costs more host time than the call).
 
-x, grad_out, out and grad_in: [N, C, H, W], float32 or float64, any strides under which H and W merge. Per-channel tensors
+x, grad_out, out and grad_in: [N, C, H, W], float32 or float64 (on CUDA also
+float16 and bfloat16), any strides under which H and W merge. Per-channel tensors
 (mean, rstd, weight, bias, sum_g, sum_gx): [C], float64 for float64 x, float32
-otherwise; weight and bias may be None (affine=False: 1 and 0). m = N * H * W.
+otherwise (weight and bias may also be in x's float16/bfloat16 dtype); weight
+and bias may be None (affine=False: 1 and 0). m = N * H * W.
 ``rstd`` is ``1 / sqrt(var + eps)``; ``g`` is the gradient through the ReLU.
 
-All the batch-norm statistics of the CPU engine are computed here, in C++:
-batch statistics with the running statistics' update (``batch_stats``), a
-synchronized batch norm's (each process's ``batch_moments``, gathered, then
-``merge_batch_stats``) and eval's (``running_stats``).
+All the batch-norm statistics of the engine are computed here, in C++ or
+CUDA: batch statistics with the running statistics' update
+(``batch_stats``), a synchronized batch norm's (each process's
+``batch_moments``, gathered, then ``merge_batch_stats``) and eval's
+(``running_stats``).
 """
 
 import torch

@@ -1,4 +1,4 @@
-"""The CPU path of a dense block: shared storage (Pleiss et al., 2017) on ``fastres._C``, forward and backward.
+"""A dense block on ``fastres._C``: shared storage (Pleiss et al., 2017), forward and backward, on CPU and CUDA.
 
 Layer ``l`` of a block reads the concatenation of the block input and every
 earlier layer's ``k`` new channels, and computes
@@ -16,8 +16,10 @@ earlier layer's ``k`` new channels, and computes
 - Backward accumulates every layer's input gradient into one gradient buffer
   shaped like ``features``.
 
-The BN-ReLU passes run in ``fastres._C`` (C++, CPU tensors); on CUDA dense
-blocks run ``dense_gpu`` instead.
+The BN-ReLU passes run in ``fastres._C`` (its C++ code on CPU tensors, its
+CUDA kernels on CUDA tensors) and the convolutions are torch's (cuDNN on
+CUDA). On CUDA this is the path where the fused Triton convolutions of
+``dense_gpu`` cannot run, or where it is selected (``fastres.dense_path``).
 """
 
 from typing import NamedTuple, Sequence
