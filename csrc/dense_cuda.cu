@@ -629,9 +629,13 @@ struct Plan {
   Divider divider;
 };
 
-bool aligned(const fastres_view* v, int64_t step, int bytes) {
-  return reinterpret_cast<uintptr_t>(v->data) % bytes == 0 && v->sn % step == 0 && v->sc % step == 0 &&
-         v->sp % step == 0;
+// Whether v can be read and written V = wide elements at a time in this
+// layout: 16-byte aligned, contiguous along the vectorized axis (P in rows,
+// C in channels), every other step a multiple of V, and V dividing that axis.
+bool vectorizable(const fastres_view* v, bool channels_layout, int64_t c, int64_t p, int wide) {
+  if (reinterpret_cast<uintptr_t>(v->data) % 16 != 0 || v->sn % wide != 0) return false;
+  return channels_layout ? v->sc == 1 && v->sp % wide == 0 && c % wide == 0
+                         : v->sp == 1 && v->sc % wide == 0 && p % wide == 0;
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -644,13 +648,9 @@ int make_plan(const fastres_problem* pr, const fastres_view* const* views, int c
   plan->channels_layout = pr->c > 1 && x->sc == 1 && x->sp != 1;
   const int size = element_size(pr->dtype), wide = 16 / size, unroll = size == 2 ? 2 : 4;
   bool vectorize = true;
-  for (int i = 0; i < count; ++i) {
-    const fastres_view* v = views[i];
-    if (v == nullptr) continue;
-    vectorize = vectorize && aligned(v, wide, 16) &&
-                (plan->channels_layout ? v->sc == 1 && v->sp % wide == 0 && pr->c % wide == 0
-                                       : v->sp == 1 && v->sc % wide == 0 && pr->p % wide == 0);
-  }
+  for (int i = 0; i < count; ++i)
+    if (views[i] != nullptr)
+      vectorize = vectorize && vectorizable(views[i], plan->channels_layout, pr->c, pr->p, wide);
   plan->vec = vectorize ? wide : 1;
   const int64_t target = int64_t(sm_count(pr->device)) * kBlocksPerSm;
   const int64_t positions = pr->n * pr->p;
@@ -823,10 +823,17 @@ int fastres_cuda_device_count(int* count) {
 
 int fastres_cuda_reduce_parts(const fastres_problem* pr, const fastres_view* x,
                               const fastres_view* grad_out, int64_t* parts) {
-  const fastres_view* views[] = {x, grad_out};
+  return fastres_cuda_plan(pr, x, grad_out, nullptr, nullptr, nullptr, parts);
+}
+
+int fastres_cuda_plan(const fastres_problem* pr, const fastres_view* x, const fastres_view* second,
+                      const fastres_view* third, int* channels_layout, int* vec, int64_t* parts) {
+  const fastres_view* views[] = {x, second, third};
   Plan plan;
-  if (const int err = make_plan(pr, views, 2, &plan)) return err;
-  *parts = plan.parts;
+  if (const int err = make_plan(pr, views, 3, &plan)) return err;
+  if (channels_layout != nullptr) *channels_layout = plan.channels_layout ? 1 : 0;
+  if (vec != nullptr) *vec = plan.vec;
+  if (parts != nullptr) *parts = plan.parts;
   return 0;
 }
 

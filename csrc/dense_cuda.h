@@ -57,6 +57,12 @@ int fastres_cuda_device_count(int* count);
 int fastres_cuda_reduce_parts(const fastres_problem* pr, const fastres_view* x,
                               const fastres_view* grad_out, int64_t* parts);
 
+// The plan of a call over these tensors (x first; the others, or NULL, as
+// the op passes them): its iteration (1: channels innermost, 0: by rows), its
+// elements per access, and its parts per channel. Any output may be NULL.
+int fastres_cuda_plan(const fastres_problem* pr, const fastres_view* x, const fastres_view* second,
+                      const fastres_view* third, int* channels_layout, int* vec, int64_t* parts);
+
 // Partial moments of x: [parts, 3, C] doubles, rows sum, M2 and count.
 int fastres_cuda_moments(const fastres_problem* pr, const fastres_view* x, double* partials,
                          int64_t parts);

@@ -20,6 +20,11 @@ int fastres_cuda_reduce_parts(const fastres_problem*, const fastres_view*, const
   return FASTRES_NOT_BUILT;
 }
 
+int fastres_cuda_plan(const fastres_problem*, const fastres_view*, const fastres_view*,
+                      const fastres_view*, int*, int*, int64_t*) {
+  return FASTRES_NOT_BUILT;
+}
+
 int fastres_cuda_moments(const fastres_problem*, const fastres_view*, double*, int64_t) {
   return FASTRES_NOT_BUILT;
 }

@@ -1,4 +1,4 @@
-"""Loads ``fastres._C``, the C++ extension (the CPU shared-storage DenseNet), on first use.
+"""Loads ``fastres._C``, the compiled extension (the shared-storage DenseNet engine: C++, and CUDA kernels), on first use.
 
 ``import fastres`` never needs it: only the DenseNet ops do, and they call
 ``load()``, which says what failed and how to rebuild.

@@ -305,9 +305,9 @@ def fused_conv_applies(x: Tensor) -> bool:
 
 
 def recompute_bn_relu_applies(x: Tensor) -> bool:
-    """Whether recomputing a BN-ReLU of ``x`` in backward saves memory over the fused BN-ReLU (CPU, ``fastres._C`` built).
+    """Whether recomputing a BN-ReLU of ``x`` in backward saves memory over the fused BN-ReLU (``fastres._C``'s path, built).
 
-    On CUDA the fused Triton BN-ReLU keeps a 1-bit mask, about as small, and recomputes nothing.
+    On the Triton path the fused BN-ReLU keeps a 1-bit mask, about as small, and recomputes nothing.
     """
     return _ops.route("dense", x) == _ops.EXTENSION and _ext.available()
 

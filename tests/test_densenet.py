@@ -1,4 +1,4 @@
-"""Memory-efficient DenseNet (shared storage, fastres._C) against torchvision's eager one."""
+"""Memory-efficient DenseNet (shared storage: fastres._C, or the fused Triton convolutions) against torchvision's eager one."""
 
 import copy
 import io
@@ -13,6 +13,21 @@ from helpers import (
     STEP, assert_forward_as_accurate_as_eager, assert_modules_normwise_close, assert_normwise_close,
     assert_trains_like, saved_bytes, train_steps, twin,
 )
+# On CUDA every test runs once per dense engine: the default (the fused Triton
+# convolutions on sm_80+) and fastres._C's CUDA kernels with cuDNN's
+# convolutions, where they are built. On CPU there is one engine.
+ENGINES = ["default"] + (["extension"] if torch.cuda.is_available() and _ext.cuda_kernels() else [])
+
+
+@pytest.fixture(autouse=True, params=ENGINES)
+def engine(request):
+    if request.param == "default":
+        yield request.param
+    else:
+        with fastres.dense_path(request.param):
+            yield request.param
+
+
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 LAYOUTS = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 

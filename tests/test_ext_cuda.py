@@ -110,6 +110,40 @@ def test_a_reduction_plans_at_least_one_part_per_channel(lib, layout, dtype):
     assert err == 0 and 1 <= parts <= 65535
 
 
+def _plan(lib, problem, *views):
+    layout, vec, parts = ctypes.c_int(-1), ctypes.c_int(-1), ctypes.c_int64(-1)
+    refs = [ctypes.byref(v) for v in views] + [None] * (3 - len(views))
+    err = lib.fastres_cuda_plan(ctypes.byref(problem), *refs, ctypes.byref(layout), ctypes.byref(vec),
+                                ctypes.byref(parts))
+    assert err == 0
+    return ("channels" if layout.value else "rows"), vec.value
+
+
+def _slice(buf: torch.Tensor, offset: int, c: int) -> View:
+    """The view fastres._C's bindings pass for buf[:, offset:offset + c] (H and W merged)."""
+    x = buf[:, offset: offset + c]
+    sp = x.stride(3) if x.shape[2] > 1 else x.stride(2)
+    return View(x.data_ptr(), x.stride(0), x.stride(1), sp)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, code, wide", [(torch.float32, FLOAT32, 4), (torch.float64, FLOAT64, 2),
+                                                (torch.float16, FLOAT16, 8), (torch.bfloat16, BFLOAT16, 8)])
+def test_plans_take_16_byte_accesses_where_every_tensor_allows(lib, dtype, code, wide):
+    """Contiguous, aligned slices of either layout take V elements per access; anything else one (still right)."""
+    nchw = torch.zeros(4, 40, 8, 8, dtype=dtype)
+    last = nchw.contiguous(memory_format=torch.channels_last)
+    odd = torch.zeros(4, 40, 7, 7, dtype=dtype)
+    problem = lambda c, p=64: Problem(4, c, p, code, 0, None)  # noqa: E731
+    assert _plan(lib, problem(16), _slice(nchw, 8, 16)) == ("rows", wide)
+    assert _plan(lib, problem(16), _slice(last, 8, 16)) == ("channels", wide)
+    assert _plan(lib, problem(16), _slice(last, 8, 16), _slice(last, 16, 16)) == ("channels", wide)
+    assert _plan(lib, problem(16), _slice(last, 1, 16)) == ("channels", 1)  # misaligned offset
+    assert _plan(lib, problem(13), _slice(last, 8, 13)) == ("channels", 1)  # V does not divide C
+    assert _plan(lib, problem(16, 49), _slice(odd, 8, 16)) == ("rows", 1)  # V does not divide H*W
+    assert _plan(lib, problem(16), _slice(nchw, 8, 16), _slice(last, 8, 16)) == ("rows", 1)  # mixed layouts
+
+
 @needs_kernels
 def test_parts_keep_float_counts_exact(lib):
     """A part folds at most about 2^23 elements of a channel, whose count a float holds exactly."""
@@ -325,3 +359,16 @@ def test_a_densenet_on_the_eager_path_trains_like_the_shared_storage_one():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
     for (name, b), c in zip(model.named_buffers(), twin.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_fastres_check_self_tests_the_cuda_kernels_where_they_can_run(monkeypatch):
+    """On CUDA with the kernels built, `fastres check` adds the DenseNet on them (run here on CPU's engine)."""
+    from fastres.cli import selftest
+
+    assert not any("_C CUDA" in name for name in selftest.cases_for("cpu"))
+    monkeypatch.setattr(selftest._ext, "cuda_kernels", lambda: True)
+    extra = {k: v for k, v in selftest.cases_for("cuda").items() if "_C CUDA" in k}
+    assert list(extra) == ["DenseNet-BC depth 10, fastres._C CUDA kernels (vs torchvision)"]
+    (name, case), = extra.items()
+    result = selftest.run_case(name, case, "cpu", torch.float64)
+    assert result.ok, result

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastres.functional as Fn
+from fastres import _ext
 import fastres.nn
 from fastres._torchvision import import_torchvision
 
@@ -210,6 +211,23 @@ def _exact_float32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def _on_dense_path(path: str, case: Callable) -> Callable:
+    """``case`` with fastres's side on one dense path (``fastres.dense_path``)."""
+    def run(provider, device, dtype):
+        with fastres.dense_path(path):
+            return case(provider, device, dtype)
+    return run
+
+
+def cases_for(device: str) -> dict[str, Callable]:
+    """``cases()``, plus on CUDA the DenseNet on fastres._C's CUDA kernels where they are built."""
+    found = cases()
+    if device.startswith("cuda") and _ext.cuda_kernels():
+        name = "DenseNet-BC depth 10 (vs torchvision)"
+        found[name.replace(" (vs", ", fastres._C CUDA kernels (vs")] = _on_dense_path("extension", found[name])
+    return found
+
+
 def run_all(device: str, dtypes=(torch.float64, torch.float32)) -> list[Result]:
     with _exact_float32():
-        return [run_case(name, case, device, dtype) for name, case in cases().items() for dtype in dtypes]
+        return [run_case(name, case, device, dtype) for name, case in cases_for(device).items() for dtype in dtypes]
