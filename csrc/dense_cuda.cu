@@ -315,6 +315,41 @@ struct GradSumsFold {
   }
 };
 
+// ---- the maps' per-access work, shared by both layouts ----
+
+// One access's operands: x, and g and out where the op reads them.
+template <typename T, int V, class Op>
+__device__ __forceinline__ void load_operands(const View<const T>& x, const View<const T>& g,
+                                              const View<T>& out, int64_t n, int64_t c, int64_t p,
+                                              typename MathOf<T>::type (&xv)[V],
+                                              typename MathOf<T>::type (&gv)[V],
+                                              typename MathOf<T>::type (&ov)[V]) {
+  load<T, V>(x.at(n, c, p), xv);
+  if (Op::kReadsGrad) load<T, V>(g.at(n, c, p), gv);
+  if (Op::kBackward) load<T, V>(out.at(n, c, p), ov);
+}
+
+// The constants of element e of an access: one channel's (rows) or channel e's (channels).
+template <typename A>
+__device__ __forceinline__ const Consts<A>& consts_at(const Consts<A>& k, int) {
+  return k;
+}
+template <typename A, int V>
+__device__ __forceinline__ const Consts<A>& consts_at(const Consts<A> (&k)[V], int e) {
+  return k[e];
+}
+
+// out = the op of one access's operands.
+template <typename T, int V, class Op, class K>
+__device__ __forceinline__ void apply_store(const View<T>& out, int64_t n, int64_t c, int64_t p,
+                                            const typename MathOf<T>::type (&xv)[V],
+                                            const typename MathOf<T>::type (&gv)[V],
+                                            typename MathOf<T>::type (&ov)[V], const K& k) {
+#pragma unroll
+  for (int e = 0; e < V; ++e) ov[e] = Op::apply(xv[e], gv[e], ov[e], consts_at(k, e));
+  store<T, V>(out.at(n, c, p), ov);
+}
+
 // ---- rows layout: grid (parts, C) ----
 
 template <typename T, int V, class Op>
@@ -335,10 +370,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (i < vectors) {
         uint32_t n, pv;
         per_row.divmod(static_cast<uint32_t>(i), n, pv);
-        const int64_t p = int64_t(pv) * V;
-        load<T, V>(x.at(n, c, p), xv[u]);
-        if (Op::kReadsGrad) load<T, V>(g.at(n, c, p), gv[u]);
-        if (Op::kBackward) load<T, V>(out.at(n, c, p), ov[u]);
+        load_operands<T, V, Op>(x, g, out, n, c, int64_t(pv) * V, xv[u], gv[u], ov[u]);
       }
     }
 #pragma unroll
@@ -347,9 +379,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (i < vectors) {
         uint32_t n, pv;  // recomputed (a multiply): fewer live registers than keeping it
         per_row.divmod(static_cast<uint32_t>(i), n, pv);
-#pragma unroll
-        for (int e = 0; e < V; ++e) ov[u][e] = Op::apply(xv[u][e], gv[u][e], ov[u][e], k);
-        store<T, V>(out.at(n, c, int64_t(pv) * V), ov[u]);
+        apply_store<T, V, Op>(out, n, c, int64_t(pv) * V, xv[u], gv[u], ov[u], k);
       }
     }
   }
@@ -434,9 +464,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (q < positions) {
         uint32_t n, p;
         per_image.divmod(static_cast<uint32_t>(q), n, p);
-        load<T, V>(x.at(n, c0, p), xv[u]);
-        if (Op::kReadsGrad) load<T, V>(g.at(n, c0, p), gv[u]);
-        if (Op::kBackward) load<T, V>(out.at(n, c0, p), ov[u]);
+        load_operands<T, V, Op>(x, g, out, n, c0, p, xv[u], gv[u], ov[u]);
       }
     }
 #pragma unroll
@@ -445,9 +473,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (q < positions) {
         uint32_t n, p;
         per_image.divmod(static_cast<uint32_t>(q), n, p);
-#pragma unroll
-        for (int e = 0; e < V; ++e) ov[u][e] = Op::apply(xv[u][e], gv[u][e], ov[u][e], k[e]);
-        store<T, V>(out.at(n, c0, p), ov[u]);
+        apply_store<T, V, Op>(out, n, c0, p, xv[u], gv[u], ov[u], k);
       }
     }
   }
