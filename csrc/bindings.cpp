@@ -280,7 +280,8 @@ std::tuple<double, double, double> fold_moments_impl(const at::Tensor& x, int64_
   using A = T;
   const T* p = x.const_data_ptr<T>();
   const int64_t n = x.numel();
-  const A shift = n > 0 ? static_cast<A>(p[0]) : A(0);  // the kernels fold x - (its first element)
+  // The kernels fold x - (its first element, if finite).
+  const A shift = n > 0 ? fastres::math::finite_or_zero(static_cast<A>(p[0])) : A(0);
   std::vector<fastres::math::Welford<A>> state(threads, fastres::math::Welford<A>{0, 0, 0});
   for (int64_t start = 0, chunk = 0; start < n; start += kChunk, ++chunk) {
     A values[kChunk] = {};

@@ -215,7 +215,7 @@ struct BackwardInput {
 };
 
 // Welford moments of x: rows sum, M2, count. Folded about a shift, the
-// channel's first element (Consts::mean here): x - shift is small where x's
+// channel's first element if finite (Consts::mean here): x - shift is small where x's
 // mean is large against its spread, so the float Welford states lose
 // nothing to rounding the running mean; the sum gets count * shift back in
 // double.
@@ -229,7 +229,7 @@ struct MomentsFold {
   __device__ __forceinline__ static Consts<A> consts(const Channels<A>&, const View<const T>& x,
                                                      int64_t c, bool nonempty) {
     Consts<A> k{};
-    k.mean = nonempty ? to_math(*x.at(0, c, 0)) : A(0);
+    k.mean = nonempty ? math::finite_or_zero(to_math(*x.at(0, c, 0))) : A(0);
     return k;
   }
 

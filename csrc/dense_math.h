@@ -155,6 +155,13 @@ FASTRES_UNROLL
   return {A(n), mean, m2};
 }
 
+// A statistics shift: v, or 0 if v is infinite or NaN (x - shift must stay
+// finite wherever x is: a non-finite shift would make every value non-finite).
+template <typename A>
+FASTRES_HD A finite_or_zero(A v) {
+  return v - v == A(0) ? v : A(0);
+}
+
 // A part's Moments (double) from its Welford state over values x - shift.
 template <typename A>
 FASTRES_HD Moments to_moments(const Welford<A>& w, double shift) {
