@@ -376,3 +376,35 @@ def test_fastres_check_self_tests_the_cuda_kernels_where_they_can_run(monkeypatc
     (name, case), = extra.items()
     result = selftest.run_case(name, case, "cpu", torch.float64)
     assert result.ok, result
+
+
+def test_timing_that_runs_out_of_memory_keeps_the_default(monkeypatch, tmp_path):
+    from fastres.kernels import tuning
+    from fastres.ops import dense_tuning
+    from fastres.ops.dense_ext import dense_block
+
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    monkeypatch.setattr(tuning, "_can_time", lambda device: True)
+    monkeypatch.setattr(tuning, "capturing", lambda device: False)
+    monkeypatch.setattr(tuning, "BENCH", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(dense_tuning, "_NO_ROOM", set())
+    tuning.forget()
+    calls = []
+
+    def run_block(path, x, layers):
+        calls.append(path)
+        if path == "extension":
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return dense_block(x, layers)
+
+    net = fastres.models.densenet121(num_classes=10).features.denseblock1
+    x = torch.randn(2, 64, 8, 8)
+    layers = [net.denselayer1.dense_args(tuple(x.shape))]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert dense_tuning.choose_path(x, layers, run_block) == "triton"
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    calls.clear()
+    assert dense_tuning.choose_path(x, layers, run_block) == "triton"  # not timed again
+    assert calls == []
+    tuning.forget()

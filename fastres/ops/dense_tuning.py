@@ -6,7 +6,8 @@ shape, remembered on disk, fixed when timing is off) times one training step
 of the block, forward and backward, on each path and keeps the faster. The
 timed runs work on copies of the running statistics and detached parameters,
 so they change nothing a user can see; both paths are checked against eager
-PyTorch by the test suite, so the runs are not compared here.
+PyTorch by the test suite, so the runs are not compared here. Timing that
+runs out of memory keeps the default (Triton) for that shape.
 """
 
 from typing import Sequence
@@ -55,5 +56,19 @@ def choose_path(x: Tensor, layers: Sequence[DenseLayerArgs], run_block) -> str:
         if trains and out.requires_grad:
             out.backward(torch.ones_like(out))
 
-    config = tuning.choose("dense_block", _bucket(x, layers), CANDIDATES, run, x.device)
+    bucket = _bucket(x, layers)
+    if bucket in _NO_ROOM:
+        return TRITON
+    try:
+        config = tuning.choose("dense_block", bucket, CANDIDATES, run, x.device)
+    except torch.OutOfMemoryError:
+        # Timing needs room for a second training step of the block; where there is none (the
+        # memory-constrained runs this engine is for), keep the default and never time this shape again.
+        _NO_ROOM.add(bucket)
+        if x.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return TRITON
     return PATHS[config[0]]
+
+
+_NO_ROOM: set = set()  # block shapes whose timing ran out of memory (this process)
