@@ -164,8 +164,12 @@ void bn_relu_backward_input(const at::Tensor& grad_out, const at::Tensor& x,
 }
 
 bool built() {
-  int count = 0;
-  return fastres_cuda_device_count(&count) != FASTRES_NOT_BUILT;
+  // A property of the build: asked once (the bindings ask on every CUDA call).
+  static const bool kernels = [] {
+    int count = 0;
+    return fastres_cuda_device_count(&count) != FASTRES_NOT_BUILT;
+  }();
+  return kernels;
 }
 
 std::tuple<int, std::string> devices() {
