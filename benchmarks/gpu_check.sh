@@ -40,7 +40,7 @@ stage() {  # stage NAME SECONDS CMD...
     tail -5 "$OUT/$name.log"
 }
 
-stage install 75 env MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
+stage install 70 env MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
 stage env 15 $PY -c "
 import json, sys, torch, triton, fastres, fastres.functional as F
 p = torch.cuda.get_device_properties(0)
@@ -50,33 +50,37 @@ json.dump({'device': torch.cuda.get_device_name(), 'sms': p.multi_processor_coun
            'extension': F.extension_available()}, open('$OUT/env.json', 'w'), indent=1)
 print(open('$OUT/env.json').read())"
 # Every op and block against eager on this GPU, as a user's `fastres check` runs it.
-stage check 35 $PY -m fastres check --json "$OUT/check.json"
+stage check 30 $PY -m fastres check --json "$OUT/check.json"
 # The GPU paths first (kernels, then blocks and models); the CPU-only checks (sm_90 static
 # compile) already ran where there was no GPU.
 # FASTRES_AUTOTUNE=0: the convolutions take their first config at each of the tests' many shapes
 # (test_every_launch_config_matches_eager runs every config); the benchmarks autotune.
-stage tests 110 env FASTRES_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider \
-    --junitxml="$OUT/tests.xml" \
-    tests/test_ext.py tests/test_ext_cuda.py tests/test_add_relu.py tests/test_batch_norm.py tests/test_op_tooling.py \
+# fastres._C's CUDA kernels first, which have never run anywhere else: every op in four dtypes
+# against float64 eager, and the DenseNet tests on that engine.
+stage tests_c 60 env FASTRES_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider \
+    --junitxml="$OUT/tests_c.xml" tests/test_ext.py tests/test_ext_cuda.py "tests/test_densenet.py" -k "cuda or extension"
+stage tests 85 env FASTRES_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider \
+    --junitxml="$OUT/tests.xml" -k "not extension" \
+    tests/test_add_relu.py tests/test_batch_norm.py tests/test_op_tooling.py \
     tests/test_bn_relu_conv.py tests/test_densenet.py tests/test_resnet.py \
     tests/test_convert.py tests/test_bad_input.py tests/test_resnetv2.py tests/test_convert_timm.py
 
 BENCH=(-p no:cacheprovider --benchmark-only -q)
-stage bench_add_relu 35 $PY -m pytest benchmarks/test_add_relu.py "${BENCH[@]}" \
+stage bench_add_relu 30 $PY -m pytest benchmarks/test_add_relu.py "${BENCH[@]}" \
     -k "N64 and ((bfloat16 and channels_last) or (float32 and nchw)) and (fastres or eager or copy) and not compile" \
     --benchmark-json "$OUT/add_relu.json"
-stage bench_batch_norm 45 $PY -m pytest benchmarks/test_batch_norm.py "${BENCH[@]}" \
+stage bench_batch_norm 40 $PY -m pytest benchmarks/test_batch_norm.py "${BENCH[@]}" \
     -k "N64 and bfloat16 and channels_last and not compile" --benchmark-json "$OUT/batch_norm.json"
 # Most of this stage is Triton compiling and autotuning the convolution kernels (cold cache).
 # The fastres cases record which candidate won each launch (a tile config or "unfused": BN-ReLU then cuDNN).
-stage bench_bn_relu_conv 60 $PY -m pytest benchmarks/test_bn_relu_conv.py "${BENCH[@]}" \
+stage bench_bn_relu_conv 55 $PY -m pytest benchmarks/test_bn_relu_conv.py "${BENCH[@]}" \
     -k "N64 and bfloat16 and channels_last and not compile and (densenet121 or 3x3s2 or 1x1s2)" \
     --benchmark-json "$OUT/bn_relu_conv.json"
 # Measured against the speed-of-light bound of each case (bytes at HBM bandwidth, FLOPs at the bf16 peak).
 stage measured_vs_estimated 10 $PY -m benchmarks.measured_vs_estimated "$OUT/bn_relu_conv.json" \
     --json "$OUT/measured_vs_estimated.json"
 # ResNet-50 against torchvision and the pre-activation ResNetV2-50 against timm, one process.
-stage bench_resnet50 55 $PY -m pytest benchmarks/test_training_step.py "${BENCH[@]}" \
+stage bench_resnet50 45 $PY -m pytest benchmarks/test_training_step.py "${BENCH[@]}" \
     -k "(resnet50-N64 or resnetv2_50-N64) and not compile" --benchmark-json "$OUT/resnet50_step.json"
 # DenseNet-121's three CUDA paths (fused Triton, fastres._C's kernels + cuDNN, naive) and checkpointing.
 stage bench_densenet121 40 $PY -m pytest benchmarks/test_densenet.py "${BENCH[@]}" \
