@@ -37,7 +37,12 @@ WIDE = {"float": 4, "double": 2, "__half": 8, "__nv_bfloat16": 8}
 
 
 def nvcc() -> str | None:
-    return shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.isfile(p)), None)
+    """nvcc where setup.py looks for it: $CUDA_HOME, $CUDA_PATH, PATH, /usr/local/cuda (FASTRES_CUDA=0: none)."""
+    if os.environ.get("FASTRES_CUDA", "").strip() == "0":
+        return None
+    homes = [os.path.join(h, "bin", "nvcc") for h in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")) if h]
+    return next((p for p in [*homes, shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+                 if p and os.path.isfile(p) and os.access(p, os.X_OK)), None)
 
 
 def triton_tools() -> tuple[str, str] | None:
@@ -75,14 +80,20 @@ def _short(mangled: str) -> str:
     return "".join(out)
 
 
-def _vec(short: str) -> int | None:
+def _type_and_vec(short: str) -> tuple[str, int] | None:
+    """(element type, elements per access) of a map or reduction kernel, None for the others."""
     m = re.match(r"\w+<([\w:]+), (\d+),", short)
-    return int(m.group(2)) if m else None
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def _vec(short: str) -> int | None:
+    found = _type_and_vec(short)
+    return found[1] if found else None
 
 
 def _wide(short: str) -> bool:
-    m = re.match(r"\w+<([\w:]+), (\d+),", short)
-    return bool(m) and WIDE.get(m.group(1)) == int(m.group(2))
+    found = _type_and_vec(short)
+    return bool(found) and WIDE.get(found[0]) == found[1]
 
 
 def parse_ptxas(log: str) -> dict[str, dict]:

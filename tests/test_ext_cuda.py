@@ -17,7 +17,7 @@ tests/test_densenet.py's dense-path tests; here, what CI checks on every run:
 import ctypes
 import math
 import os
-import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,8 +32,10 @@ if os.environ.get("FASTRES_NO_EXT") == "1":
 
 C = _ext.load()
 GPU = torch.cuda.is_available()
-TOOLKIT = os.environ.get("FASTRES_CUDA") != "0" and bool(
-    shutil.which("nvcc") or os.environ.get("CUDA_HOME") or Path("/usr/local/cuda/bin/nvcc").is_file())
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from csrc_report import nvcc  # noqa: E402  (where setup.py looks for a toolkit)
+
+TOOLKIT = nvcc() is not None
 
 FLOAT32, FLOAT64, FLOAT16, BFLOAT16 = 0, 1, 2, 3
 NOT_BUILT, TOO_LARGE = -1, -2
