@@ -47,6 +47,17 @@ at::ScalarType param_dtype(const at::Tensor& x) {
 
 bool half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
+// Whether x's op runs the CUDA kernels: x is a CUDA tensor. The emulated test
+// build (FASTRES_EMULATED_CUDA: tests/emulated_cuda.py) runs them on the host,
+// on CPU tensors.
+bool cuda_kernels_for(const at::Tensor& x) {
+#ifdef FASTRES_EMULATED_CUDA
+  return x.is_cpu();
+#else
+  return x.is_cuda();
+#endif
+}
+
 // x first: its device, then its shape and dtype. Every other tensor must be on
 // x's device, so the device check covers them all.
 void check_x(const char* op, const at::Tensor& x) {
@@ -54,7 +65,7 @@ void check_x(const char* op, const at::Tensor& x) {
                     ": fastres._C runs on CPU and CUDA tensors, got x on ", x.device());
   FASTRES_CHECK_DIM(op, "x", x, 4);
   const at::ScalarType dtype = x.scalar_type();
-  if (x.is_cpu()) {
+  if (!cuda_kernels_for(x)) {
     TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
                      ": x must have dtype float32 or float64 on CPU, got ",
                      fastres::dtype_name(dtype));
@@ -64,7 +75,7 @@ void check_x(const char* op, const at::Tensor& x) {
                      fastres::dtype_name(dtype));
   }
   FASTRES_CHECK_MERGEABLE(op, "x", x);
-  TORCH_CHECK(x.is_cpu() || fastres::cuda::built(), op,
+  TORCH_CHECK(!cuda_kernels_for(x) || fastres::cuda::built(), op,
               ": x is on ", x.device(), " but this fastres._C was built without its CUDA kernels "
               "(no CUDA toolkit at install time, or FASTRES_CUDA=0); reinstall with nvcc on PATH "
               "or CUDA_HOME set, or let CUDA tensors take fastres's Triton kernels");
@@ -170,10 +181,10 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x,
   check_x(op, x);
   const RunningPair running = running_pair(op, running_mean, running_var, x);
   auto [mean, rstd] =
-      x.is_cuda() ? fastres::cuda::batch_stats(x, running.mean.work(), running.var.work(),
-                                                momentum, eps, param_dtype(x))
-                  : fastres::cpu::batch_stats(x, running.mean.work(), running.var.work(), momentum,
-                                              eps);
+      cuda_kernels_for(x)
+          ? fastres::cuda::batch_stats(x, running.mean.work(), running.var.work(), momentum, eps,
+                                       param_dtype(x))
+          : fastres::cpu::batch_stats(x, running.mean.work(), running.var.work(), momentum, eps);
   running.finish();
   return {mean, rstd};
 }
@@ -181,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x,
 at::Tensor batch_moments(const at::Tensor& x) {
   constexpr const char* op = "batch_moments";
   check_x(op, x);
-  return x.is_cuda() ? fastres::cuda::batch_moments(x) : fastres::cpu::batch_moments(x);
+  return cuda_kernels_for(x) ? fastres::cuda::batch_moments(x) : fastres::cpu::batch_moments(x);
 }
 
 // x: this process's batch, which sets the channels, the device and the dtype
@@ -200,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> merge_batch_stats(const at::Tensor& x, const 
                     x.size(1), ", got ", moments.sizes());
   const RunningPair running = running_pair(op, running_mean, running_var, x);
   auto [mean, rstd] =
-      x.is_cuda()
+      cuda_kernels_for(x)
           ? fastres::cuda::merge_batch_stats(x, moments.contiguous(), running.mean.work(),
                                              running.var.work(), momentum, eps, param_dtype(x))
           : fastres::cpu::merge_batch_stats(moments.contiguous(), running.mean.work(),
@@ -216,8 +227,8 @@ std::tuple<at::Tensor, at::Tensor> running_stats(const at::Tensor& x,
   check_x(op, x);
   const RunningBuffer rm(op, "running_mean", running_mean, x);
   const RunningBuffer rv(op, "running_var", running_var, x);
-  return x.is_cuda() ? fastres::cuda::running_stats(x, rm.work(), rv.work(), eps)
-                     : fastres::cpu::running_stats(rm.work(), rv.work(), eps);
+  return cuda_kernels_for(x) ? fastres::cuda::running_stats(x, rm.work(), rv.work(), eps)
+                             : fastres::cpu::running_stats(rm.work(), rv.work(), eps);
 }
 
 void bn_relu_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
@@ -227,7 +238,7 @@ void bn_relu_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tens
   check_x(op, x);
   const BnParams bn = bn_params(op, x, mean, rstd, weight, bias);
   check_like_x(op, "out", out, x, /*written=*/true);
-  if (x.is_cuda())
+  if (cuda_kernels_for(x))
     fastres::cuda::bn_relu_forward(x, bn.mean, bn.rstd, bn.weight, bn.bias, out);
   else
     fastres::cpu::bn_relu_forward(x, bn.mean, bn.rstd, bn.weight, bn.bias, out);
@@ -241,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce(
   check_x(op, x);
   check_like_x(op, "grad_out", grad_out, x, /*written=*/false);
   const BnParams bn = bn_params(op, x, mean, rstd, weight, bias);
-  if (x.is_cuda())
+  if (cuda_kernels_for(x))
     return fastres::cuda::bn_relu_backward_reduce(grad_out, x, bn.mean, bn.rstd, bn.weight,
                                                   bn.bias);
   return fastres::cpu::bn_relu_backward_reduce(grad_out, x, bn.mean, bn.rstd, bn.weight,
@@ -261,7 +272,7 @@ void bn_relu_backward_input(const at::Tensor& grad_out, const at::Tensor& x,
   const at::Tensor g_sums = channel_vector(op, "sum_g", sum_g, x);
   const at::Tensor gx_sums = channel_vector(op, "sum_gx", sum_gx, x);
   check_like_x(op, "grad_in", grad_in, x, /*written=*/true);
-  if (x.is_cuda())
+  if (cuda_kernels_for(x))
     fastres::cuda::bn_relu_backward_input(grad_out, x, bn.mean, bn.rstd, bn.weight, bn.bias,
                                           g_sums, gx_sums, grad_in, training);
   else

@@ -35,6 +35,12 @@
 #include "dense_cuda.h"
 #include "dense_math.h"
 
+// kernel<<<grid, block, 0, stream>>>, spelled so that a host compiler can also
+// build this file against tests/cuda_emulator, which defines it first.
+#ifndef FASTRES_LAUNCH
+#define FASTRES_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#endif
+
 namespace {
 
 namespace math = fastres::math;
@@ -746,10 +752,11 @@ int launch_map(const fastres_problem* pr, const fastres_view* x, const fastres_v
   return on_device(pr, [&] {
     if (plan.channels_layout) {
       auto kernel = plan.vec == kWide ? channels_map<T, kWide, Op> : channels_map<T, 1, Op>;
-      kernel<<<plan.grid, plan.block, 0, stream>>>(xv, gv, ov, chs, pr->c, plan.work, plan.divider);
+      FASTRES_LAUNCH(kernel, plan.grid, plan.block, stream)(xv, gv, ov, chs, pr->c, plan.work,
+                                                            plan.divider);
     } else {
       auto kernel = plan.vec == kWide ? rows_map<T, kWide, Op> : rows_map<T, 1, Op>;
-      kernel<<<plan.grid, plan.block, 0, stream>>>(xv, gv, ov, chs, plan.work, plan.divider);
+      FASTRES_LAUNCH(kernel, plan.grid, plan.block, stream)(xv, gv, ov, chs, plan.work, plan.divider);
     }
   });
 }
@@ -769,12 +776,12 @@ int launch_reduce(const fastres_problem* pr, const fastres_view* x, const fastre
   return on_device(pr, [&] {
     if (plan.channels_layout) {
       auto kernel = plan.vec == kWide ? channels_reduce<T, kWide, Fold> : channels_reduce<T, 1, Fold>;
-      kernel<<<plan.grid, plan.block, 0, stream>>>(xv, gv, chs, pr->c, plan.work, plan.divider,
-                                                   partials);
+      FASTRES_LAUNCH(kernel, plan.grid, plan.block, stream)(xv, gv, chs, pr->c, plan.work,
+                                                            plan.divider, partials);
     } else {
       auto kernel = plan.vec == kWide ? rows_reduce<T, kWide, Fold> : rows_reduce<T, 1, Fold>;
-      kernel<<<plan.grid, plan.block, 0, stream>>>(xv, gv, chs, plan.work, plan.divider, partials,
-                                                   pr->c);
+      FASTRES_LAUNCH(kernel, plan.grid, plan.block, stream)(xv, gv, chs, plan.work, plan.divider,
+                                                            partials, pr->c);
     }
   });
 }
@@ -875,12 +882,12 @@ int fastres_cuda_finish_moments(const fastres_problem* pr, const double* moments
   const unsigned blocks = warp_blocks(pr->c);
   return on_device(pr, [&] {
     if (pr->dtype == FASTRES_FLOAT64)
-      finish_moments<double><<<blocks, kThreads, 0, stream>>>(
+      FASTRES_LAUNCH(finish_moments<double>, blocks, kThreads, stream)(
           moments, parts, pr->c, momentum, eps, static_cast<double*>(running_mean),
           static_cast<double*>(running_var), static_cast<double*>(mean), static_cast<double*>(rstd),
           moments_out);
     else
-      finish_moments<float><<<blocks, kThreads, 0, stream>>>(
+      FASTRES_LAUNCH(finish_moments<float>, blocks, kThreads, stream)(
           moments, parts, pr->c, momentum, eps, static_cast<float*>(running_mean),
           static_cast<float*>(running_var), static_cast<float*>(mean), static_cast<float*>(rstd),
           moments_out);
@@ -893,11 +900,11 @@ int fastres_cuda_running_stats(const fastres_problem* pr, const void* running_me
   const unsigned blocks = static_cast<unsigned>(ceil_div(pr->c, kThreads));
   return on_device(pr, [&] {
     if (pr->dtype == FASTRES_FLOAT64)
-      running_stats<double><<<blocks, kThreads, 0, stream>>>(
+      FASTRES_LAUNCH(running_stats<double>, blocks, kThreads, stream)(
           static_cast<const double*>(running_mean), static_cast<const double*>(running_var), eps,
           pr->c, static_cast<double*>(mean), static_cast<double*>(rstd));
     else
-      running_stats<float><<<blocks, kThreads, 0, stream>>>(
+      FASTRES_LAUNCH(running_stats<float>, blocks, kThreads, stream)(
           static_cast<const float*>(running_mean), static_cast<const float*>(running_var), eps,
           pr->c, static_cast<float*>(mean), static_cast<float*>(rstd));
   });
@@ -920,13 +927,11 @@ int fastres_cuda_finish_sums(const fastres_problem* pr, const double* partials, 
   const unsigned blocks = warp_blocks(pr->c);
   return on_device(pr, [&] {
     if (pr->dtype == FASTRES_FLOAT64)
-      finish_sums<double><<<blocks, kThreads, 0, stream>>>(partials, parts, pr->c,
-                                                           static_cast<double*>(sum_g),
-                                                           static_cast<double*>(sum_gx));
+      FASTRES_LAUNCH(finish_sums<double>, blocks, kThreads, stream)(
+          partials, parts, pr->c, static_cast<double*>(sum_g), static_cast<double*>(sum_gx));
     else
-      finish_sums<float><<<blocks, kThreads, 0, stream>>>(partials, parts, pr->c,
-                                                          static_cast<float*>(sum_g),
-                                                          static_cast<float*>(sum_gx));
+      FASTRES_LAUNCH(finish_sums<float>, blocks, kThreads, stream)(
+          partials, parts, pr->c, static_cast<float*>(sum_g), static_cast<float*>(sum_gx));
   });
 }
 

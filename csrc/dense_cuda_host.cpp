@@ -29,10 +29,14 @@ int dtype_code(at::ScalarType t) {
 }
 
 fastres_problem problem_of(const at::Tensor& x) {
+#ifdef FASTRES_EMULATED_CUDA  // the test build: CPU tensors, kernels run on the host (no stream)
+  return {x.size(0), x.size(1), x.size(2) * x.size(3), dtype_code(x.scalar_type()), 0, nullptr};
+#else
   const c10::Stream stream =
       c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device());
   return {x.size(0), x.size(1), x.size(2) * x.size(3), dtype_code(x.scalar_type()),
           x.device().index(), stream.native_handle()};
+#endif
 }
 
 fastres_view view_of(const at::Tensor& t) {

@@ -38,6 +38,36 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PATHS = ["triton"] if DEVICE.type == "cuda" else ["triton", "reference"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "emulated_cuda: fastres._C's ops run its CUDA kernels on CPU tensors (tests/emulated_cuda.py)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Cases of fastres._C's emulated CUDA kernels on the Triton path would repeat the Triton cases: left out."""
+    def redundant(item) -> bool:
+        params = getattr(item, "callspec", None) and item.callspec.params
+        return bool(params) and item.get_closest_marker("emulated_cuda") is not None and params.get("path") == "triton"
+
+    drop = [item for item in items if redundant(item)]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [item for item in items if not redundant(item)]
+
+
+@pytest.fixture(autouse=True)
+def _emulated_cuda(request):
+    """Tests marked ``emulated_cuda`` run with the emulated build in place of fastres._C."""
+    if request.node.get_closest_marker("emulated_cuda") is None:
+        yield
+        return
+    import emulated_cuda
+
+    with emulated_cuda.kernels():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

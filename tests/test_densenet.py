@@ -15,17 +15,22 @@ from helpers import (
 )
 # On CUDA every test runs once per dense engine: the default (the fused Triton
 # convolutions on sm_80+) and fastres._C's CUDA kernels with cuDNN's
-# convolutions, where they are built. On CPU there is one engine.
-ENGINES = ["default"] + (["extension"] if torch.cuda.is_available() and _ext.cuda_kernels() else [])
+# convolutions, where they are built. On CPU fastres._C's engine runs once as
+# built, and once through its CUDA kernels run on the host ("emulated",
+# tests/emulated_cuda.py; conftest.py leaves out the Triton path's cases there).
+GPU = torch.cuda.is_available()
+ENGINES = ["default"] + (
+    ["extension"] if GPU and _ext.cuda_kernels() else [] if GPU else [pytest.param("emulated", marks=pytest.mark.emulated_cuda)]
+)
 
 
 @pytest.fixture(autouse=True, params=ENGINES)
 def engine(request):
-    if request.param == "default":
-        yield request.param
-    else:
+    if request.param == "extension":
         with fastres.dense_path(request.param):
             yield request.param
+    else:
+        yield request.param
 
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

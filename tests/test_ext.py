@@ -1,9 +1,10 @@
-"""fastres._C, the dense-block ops, against a float64 eager reference: on CPU, and on CUDA (its CUDA kernels) where there is a GPU.
+"""fastres._C, the dense-block ops, against a float64 eager reference: on CPU, and through its CUDA kernels.
 
 x is a channel slice of a shared feature buffer (NCHW or channels_last), as a
-memory-efficient DenseNet layer reads it. On CUDA the same tests run the CUDA
-kernels, float16 and bfloat16 included (skipped without a GPU: they launch
-kernels; tests/test_ext_cuda.py covers what runs without one).
+memory-efficient DenseNet layer reads it. The same tests run the CUDA kernels,
+float16 and bfloat16 included: on the host through the emulated build
+("emulated" cases, tests/emulated_cuda.py) everywhere, and on a GPU where
+there is one ("cuda" cases); tests/test_ext_cuda.py covers the build itself.
 """
 
 import os
@@ -14,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cuda_abi
+import emulated_cuda
 from fastres import _ext
 
 if os.environ.get("FASTRES_NO_EXT") == "1":
@@ -22,7 +25,9 @@ if os.environ.get("FASTRES_NO_EXT") == "1":
 from fastres.ops import extension as ops  # noqa: E402
 
 CUDA = torch.cuda.is_available() and os.environ.get("FASTRES_NO_EXT") != "1" and _ext.cuda_kernels()
-DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+# "emulated": CPU tensors through the CUDA kernels, run on the host (tests/emulated_cuda.py).
+EMULATED = pytest.param("cpu", id="emulated", marks=pytest.mark.emulated_cuda)
+DEVICES = ["cpu", EMULATED] + (["cuda"] if CUDA else [])
 LAYOUTS = ["nchw", "channels_last"]
 # Odd channel counts, 7x7, N=1, 1x1, H=1 or W=1 (merged H*W strides), and more
 # than 16 channels (the CPU's channel tiles when channels are innermost).
@@ -40,12 +45,13 @@ OFFSET = 2  # x = buf[:, OFFSET:OFFSET + C]
 
 
 def cases():
-    """(device, dtype): the dtypes fastres._C takes: float32 and float64, on CUDA also float16 and bfloat16."""
-    return [
-        pytest.param(device, dtype, id=f"{device}-{str(dtype)[6:]}")
-        for device in DEVICES
-        for dtype in (torch.float32, torch.float64) + ((torch.float16, torch.bfloat16) if device == "cuda" else ())
-    ]
+    """(device, dtype): the dtypes fastres._C takes: float32 and float64, its CUDA kernels also float16 and bfloat16."""
+    full = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    out = [pytest.param("cpu", dtype, id=f"cpu-{str(dtype)[6:]}") for dtype in full[:2]]
+    out += [pytest.param("cpu", dtype, id=f"emulated-{str(dtype)[6:]}", marks=EMULATED.marks) for dtype in full]
+    if CUDA:
+        out += [pytest.param("cuda", dtype, id=f"cuda-{str(dtype)[6:]}") for dtype in full]
+    return out
 
 
 def memory_format(layout: str) -> torch.memory_format:
@@ -75,6 +81,11 @@ def scratch(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 def param_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def accumulation_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
+    """What per-channel sums accumulate in: double on CPU (as eager CPU batch norm), the math type per CUDA thread."""
+    return param_dtype(dtype) if device == "cuda" or emulated_cuda.active() else torch.float64
 
 
 def bn_params(c, dtype, device, affine=True):
@@ -295,7 +306,7 @@ def test_batch_moments(device, dtype, layout, shape):
     if shape[0] == 0:  # no elements: nothing summed
         expected = torch.zeros_like(expected)
     m = shape[0] * shape[2] * shape[3]
-    assert_close(moments, expected, torch.float64, scale=max(m, 1))
+    assert_close(moments, expected, accumulation_dtype(device, dtype), scale=max(m, 1))
     assert torch.equal(buf, buf_before)
 
 
@@ -503,6 +514,73 @@ def test_ops_compose_to_autograd_of_batch_norm_relu(device, layout, affine, trai
     if affine:  # what BatchNorm's parameter gradients are made of
         torch.testing.assert_close(sum_g, eager_bias.grad, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(sum_gx * rstd, eager_weight.grad, rtol=1e-10, atol=1e-10)
+
+
+# ---- large slices: the CUDA kernels' 16-byte and 1-element paths, several loop iterations and parts ----
+
+
+def cuda_kernels_run(device: str) -> bool:
+    return device == "cuda" or emulated_cuda.active()
+
+
+def vector_width(x: torch.Tensor, aligned: bool) -> int:
+    """Elements per access the CUDA kernels should take for x: 16 bytes where the slice allows."""
+    wide = 16 // x.element_size()
+    along = x.shape[1] if x.is_contiguous(memory_format=torch.channels_last) else x.shape[2] * x.shape[3]
+    return wide if aligned and along % wide == 0 else 1
+
+
+@pytest.mark.parametrize("device, dtype", cases())
+@pytest.mark.parametrize("layout", LAYOUTS)
+# 32 channels of 48x48: every dtype's 16-byte width divides C and H*W; 5 of 37x41 divides by none.
+@pytest.mark.parametrize("shape", [(2, 32, 48, 48), (3, 5, 37, 41)], ids=str)
+# The buffer starts 16-byte aligned, or one element past it.
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_every_op_on_large_slices(device, dtype, layout, shape, aligned):
+    """Large enough that the CUDA kernels' loops take several iterations and their reductions several parts."""
+    n, c, h, w = shape
+    total, offset = c + 16, 8  # x = buf[:, 8:8 + c]: 16-byte aligned in every dtype where buf is
+
+    def buffer(fill=None):
+        values = torch.randn(n, total, h, w, dtype=torch.float64) if fill is None else torch.full((n, total, h, w), fill)
+        flat = torch.empty(values.numel() + 1, dtype=dtype, device=device)[int(not aligned) :][: values.numel()]
+        if layout == "channels_last":
+            return flat.view(n, h, w, total).permute(0, 3, 1, 2).copy_(values)
+        return flat.view(n, total, h, w).copy_(values)
+
+    def inside(buf):
+        return buf[:, offset : offset + c]
+
+    def outside(buf):
+        keep = torch.ones(buf.shape[1], dtype=torch.bool)
+        keep[offset : offset + c] = False
+        return buf[:, keep]
+
+    xbuf, gbuf, obuf, ibuf = buffer(), buffer(), buffer(float("nan")), buffer()
+    x, grad_out, out, grad_in = inside(xbuf), inside(gbuf), inside(obuf), inside(ibuf)
+    ibuf_before = ibuf.clone()
+    if cuda_kernels_run(device):
+        expected = ("channels" if layout == "channels_last" else "rows", vector_width(x, aligned))
+        assert cuda_abi.plan_of(_ext.load(), x, grad_out, grad_in) == expected
+
+    mean, rstd = ops.batch_stats(x, eps=EPS)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    assert_close(mean, ref_mean, param_dtype(dtype))
+    assert_close(rstd, torch.rsqrt(ref_var + EPS), param_dtype(dtype))
+
+    _, _, weight, bias = bn_params(c, dtype, device)
+    ops.bn_relu_forward(x, mean, rstd, weight, bias, out)
+    assert_close(out, torch.relu(ref_y(x, mean, rstd, weight, bias)), dtype)
+    assert outside(obuf).isnan().all()  # nothing written outside the slice
+
+    sums = ops.bn_relu_backward_reduce(grad_out, x, mean, rstd, weight, bias)
+    for got, ref in zip(sums, ref_sums(grad_out, x, mean, rstd, weight, bias)):
+        assert_close(got, ref, param_dtype(dtype), scale=n * h * w)
+
+    ops.bn_relu_backward_input(grad_out, x, mean, rstd, weight, bias, *sums, grad_in, True)
+    ref = inside(ibuf_before).double() + ref_dx(grad_out, x, mean, rstd, weight, bias, *sums, True)
+    assert_close(grad_in, ref, dtype, scale=4)
+    assert torch.equal(outside(ibuf), outside(ibuf_before))
 
 
 # ---- NaN, Inf, empty ----

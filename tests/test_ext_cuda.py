@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import fastres
+from cuda_abi import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, NOT_BUILT, TOO_LARGE, Problem, View, library, plan, view_of
 from fastres import _ext, ops
 
 if os.environ.get("FASTRES_NO_EXT") == "1":
@@ -37,8 +38,6 @@ from csrc_report import nvcc  # noqa: E402  (where setup.py looks for a toolkit)
 
 TOOLKIT = nvcc() is not None
 
-FLOAT32, FLOAT64, FLOAT16, BFLOAT16 = 0, 1, 2, 3
-NOT_BUILT, TOO_LARGE = -1, -2
 
 
 # ---- the build ----
@@ -71,20 +70,9 @@ def test_fastres_check_reports_the_cuda_kernels(capsys):
 # ---- the C interface ----
 
 
-class View(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("sn", ctypes.c_int64), ("sc", ctypes.c_int64), ("sp", ctypes.c_int64)]
-
-
-class Problem(ctypes.Structure):
-    _fields_ = [("n", ctypes.c_int64), ("c", ctypes.c_int64), ("p", ctypes.c_int64), ("dtype", ctypes.c_int),
-                ("device", ctypes.c_int), ("stream", ctypes.c_void_p)]
-
-
 @pytest.fixture(scope="module")
 def lib():
-    lib = ctypes.CDLL(C.__file__)
-    lib.fastres_cuda_error_string.restype = ctypes.c_char_p
-    return lib
+    return library(C)
 
 
 def _nchw(n, c, p, data=0):
@@ -113,20 +101,9 @@ def test_a_reduction_plans_at_least_one_part_per_channel(lib, layout, dtype):
     assert err == 0 and 1 <= parts <= 65535
 
 
-def _plan(lib, problem, *views):
-    layout, vec, parts = ctypes.c_int(-1), ctypes.c_int(-1), ctypes.c_int64(-1)
-    refs = [ctypes.byref(v) for v in views] + [None] * (3 - len(views))
-    err = lib.fastres_cuda_plan(ctypes.byref(problem), *refs, ctypes.byref(layout), ctypes.byref(vec),
-                                ctypes.byref(parts))
-    assert err == 0
-    return ("channels" if layout.value else "rows"), vec.value
-
-
 def _slice(buf: torch.Tensor, offset: int, c: int) -> View:
-    """The view fastres._C's bindings pass for buf[:, offset:offset + c] (H and W merged)."""
-    x = buf[:, offset: offset + c]
-    sp = x.stride(3) if x.shape[2] > 1 else x.stride(2)
-    return View(x.data_ptr(), x.stride(0), x.stride(1), sp)
+    """The view fastres._C's bindings pass for buf[:, offset:offset + c]."""
+    return view_of(buf[:, offset: offset + c])
 
 
 @needs_kernels
@@ -138,13 +115,13 @@ def test_plans_take_16_byte_accesses_where_every_tensor_allows(lib, dtype, code,
     last = nchw.contiguous(memory_format=torch.channels_last)
     odd = torch.zeros(4, 40, 7, 7, dtype=dtype)
     problem = lambda c, p=64: Problem(4, c, p, code, 0, None)  # noqa: E731
-    assert _plan(lib, problem(16), _slice(nchw, 8, 16)) == ("rows", wide)
-    assert _plan(lib, problem(16), _slice(last, 8, 16)) == ("channels", wide)
-    assert _plan(lib, problem(16), _slice(last, 8, 16), _slice(last, 16, 16)) == ("channels", wide)
-    assert _plan(lib, problem(16), _slice(last, 1, 16)) == ("channels", 1)  # misaligned offset
-    assert _plan(lib, problem(13), _slice(last, 8, 13)) == ("channels", 1)  # V does not divide C
-    assert _plan(lib, problem(16, 49), _slice(odd, 8, 16)) == ("rows", 1)  # V does not divide H*W
-    assert _plan(lib, problem(16), _slice(nchw, 8, 16), _slice(last, 8, 16)) == ("rows", 1)  # mixed layouts
+    assert plan(lib, problem(16), _slice(nchw, 8, 16)) == ("rows", wide)
+    assert plan(lib, problem(16), _slice(last, 8, 16)) == ("channels", wide)
+    assert plan(lib, problem(16), _slice(last, 8, 16), _slice(last, 16, 16)) == ("channels", wide)
+    assert plan(lib, problem(16), _slice(last, 1, 16)) == ("channels", 1)  # misaligned offset
+    assert plan(lib, problem(13), _slice(last, 8, 13)) == ("channels", 1)  # V does not divide C
+    assert plan(lib, problem(16, 49), _slice(odd, 8, 16)) == ("rows", 1)  # V does not divide H*W
+    assert plan(lib, problem(16), _slice(nchw, 8, 16), _slice(last, 8, 16)) == ("rows", 1)  # mixed layouts
 
 
 @needs_kernels
