@@ -355,9 +355,14 @@ def _densenet_data():
     return x, torch.randn(sum(MODEL_BATCHES), 3, generator=gen, dtype=torch.float64)
 
 
-def _densenet_worker(rank, world, port, out_dir, family):
+def _densenet_worker(rank, world, port, out_dir, family, paths, emulated):
     os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
+    if emulated:  # fastres._C's CUDA kernels, run on the host (tests/emulated_cuda.py)
+        import emulated_cuda
+        from fastres import _ext
+
+        _ext._module = emulated_cuda.module()
     if family == "timm":
         from fastres.testing import import_torchvision
 
@@ -372,7 +377,7 @@ def _densenet_worker(rank, world, port, out_dir, family):
         start = sum(MODEL_BATCHES[:rank])
         part = slice(start, start + MODEL_BATCHES[rank])
         results = {}
-        for path in PATHS_WITH_FUSED_DENSE:
+        for path in paths:
             with _on(path):  # "triton": dense blocks on the fused convolutions (CUDA's path)
                 model = _sync_densenet(family)
                 outs, counts = _ddp_steps(model, x[part], grad[part], calls)
@@ -387,15 +392,21 @@ def _densenet_worker(rank, world, port, out_dir, family):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("family", ["fastres", "timm"])
-def test_densenet_under_convert_sync_batchnorm_and_ddp_matches_one_process(request, tmp_path, tv, family):
+# "emulated": the shared-storage path with fastres._C's CUDA kernels, run on the host.
+@pytest.mark.parametrize("family, engine", [("fastres", "built"), ("timm", "built"), ("fastres", "emulated")])
+def test_densenet_under_convert_sync_batchnorm_and_ddp_matches_one_process(request, tmp_path, tv, family, engine):
     """fastres's DenseNet under fastres's converter, or timm's converted under timm's: against one process."""
     pytest.importorskip("triton")
     if not fastres.functional.extension_available():
         pytest.skip("fastres._C is not built")
     if family == "timm":
         request.getfixturevalue("timm")
-    mp.spawn(_densenet_worker, args=(2, _free_port(), str(tmp_path), family), nprocs=2)
+    paths = PATHS_WITH_FUSED_DENSE if engine == "built" else ("reference",)
+    if engine == "emulated":
+        import emulated_cuda
+
+        emulated_cuda.module()  # built here, loaded by the workers
+    mp.spawn(_densenet_worker, args=(2, _free_port(), str(tmp_path), family, paths, engine == "emulated"), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
     x, grad = _densenet_data()
     eager = _small_densenet(tv.models) if family == "fastres" else _small_timm_densenet()
@@ -407,7 +418,7 @@ def test_densenet_under_convert_sync_batchnorm_and_ddp_matches_one_process(reque
         (out * grad).sum().mul(0.5).backward()  # DDP averages the two processes' gradients
         opt.step()
         outs.append(out.detach())
-    for path in PATHS_WITH_FUSED_DENSE:
+    for path in paths:
         for step, want in enumerate(outs):
             got = torch.cat([r[path]["outs"][step] for r in ranks])
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{path} step {step}: {m}")
