@@ -67,25 +67,16 @@ def test_a_misaligned_16_byte_access_faults(faults, where, blocks):
     assert faults.emulated_copy(ptr(src), ptr(dst), blocks, 0, 0) == 0  # the error was taken: the next launch runs
 
 
-def test_a_barrier_that_a_thread_skips_fails_the_launch(faults):
-    out = torch.zeros(THREADS, dtype=torch.int32)
-    code = faults.emulated_early_exit_before_barrier(ptr(out))
+@pytest.mark.parametrize("kernel, blocks, message", [
+    ("early_exit_before_barrier", 1, b"__syncthreads: a thread of the block exited before it"),
+    ("barrier_after_the_first_block", BLOCKS, b"a thread of a later block reached __syncthreads"),
+    ("early_exit_before_shuffle", 1, b"shuffle (full mask): a lane of the warp exited before it"),
+])
+def test_a_barrier_or_shuffle_that_a_thread_skips_fails_the_launch(faults, kernel, blocks, message):
+    out = torch.zeros(THREADS * blocks, dtype=torch.int32)  # (the shuffle kernel's floats: 4 bytes too)
+    code = getattr(faults, f"emulated_{kernel}")(ptr(out), blocks)
     assert code == LAUNCH_FAILURE
-    assert b"__syncthreads" in faults.emulated_error_string(code)
-
-
-def test_a_barrier_that_only_later_blocks_reach_fails_the_launch(faults):
-    out = torch.zeros(THREADS * BLOCKS, dtype=torch.int32)
-    code = faults.emulated_barrier_after_the_first_block(ptr(out), BLOCKS)
-    assert code == LAUNCH_FAILURE
-    assert b"a thread of a later block reached __syncthreads" in faults.emulated_error_string(code)
-
-
-def test_a_full_warp_shuffle_that_a_lane_skips_fails_the_launch(faults):
-    out = torch.zeros(THREADS, dtype=torch.float32)
-    code = faults.emulated_early_exit_before_shuffle(ptr(out))
-    assert code == LAUNCH_FAILURE
-    assert b"shuffle" in faults.emulated_error_string(code)
+    assert message in faults.emulated_error_string(code)
 
 
 def test_an_empty_grid_is_an_invalid_configuration(faults):

@@ -62,13 +62,13 @@ int emulated_barrier_after_the_first_block(int* out, int blocks) {
   return cudaGetLastError();
 }
 
-int emulated_early_exit_before_barrier(int* out) {
-  FASTRES_LAUNCH(early_exit_before_barrier, 1, kThreads, nullptr)(out);
+int emulated_early_exit_before_barrier(int* out, int blocks) {
+  FASTRES_LAUNCH(early_exit_before_barrier, blocks, kThreads, nullptr)(out);
   return cudaGetLastError();
 }
 
-int emulated_early_exit_before_shuffle(float* out) {
-  FASTRES_LAUNCH(early_exit_before_shuffle, 1, kThreads, nullptr)(out);
+int emulated_early_exit_before_shuffle(float* out, int blocks) {
+  FASTRES_LAUNCH(early_exit_before_shuffle, blocks, kThreads, nullptr)(out);
   return cudaGetLastError();
 }
 
