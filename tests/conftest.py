@@ -42,13 +42,22 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "emulated_cuda: fastres._C's ops run its CUDA kernels on CPU tensors (tests/emulated_cuda.py)"
     )
+    config.addinivalue_line(
+        "markers", "full_size: a full-size model, run on the emulated CUDA kernels only with FASTRES_EMULATOR_FULL=1"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
-    """Cases of fastres._C's emulated CUDA kernels on the Triton path would repeat the Triton cases: left out."""
+    """Cases on fastres._C's emulated CUDA kernels that are left out: on the Triton path they would repeat
+    the Triton cases; full-size models (a minute each there: the smaller models run the same kernel
+    variants) unless FASTRES_EMULATOR_FULL=1."""
+    full = os.environ.get("FASTRES_EMULATOR_FULL") == "1"
+
     def redundant(item) -> bool:
         params = getattr(item, "callspec", None) and item.callspec.params
-        return bool(params) and item.get_closest_marker("emulated_cuda") is not None and params.get("path") == "triton"
+        if not params or item.get_closest_marker("emulated_cuda") is None:
+            return False
+        return params.get("path") == "triton" or (not full and item.get_closest_marker("full_size") is not None)
 
     drop = [item for item in items if redundant(item)]
     if drop:

@@ -189,6 +189,7 @@ def test_densenet_bc_shared_matches_naive(path, device, needs_ext):
     _compare_training(shared, naive, inputs, torch.float64)
 
 
+@pytest.mark.full_size  # DenseNet-121: on the emulated CUDA kernels only with FASTRES_EMULATOR_FULL=1
 def test_densenet121_float32_forward_matches_torchvision(path, device, tv, needs_ext):
     eager = tv.models.densenet121(num_classes=10).to(device)
     fused = twin(eager, fastres.models.densenet121(num_classes=10)).to(device)
@@ -329,6 +330,7 @@ def test_converted_torchvision_densenet_saves_what_fastres_builder_saves(path, d
     assert saved < saved_bytes(lambda: eager(x)) * 2 / 3  # at this depth; densenet121 keeps under a third
 
 
+@pytest.mark.full_size  # DenseNet-121: on the emulated CUDA kernels only with FASTRES_EMULATOR_FULL=1
 def test_converted_torchvision_densenet121_trains_as_torchvision(device, tv, needs_ext):
     """One float64 step: output, input gradient, every parameter's gradient and buffer (the path as set up)."""
     eager = tv.models.densenet121(num_classes=10).to(device).double()
