@@ -16,7 +16,9 @@ the output positions' size class; see ``bn_relu_conv._bucket``).
   ``do_bench``) and the fastest wins. Before timing, every candidate's
   output is compared with the first candidate's on the same inputs; one
   that disagrees (a miscompile) is dropped with a warning, so it can never
-  reach a user.
+  reach a user; so is one that Triton cannot build here (a compile, ptxas or
+  resource error), the first candidate included. Where none builds, the first
+  one's error is raised.
 - **Remembered**: choices live in one JSON file per device name and
   fastres/Triton/torch versions, under ``FASTRES_CACHE_DIR`` (default
   ``$XDG_CACHE_HOME/fastres`` or ``~/.cache/fastres``), written atomically;
@@ -191,26 +193,41 @@ def _choose(kind, bucket, candidates, run, device, outputs):
     return best
 
 
+def _build_errors() -> tuple:
+    """What Triton raises for a kernel it cannot build on this machine: compile, ptxas and resource errors."""
+    try:
+        from triton.errors import TritonError
+    except ImportError:
+        return ()
+    return (TritonError,)
+
+
 def tune(kind: str, candidates: Sequence, run: Callable, outputs: Callable | None):
-    """The fastest candidate whose outputs agree with the first one's."""
+    """The fastest candidate that builds and whose outputs agree with the first such candidate's."""
     bench = BENCH
     if bench is None:
         import triton.testing
 
         bench = lambda fn: triton.testing.do_bench(fn, warmup=3, rep=10)  # noqa: E731
-    reference = None
-    if outputs is not None:
-        run(candidates[0])
-        reference = [t.clone() for t in outputs()]
-    timings = []
+    reference, reference_config, failures, timings = None, None, [], []
     for config in candidates:
-        if reference is not None and config is not candidates[0]:
-            run(config)
-            if not agree(outputs(), reference):
-                warnings.warn(f"fastres: {kind} config {tuple(config)} disagrees with the reference config "
-                              f"{tuple(candidates[0])} on the same inputs (a miscompile?); it is not used")
-                continue
-        timings.append((bench(lambda c=config: run(c)), config))
+        try:
+            if outputs is not None:
+                run(config)
+                if reference is None:
+                    reference, reference_config = [t.clone() for t in outputs()], config
+                elif not agree(outputs(), reference):
+                    warnings.warn(f"fastres: {kind} config {tuple(config)} disagrees with the reference config "
+                                  f"{tuple(reference_config)} on the same inputs (a miscompile?); it is not used")
+                    continue
+            timings.append((bench(lambda c=config: run(c)), config))
+        except _build_errors() as err:
+            first_line = next(iter(str(err).strip().splitlines()), "")
+            warnings.warn(f"fastres: {kind} config {tuple(config)} cannot be built here "
+                          f"({type(err).__name__}: {first_line}); it is not used")
+            failures.append(err)
+    if not timings:  # (the first candidate that builds is always timed)
+        raise failures[0]
     return min(timings, key=lambda t: t[0])[1]
 
 

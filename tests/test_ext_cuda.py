@@ -387,3 +387,33 @@ def test_timing_that_runs_out_of_memory_keeps_the_default(monkeypatch, tmp_path)
     assert dense_tuning.choose_path(x, layers, run_block) == "triton"  # not timed again
     assert calls == []
     tuning.forget()
+
+
+def test_a_triton_path_that_cannot_be_built_leaves_the_block_to_the_extension(monkeypatch, tmp_path):
+    """A compile or ptxas failure of the fused convolutions while timing: the block shape takes _C's kernels."""
+    pytest.importorskip("triton")
+    from triton.compiler.errors import CompilationError
+
+    from fastres.kernels import tuning
+    from fastres.ops import dense_tuning
+    from fastres.ops.dense_ext import dense_block
+
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    monkeypatch.setattr(tuning, "_can_time", lambda device: True)
+    monkeypatch.setattr(tuning, "capturing", lambda device: False)
+    monkeypatch.setattr(tuning, "BENCH", lambda fn: (fn(), 1.0)[1])
+    tuning.forget()
+
+    def run_block(path, x, layers):
+        if path == "triton":
+            raise CompilationError("bn_relu_conv.py", None, "ptxas fatal (stand-in)")
+        return dense_block(x, layers)
+
+    net = fastres.models.densenet121(num_classes=10).features.denseblock1
+    x = torch.randn(2, 64, 8, 8)
+    layers = [net.denselayer1.dense_args(tuple(x.shape))]
+    with pytest.warns(UserWarning, match=r"dense_block config \(0,\) cannot be built here"):
+        assert dense_tuning.choose_path(x, layers, run_block) == "extension"
+    assert dense_tuning.choose_path(x, layers, run_block) == "extension"  # remembered
+    tuning.forget()

@@ -6,6 +6,7 @@ No GPU here: a stand-in device name and a stand-in timer take the place of
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -89,6 +90,44 @@ def test_a_disagreeing_candidate_is_dropped_with_a_warning(gpu, monkeypatch):
     with pytest.warns(UserWarning, match=r"\(128, 128, 64, 8, 3\) disagrees"):
         assert _choose(fake) == CANDIDATES[2]
     assert CANDIDATES[1] not in timed
+
+
+class Unbuildable(Fake):
+    """Triton cannot build the ``broken`` configs on this machine (a compile or ptxas error)."""
+
+    def __init__(self, broken, **kw):
+        super().__init__(**kw)
+        self.broken = broken
+
+    def run(self, config):
+        if config in self.broken:
+            from triton.compiler.errors import CompilationError
+
+            raise CompilationError("stand-in.py", None, "ptxas fatal: stand-in\nmore lines")
+        super().run(config)
+
+
+@pytest.mark.parametrize("broken", [(CANDIDATES[0],), (CANDIDATES[1],)], ids=["first", "faster"])
+def test_a_candidate_that_cannot_be_built_is_dropped_with_a_warning(gpu, monkeypatch, broken):
+    """The first candidate included: the next one that builds is then the reference the others must agree with."""
+    pytest.importorskip("triton")
+    fake = Unbuildable(broken, times={CANDIDATES[0]: 0.5, CANDIDATES[1]: 0.5, CANDIDATES[2]: 2.0})
+    monkeypatch.setattr(tuning, "BENCH", fake.bench)
+    with pytest.warns(UserWarning, match=re.escape(f"{tuple(broken[0])} cannot be built here (CompilationError")):
+        chosen = _choose(fake)
+    assert chosen not in broken and chosen == [c for c in CANDIDATES[:2] if c not in broken][0]
+    assert json.loads(_text(gpu / os.listdir(gpu)[0])) == {repr(("forward", ("forward", 1))): list(chosen)}
+
+
+def test_where_no_candidate_builds_the_first_error_is_raised(gpu, monkeypatch):
+    pytest.importorskip("triton")
+    from triton.compiler.errors import CompilationError
+
+    fake = Unbuildable(CANDIDATES)
+    monkeypatch.setattr(tuning, "BENCH", fake.bench)
+    with pytest.warns(UserWarning, match="cannot be built"), pytest.raises(CompilationError):
+        _choose(fake)
+    assert os.listdir(gpu) == []  # nothing remembered
 
 
 def test_agreement_allows_rounding_and_same_nans():

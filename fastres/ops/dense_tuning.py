@@ -7,7 +7,9 @@ of the block, forward and backward, on each path and keeps the faster. The
 timed runs work on copies of the running statistics and detached parameters,
 so they change nothing a user can see; both paths are checked against eager
 PyTorch by the test suite, so the runs are not compared here. Timing that
-runs out of memory keeps the default (Triton) for that shape.
+runs out of memory keeps the default (Triton) for that shape; a Triton path
+that cannot be built on this machine (a compile, ptxas or resource error) is
+dropped by the tuner, and the shape takes fastres._C's kernels.
 """
 
 from typing import Sequence
