@@ -59,10 +59,10 @@ def pytest_collection_modifyitems(config, items):
             return False
         return params.get("path") == "triton" or (not full and item.get_closest_marker("full_size") is not None)
 
-    drop = [item for item in items if redundant(item)]
+    drop = {item for item in items if redundant(item)}
     if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = [item for item in items if not redundant(item)]
+        config.hook.pytest_deselected(items=list(drop))
+        items[:] = [item for item in items if item not in drop]
 
 
 @pytest.fixture(autouse=True)

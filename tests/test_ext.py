@@ -83,9 +83,14 @@ def param_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def cuda_kernels_run(device: str) -> bool:
+    """Whether the ops run fastres._C's CUDA kernels: on a GPU, or on the host through the emulated build."""
+    return device == "cuda" or emulated_cuda.active()
+
+
 def accumulation_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
     """What per-channel sums accumulate in: double on CPU (as eager CPU batch norm), the math type per CUDA thread."""
-    return param_dtype(dtype) if device == "cuda" or emulated_cuda.active() else torch.float64
+    return param_dtype(dtype) if cuda_kernels_run(device) else torch.float64
 
 
 def bn_params(c, dtype, device, affine=True):
@@ -517,10 +522,6 @@ def test_ops_compose_to_autograd_of_batch_norm_relu(device, layout, affine, trai
 
 
 # ---- large slices: the CUDA kernels' 16-byte and 1-element paths, several loop iterations and parts ----
-
-
-def cuda_kernels_run(device: str) -> bool:
-    return device == "cuda" or emulated_cuda.active()
 
 
 def vector_width(x: torch.Tensor, aligned: bool) -> int:

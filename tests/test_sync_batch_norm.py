@@ -358,11 +358,10 @@ def _densenet_data():
 def _densenet_worker(rank, world, port, out_dir, family, paths, emulated):
     os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
-    if emulated:  # fastres._C's CUDA kernels, run on the host (tests/emulated_cuda.py)
+    if emulated:  # fastres._C's CUDA kernels, run on the host (tests/emulated_cuda.py), for the process's life
         import emulated_cuda
-        from fastres import _ext
 
-        _ext._module = emulated_cuda.module()
+        emulated_cuda.kernels().__enter__()
     if family == "timm":
         from fastres.testing import import_torchvision
 

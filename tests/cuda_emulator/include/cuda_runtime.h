@@ -23,7 +23,6 @@
 #include <setjmp.h>
 #include <ucontext.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -268,7 +267,8 @@ T shuffle(unsigned mask, T v, Src src) {
   Thread& t = self();
   const int id = linear(t.index, d.block), warp = id / kWarp, lane = id % kWarp;
   const int first = warp * kWarp;
-  const int last = std::min<int>(first + kWarp, int(d.threads.size()));
+  if (first + kWarp > int(d.threads.size()))
+    fault(cudaErrorLaunchFailure, "shuffle: the block's last warp is partial");
   std::uint64_t* slots = &d.lanes[(std::size_t(warp) * 2 + t.shuffles % 2) * kWarp];
   std::uint64_t raw = 0;
   std::memcpy(&raw, &v, sizeof v);
@@ -276,9 +276,8 @@ T shuffle(unsigned mask, T v, Src src) {
   const std::uint64_t target = ++t.shuffles;
   d.progressed = true;
   for (;;) {
-    bool all = last - first == kWarp;
-    if (!all) fault(cudaErrorLaunchFailure, "shuffle: the block's last warp is partial");
-    for (int i = first; i < last; ++i) {
+    bool all = true;
+    for (int i = first; i < first + kWarp; ++i) {
       if (d.threads[i].shuffles >= target) continue;
       if (d.threads[i].done)
         fault(cudaErrorLaunchFailure, "shuffle (full mask): a lane of the warp exited before it");
